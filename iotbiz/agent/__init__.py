@@ -1,0 +1,1 @@
+"""The device agent (see DESIGN.md, "Agent")."""

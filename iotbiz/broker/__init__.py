@@ -1,0 +1,1 @@
+"""The embedded MQTT broker: amqtt with IoTBiz's authentication, ACL and presence plugins."""

@@ -1,0 +1,279 @@
+"""The operator CLI, `iotbiz`: serve the platform, manage customers and devices.
+
+Store commands work on the SQLite file named by `--db` or by the settings (`--config`,
+`IOTBIZ_CONFIG`, `IOTBIZ_STORE_PATH`); a running platform may use the same file at the same time.
+Tables for people, `--json` for scripts; exit code 0 on success, 1 on failure, 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from iotbiz import __version__
+from iotbiz.errors import IotbizError
+from iotbiz.models import Customer, Device, iso_time
+from iotbiz.names import DeviceName, is_customer_id, parse_device_name
+from iotbiz.platform import serve
+from iotbiz.settings import Settings, load_settings
+from iotbiz.store import Store
+
+Command = Callable[[argparse.Namespace, Store], Awaitable[None]]
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "iotbiz") -> int:
+    parser = _parser(prog)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        settings = _settings(args)
+        if args.command == "serve":
+            _configure_logging(settings.log.level)
+            asyncio.run(serve(settings))
+        else:
+            logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+            asyncio.run(_with_store(settings, args.run, args))
+    except IotbizError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, dict[str, Any]] = {}
+    if args.db is not None:
+        overrides["store"] = {"path": args.db}
+    if args.command == "serve":
+        if args.host is not None:
+            overrides["http"] = {"host": args.host}
+            overrides["mqtt"] = {"host": args.host}
+        if args.http_port is not None:
+            overrides.setdefault("http", {})["port"] = args.http_port
+        if args.mqtt_port is not None:
+            overrides.setdefault("mqtt", {})["port"] = args.mqtt_port
+        if args.log_level is not None:
+            overrides["log"] = {"level": args.log_level}
+    return load_settings(args.config, overrides=overrides)
+
+
+async def _with_store(settings: Settings, run: Command, args: argparse.Namespace) -> None:
+    store = await Store.open(settings.store.path)
+    try:
+        await run(args, store)
+    finally:
+        await store.close()
+
+
+def _actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no name for this uid (e.g. in a container)
+        return f"cli:uid{os.getuid()}"
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+async def _customer_add(args: argparse.Namespace, store: Store) -> None:
+    customer = await store.add_customer(args.customer_id, args.limit, actor=_actor())
+    _emit(args, customer.to_json(), f"customer {customer.customer_id} added, limit {args.limit}")
+
+
+async def _customer_list(args: argparse.Namespace, store: Store) -> None:
+    customers = await store.list_customers()
+    if args.json:
+        _print_json([c.to_json() for c in customers])
+        return
+    _print_table(
+        ["CUSTOMER", "LIMIT", "ACTIVE", "PENDING", "CREATED"],
+        [_customer_row(c) for c in customers],
+    )
+
+
+def _customer_row(c: Customer) -> list[str]:
+    created = iso_time(c.created_at) or ""
+    return [
+        c.customer_id,
+        str(c.device_limit),
+        str(c.active_devices),
+        str(c.pending_devices),
+        created,
+    ]
+
+
+async def _customer_set_limit(args: argparse.Namespace, store: Store) -> None:
+    await store.set_device_limit(args.customer_id, args.limit, actor=_actor())
+    customer = await store.get_customer(args.customer_id)
+    assert customer is not None  # noqa: S101 - updated just now
+    _emit(args, customer.to_json(), f"customer {args.customer_id}: limit {args.limit}")
+
+
+async def _device_list(args: argparse.Namespace, store: Store) -> None:
+    devices = await store.list_devices(args.customer)
+    if args.json:
+        _print_json([d.to_json() for d in devices])
+        return
+    _print_table(
+        ["DEVICE", "STATE", "ONLINE", "LAST SEEN", "CREATED"],
+        [_device_row(d) for d in devices],
+    )
+
+
+def _device_row(d: Device) -> list[str]:
+    online = "yes" if d.online else "no"
+    return [
+        d.name,
+        d.state.value,
+        online,
+        iso_time(d.last_seen_at) or "-",
+        iso_time(d.created_at) or "",
+    ]
+
+
+async def _device_show(args: argparse.Namespace, store: Store) -> None:
+    device = await store.get_device(args.name)
+    if device is None:
+        raise IotbizError(f"no device {args.name}")
+    if args.json:
+        _print_json(device.to_json())
+        return
+    for key, value in device.to_json().items():
+        if isinstance(value, dict | list):
+            value = json.dumps(value, sort_keys=True)
+        print(f"{key + ':':<20}{'-' if value is None else value}")
+
+
+async def _device_revoke(args: argparse.Namespace, store: Store) -> None:
+    device = await store.revoke_device(args.name, actor=_actor())
+    _emit(args, device.to_json(), f"device {device.name} revoked")
+
+
+async def _device_reset(args: argparse.Namespace, store: Store) -> None:
+    device = await store.reset_device(args.name, actor=_actor())
+    _emit(
+        args,
+        {"name": device.name, "reset": True, "previous_state": device.state.value},
+        f"device {device.name} reset ({device.state.value} before); it may register again",
+    )
+
+
+# -- output ---------------------------------------------------------------------------------------
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    if args.json:
+        _print_json(data)
+    else:
+        print(text)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _print_table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
+    for row in [headers, *rows]:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
+# -- argument parsing -----------------------------------------------------------------------------
+
+
+def _customer_id(text: str) -> str:
+    if not is_customer_id(text):
+        raise argparse.ArgumentTypeError(f"not a valid customer id: {text!r}")
+    return text
+
+
+def _device_name(text: str) -> DeviceName:
+    name = parse_device_name(text)
+    if name is None:
+        raise argparse.ArgumentTypeError(f"not a device name CUSTOMER/DEVICE: {text!r}")
+    return name
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not a whole number >= 0: {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _count(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {text!r}")
+    return value
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="IoTBiz platform and operator CLI")
+    parser.add_argument("--version", action="version", version=f"iotbiz {__version__}")
+    store_opts = argparse.ArgumentParser(add_help=False)
+    store_opts.add_argument("--config", type=Path, help="platform TOML file (or IOTBIZ_CONFIG)")
+    store_opts.add_argument("--db", type=Path, help="SQLite store file (overrides store.path)")
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--json", action="store_true", help="print JSON for scripts")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve_cmd = commands.add_parser(
+        "serve", parents=[store_opts], help="run the platform (same as python -m iotbiz.broker)"
+    )
+    serve_cmd.add_argument("--host", help="address to listen on for HTTP and MQTT")
+    serve_cmd.add_argument("--http-port", type=_port, help="registrar port (default 8080)")
+    serve_cmd.add_argument("--mqtt-port", type=_port, help="MQTT broker port (default 1883)")
+    serve_cmd.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    customer = commands.add_parser("customer", help="customers and their device limits")
+    customer_cmds = customer.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = customer_cmds.add_parser("add", parents=[store_opts, output], help="add a customer")
+    add.add_argument("customer_id", metavar="ID", type=_customer_id)
+    add.add_argument("--limit", type=_count, required=True, help="how many devices it may have")
+    add.set_defaults(run=_customer_add)
+    listing = customer_cmds.add_parser("list", parents=[store_opts, output], help="list customers")
+    listing.set_defaults(run=_customer_list)
+    set_limit = customer_cmds.add_parser(
+        "set-limit", parents=[store_opts, output], help="change a customer's device limit"
+    )
+    set_limit.add_argument("customer_id", metavar="ID", type=_customer_id)
+    set_limit.add_argument("limit", metavar="N", type=_count)
+    set_limit.set_defaults(run=_customer_set_limit)
+
+    device = commands.add_parser("device", help="devices")
+    device_cmds = device.add_subparsers(dest="action", metavar="ACTION", required=True)
+    dev_list = device_cmds.add_parser("list", parents=[store_opts, output], help="list devices")
+    dev_list.add_argument("--customer", type=_customer_id, help="only this customer's devices")
+    dev_list.set_defaults(run=_device_list)
+    for action, run, text in (
+        ("show", _device_show, "show one device"),
+        ("revoke", _device_revoke, "revoke a device: it can never connect or register again"),
+        ("reset", _device_reset, "forget a device so that it may register again"),
+    ):
+        sub = device_cmds.add_parser(action, parents=[store_opts, output], help=text)
+        sub.add_argument("name", metavar="NAME", type=_device_name, help="CUSTOMER/DEVICE")
+        sub.set_defaults(run=run)
+    return parser

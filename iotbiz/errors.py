@@ -1,0 +1,69 @@
+"""The exceptions IoTBiz raises, drawn once.
+
+IotbizError                  base of everything below
++-- ConfigError              a setting is unknown, of the wrong type or out of range (at start)
++-- StoreError               the store cannot be opened, migrated or written
+|   +-- NotFoundError        the customer or device named does not exist
+|   +-- ConflictError        the thing to create exists already
++-- RegistrationRefused      register/activate refused by a rule (limit, activated, revoked...)
++-- HTTPError                an error with an HTTP status; the registrar turns it into
+    +-- BadRequest  (400)    {"error": "..."} with that status
+    +-- Forbidden   (403)
+    +-- TooManyRequests (429, carries Retry-After)
+    +-- ServiceUnavailable (503)
+"""
+
+from __future__ import annotations
+
+
+class IotbizError(Exception):
+    """Base class of every error IoTBiz raises on purpose."""
+
+
+class ConfigError(IotbizError):
+    """A setting is unknown, of the wrong type or out of range."""
+
+
+class StoreError(IotbizError):
+    """The store cannot be opened, migrated or written."""
+
+
+class NotFoundError(StoreError):
+    """The customer or device named does not exist."""
+
+
+class ConflictError(StoreError):
+    """The thing to create exists already."""
+
+
+class RegistrationRefused(IotbizError):
+    """A registration or activation that a rule refuses; the message is the reason."""
+
+
+class HTTPError(IotbizError):
+    """An error that the registrar answers with `status` and `{"error": message}`."""
+
+    status = 500
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.headers = headers or {}
+
+
+class BadRequest(HTTPError):
+    status = 400
+
+
+class Forbidden(HTTPError):
+    status = 403
+
+
+class TooManyRequests(HTTPError):
+    status = 429
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class ServiceUnavailable(HTTPError):
+    status = 503

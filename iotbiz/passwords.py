@@ -1,0 +1,64 @@
+"""Device passwords: generated with `secrets`, stored only as bcrypt hashes, hashed off the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import bcrypt
+
+PASSWORD_BYTES = 24  # 192 random bits, 32 URL-safe characters (bcrypt reads up to 72 bytes)
+
+
+def generate_password() -> str:
+    return secrets.token_urlsafe(PASSWORD_BYTES)
+
+
+class PasswordHasher:
+    """Runs bcrypt in its own small thread pool (bcrypt releases the GIL), never on the loop.
+
+    `busy` tells callers when more jobs are waiting than `max_queued`, so that a flood of requests
+    is answered with 429 instead of growing an unbounded queue.
+    """
+
+    def __init__(self, cost: int, *, threads: int = 0, max_queued: int = 256) -> None:
+        self.cost = cost
+        self.threads = threads or os.cpu_count() or 1
+        self._max_jobs = self.threads + max_queued
+        self._jobs = 0
+        self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="bcrypt")
+
+    @property
+    def busy(self) -> bool:
+        return self._jobs >= self._max_jobs
+
+    async def hash(self, password: str) -> bytes:
+        salt = bcrypt.gensalt(rounds=self.cost)
+        result: bytes = await self._run(bcrypt.hashpw, password.encode(), salt)
+        return result
+
+    async def check(self, password: str, password_hash: bytes) -> bool:
+        result: bool = await self._run(_checkpw, password.encode(), password_hash)
+        return result
+
+    async def _run(self, func: Callable[..., Any], *args: bytes) -> Any:
+        self._jobs += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, func, *args)
+        finally:
+            self._jobs -= 1
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _checkpw(password: bytes, password_hash: bytes) -> bool:
+    try:
+        return bool(bcrypt.checkpw(password, password_hash))
+    except ValueError:  # a malformed stored hash never matches
+        return False

@@ -1,0 +1,116 @@
+"""The device API: register and activate (the contract in DESIGN.md, "Device API")."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from iotbiz.errors import BadRequest, Forbidden, RegistrationRefused, TooManyRequests
+from iotbiz.models import DeviceState
+from iotbiz.names import DeviceName, is_customer_id, normalize_device_id
+from iotbiz.passwords import generate_password
+from iotbiz.registrar.keys import HASHER, RATE_LIMITER, SETTINGS, STORE
+from iotbiz.registrar.ratelimit import RateLimiter
+
+log = logging.getLogger(__name__)
+
+MAX_PASSWORD_LENGTH = 128
+
+
+async def register(request: web.Request) -> web.Response:
+    """201 {"password"}: the device is pending; again while pending: a new password."""
+    _limit_rate(request)
+    body = await _read_object(request)
+    name = _device_name(body)
+    store, hasher = request.app[STORE], request.app[HASHER]
+    try:
+        await store.check_registration(name)  # no bcrypt work for hopeless requests
+        if hasher.busy:
+            raise TooManyRequests("registrar busy, try again", retry_after_s=1)
+        password = generate_password()
+        password_hash = await hasher.hash(password)
+        ttl_s = request.app[SETTINGS].registrar.pending_ttl_s
+        await store.register_device(name, password_hash, ttl_s=ttl_s, actor=_actor(request))
+    except RegistrationRefused as exc:
+        log.info("registration of %s refused: %s", name, exc)
+        raise Forbidden(str(exc)) from exc
+    log.info("registered %s (pending)", name)
+    return web.json_response({"password": password}, status=201)
+
+
+async def activate(request: web.Request) -> web.Response:
+    """200: the pending credentials are active; idempotent for the same password."""
+    _limit_rate(request)
+    body = await _read_object(request)
+    name = _device_name(body)
+    password = body.get("password")
+    if not isinstance(password, str) or not 0 < len(password) <= MAX_PASSWORD_LENGTH:
+        raise BadRequest(f"password must be a string of 1 to {MAX_PASSWORD_LENGTH} characters")
+    store, hasher = request.app[STORE], request.app[HASHER]
+    device = await store.get_device(name)
+    if device is None:
+        raise Forbidden("unknown device")
+    if device.state is DeviceState.REVOKED or device.password_hash is None:
+        raise Forbidden("device revoked")
+    if device.is_expired(store.now()):
+        raise Forbidden("registration expired")
+    if hasher.busy:
+        raise TooManyRequests("registrar busy, try again", retry_after_s=1)
+    if not await hasher.check(password, device.password_hash):
+        raise Forbidden("wrong password")
+    if device.state is DeviceState.ACTIVE:
+        return web.Response(status=200)  # activated before with this password: no other effect
+    if not await store.activate_device(name, device.password_hash, actor=_actor(request)):
+        # Changed while bcrypt ran: activated by a concurrent call with the same password (fine),
+        # or re-registered with a new password, expired or revoked (refused).
+        current = await store.get_device(name)
+        if current is None or current.state is not DeviceState.ACTIVE:
+            raise Forbidden("registration changed; register again")
+        if current.password_hash != device.password_hash:
+            raise Forbidden("wrong password")
+    log.info("activated %s", name)
+    return web.Response(status=200)
+
+
+def _limit_rate(request: web.Request) -> None:
+    limiter = request.app[RATE_LIMITER]
+    wait = limiter.acquire(request.remote or "unknown")
+    if wait > 0:
+        raise TooManyRequests("too many requests", retry_after_s=RateLimiter.retry_after(wait))
+
+
+async def _read_object(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()  # aiohttp raises 413 past the app's client_max_size
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise BadRequest("body must be a JSON object") from exc
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    return body
+
+
+def _device_name(body: dict[str, Any]) -> DeviceName:
+    customer_id, mac_address = body.get("customer_id"), body.get("mac_address")
+    if not isinstance(customer_id, str):
+        raise BadRequest("customer_id must be a string")
+    if not isinstance(mac_address, str):
+        raise BadRequest("mac_address must be a string")
+    if not is_customer_id(customer_id):
+        raise BadRequest(
+            "customer_id is not valid: 1 to 64 of A-Z a-z 0-9 _ - (first alphanumeric)"
+        )
+    device_id = normalize_device_id(mac_address)
+    if device_id is None:
+        raise BadRequest(
+            "mac_address is not valid: a MAC address, or 1 to 64 of A-Z a-z 0-9 : _ -"
+            " (first alphanumeric)"
+        )
+    return DeviceName(customer_id, device_id)
+
+
+def _actor(request: web.Request) -> str:
+    return f"device-api:{request.remote}"

@@ -1,0 +1,21 @@
+"""Typed keys of the registrar's aiohttp application."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from iotbiz.passwords import PasswordHasher
+from iotbiz.registrar.ratelimit import RateLimiter
+from iotbiz.settings import Settings
+from iotbiz.store import Store
+
+# A health check returns (name, state) and raises an IotbizError when unhealthy.
+HealthCheck = Callable[[], Awaitable[tuple[str, str]]]
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", Store)
+HASHER = web.AppKey("hasher", PasswordHasher)
+RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
+HEALTH_CHECKS = web.AppKey("health_checks", list[HealthCheck])

@@ -1,0 +1,431 @@
+"""The store: customers, devices and the audit log in one SQLite file.
+
+This is the only module that speaks SQL. One connection (aiosqlite runs it in its own thread) in
+WAL mode, so the operator CLI and a running platform can use the same file at once; every write is
+one `BEGIN IMMEDIATE` transaction, serialised in-process by a lock and across processes by SQLite
+(with a busy timeout). The schema is versioned with `PRAGMA user_version` and migrated forward on
+open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from iotbiz.errors import ConflictError, NotFoundError, RegistrationRefused, StoreError
+from iotbiz.models import AuditEntry, Customer, Device, DeviceState
+from iotbiz.names import DeviceName
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+BUSY_TIMEOUT_MS = 5000
+
+# Forward migrations: MIGRATIONS[n] takes a database from schema version n to n + 1.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE customers (
+        customer_id   TEXT PRIMARY KEY,
+        device_limit  INTEGER NOT NULL CHECK (device_limit >= 0),
+        created_at    REAL NOT NULL
+    );
+    CREATE TABLE devices (
+        customer_id         TEXT NOT NULL REFERENCES customers (customer_id),
+        device_id           TEXT NOT NULL,
+        state               TEXT NOT NULL CHECK (state IN ('pending', 'active', 'revoked')),
+        password_hash       TEXT,
+        pending_expires_at  REAL,
+        created_at          REAL NOT NULL,
+        activated_at        REAL,
+        revoked_at          REAL,
+        online              INTEGER NOT NULL DEFAULT 0,
+        last_seen_at        REAL,
+        last_status         TEXT,
+        last_telemetry      TEXT,
+        PRIMARY KEY (customer_id, device_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX devices_by_state ON devices (customer_id, state);
+    CREATE TABLE audit_log (
+        entry_id  INTEGER PRIMARY KEY AUTOINCREMENT,
+        at        REAL NOT NULL,
+        actor     TEXT NOT NULL,
+        action    TEXT NOT NULL,
+        subject   TEXT NOT NULL,
+        detail    TEXT NOT NULL DEFAULT '{}'
+    );
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_DEVICE_COLUMNS = (
+    "customer_id, device_id, state, password_hash, pending_expires_at, created_at, activated_at,"
+    " revoked_at, online, last_seen_at, last_status, last_telemetry"
+)
+# Devices that count against a customer's limit: active ones and unexpired pending ones.
+_COUNTED = "(state = 'active' OR (state = 'pending' AND pending_expires_at > :now))"
+
+
+class Store:
+    """Async access to the SQLite store. Open with `await Store.open(path)`, close when done."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path, clock: Clock) -> None:
+        self._db = db
+        self.path = path
+        self._clock = clock
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path, *, clock: Clock = time.time) -> Store:
+        """Open (creating if needed) and migrate the store at `path`."""
+        try:
+            await asyncio.to_thread(_create_file, path)
+            db = await aiosqlite.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open store {path}: {exc}") from exc
+        store = cls(db, path, clock)
+        try:
+            await store._prepare()
+        except (sqlite3.Error, StoreError) as exc:
+            await db.close()
+            if isinstance(exc, StoreError):
+                raise
+            raise StoreError(f"cannot open store {path}: {exc}") from exc
+        return store
+
+    def now(self) -> float:
+        """The store's clock (seconds since the epoch); tests may set their own."""
+        return self._clock()
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._db.close()
+
+    async def _prepare(self) -> None:
+        db = self._db
+        db.row_factory = sqlite3.Row
+        await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        mode = await _scalar(db, "PRAGMA journal_mode = WAL")
+        if str(mode).lower() != "wal":
+            raise StoreError(f"cannot switch store {self.path} to WAL mode (got {mode})")
+        await db.execute("PRAGMA synchronous = NORMAL")  # durable against a killed process in WAL
+        await db.execute("PRAGMA foreign_keys = ON")
+        await self._migrate()
+
+    async def _migrate(self) -> None:
+        async with self._lock:
+            await self._db.execute("BEGIN IMMEDIATE")  # one migrator at a time across processes
+            version = int(await _scalar(self._db, "PRAGMA user_version"))
+            await self._db.execute("COMMIT")
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"store {self.path} has schema version {version}, newer than this IoTBiz "
+                    f"understands ({SCHEMA_VERSION}); upgrade IoTBiz"
+                )
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                log.info("migrating store %s to schema version %d", self.path, target)
+                # One script, one transaction: a migration is applied whole or not at all.
+                await self._db.executescript(
+                    f"BEGIN IMMEDIATE;\n{MIGRATIONS[target - 1]}\n"
+                    f"PRAGMA user_version = {target};\nCOMMIT;"
+                )
+
+    async def schema_version(self) -> int:
+        async with self._lock:
+            return int(await _scalar(self._db, "PRAGMA user_version"))
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._lock:
+            try:
+                await self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StoreError(f"store {self.path} is busy or unwritable: {exc}") from exc
+            try:
+                yield self._db
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+            await self._db.execute("COMMIT")
+
+    @asynccontextmanager
+    async def _reading(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._lock:
+            yield self._db
+
+    async def ping(self) -> None:
+        """Raise StoreError unless the store answers a query."""
+        try:
+            async with self._reading() as db:
+                await _scalar(db, "SELECT 1")
+        except (sqlite3.Error, ValueError) as exc:
+            raise StoreError(f"store {self.path} does not answer: {exc}") from exc
+
+    # -- customers ------------------------------------------------------------------------------
+
+    async def add_customer(self, customer_id: str, device_limit: int, *, actor: str) -> Customer:
+        now = self._clock()
+        async with self._transaction() as db:
+            try:
+                await db.execute(
+                    "INSERT INTO customers (customer_id, device_limit, created_at)"
+                    " VALUES (?, ?, ?)",
+                    (customer_id, device_limit, now),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise ConflictError(f"customer {customer_id} exists already") from exc
+            await _audit(db, now, actor, "customer.add", customer_id, {"limit": device_limit})
+        return Customer(customer_id, device_limit, now)
+
+    async def set_device_limit(self, customer_id: str, device_limit: int, *, actor: str) -> None:
+        now = self._clock()
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE customers SET device_limit = ? WHERE customer_id = ?",
+                (device_limit, customer_id),
+            )
+            if cursor.rowcount == 0:
+                raise NotFoundError(f"no customer {customer_id}")
+            await _audit(db, now, actor, "customer.set_limit", customer_id, {"limit": device_limit})
+
+    async def get_customer(self, customer_id: str) -> Customer | None:
+        customers = await self._customers("WHERE c.customer_id = :cid", {"cid": customer_id})
+        return customers[0] if customers else None
+
+    async def list_customers(self) -> list[Customer]:
+        return await self._customers("", {})
+
+    async def _customers(self, where: str, params: dict[str, Any]) -> list[Customer]:
+        sql = f"""
+            SELECT c.customer_id, c.device_limit, c.created_at,
+                (SELECT count(*) FROM devices d WHERE d.customer_id = c.customer_id
+                    AND d.state = 'active') AS active,
+                (SELECT count(*) FROM devices d WHERE d.customer_id = c.customer_id
+                    AND d.state = 'pending' AND d.pending_expires_at > :now) AS pending
+            FROM customers c {where} ORDER BY c.customer_id
+        """  # noqa: S608 - `where` is one of this module's constants
+        async with self._reading() as db:
+            rows = await db.execute_fetchall(sql, {**params, "now": self._clock()})
+        return [Customer(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+    # -- devices --------------------------------------------------------------------------------
+
+    async def get_device(self, name: DeviceName) -> Device | None:
+        async with self._reading() as db:
+            return await _device(db, name)
+
+    async def list_devices(self, customer_id: str | None = None) -> list[Device]:
+        sql = f"SELECT {_DEVICE_COLUMNS} FROM devices"  # noqa: S608 - constant column list
+        params: tuple[str, ...] = ()
+        if customer_id is not None:
+            sql += " WHERE customer_id = ?"
+            params = (customer_id,)
+        sql += " ORDER BY customer_id, device_id"
+        async with self._reading() as db:
+            rows = await db.execute_fetchall(sql, params)
+        return [_row_to_device(row) for row in rows]
+
+    async def check_registration(self, name: DeviceName) -> None:
+        """Raise RegistrationRefused if registering `name` now would be refused (a cheap pre-check
+        that spares bcrypt work on hopeless requests; `register_device` checks again)."""
+        async with self._reading() as db:
+            await _refuse_registration(db, name, self._clock())
+
+    async def register_device(
+        self, name: DeviceName, password_hash: bytes, *, ttl_s: float, actor: str
+    ) -> Device:
+        """Create or renew the pending registration of `name` with a new password hash.
+
+        The limit check and the write are one transaction, so concurrent registrations can never
+        exceed a customer's limit. Raises RegistrationRefused with the reason.
+        """
+        now = self._clock()
+        async with self._transaction() as db:
+            renewing = await _refuse_registration(db, name, now)
+            await db.execute(
+                """
+                INSERT INTO devices (customer_id, device_id, state, password_hash,
+                                     pending_expires_at, created_at)
+                VALUES (?, ?, 'pending', ?, ?, ?)
+                ON CONFLICT (customer_id, device_id) DO UPDATE SET
+                    password_hash = excluded.password_hash,
+                    pending_expires_at = excluded.pending_expires_at
+                """,
+                (*name, password_hash.decode("ascii"), now + ttl_s, now),
+            )
+            action = "device.register_again" if renewing else "device.register"
+            await _audit(db, now, actor, action, str(name), {})
+            device = await _device(db, name)
+        assert device is not None  # noqa: S101 - written in this transaction
+        return device
+
+    async def activate_device(self, name: DeviceName, password_hash: bytes, *, actor: str) -> bool:
+        """Make a pending registration active if it still has `password_hash` and has not expired.
+
+        Returns False when the registration changed meanwhile (a newer password, expiry, revoke).
+        """
+        now = self._clock()
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                """
+                UPDATE devices SET state = 'active', activated_at = ?, pending_expires_at = NULL
+                WHERE customer_id = ? AND device_id = ? AND state = 'pending'
+                    AND password_hash = ? AND pending_expires_at > ?
+                """,
+                (now, *name, password_hash.decode("ascii"), now),
+            )
+            if cursor.rowcount == 0:
+                return False
+            await _audit(db, now, actor, "device.activate", str(name), {})
+        return True
+
+    async def revoke_device(self, name: DeviceName, *, actor: str) -> Device:
+        """Revoke a device: its credentials stop working and it can never register again."""
+        now = self._clock()
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                """
+                UPDATE devices SET state = 'revoked', revoked_at = ?, password_hash = NULL,
+                    pending_expires_at = NULL, online = 0
+                WHERE customer_id = ? AND device_id = ? AND state != 'revoked'
+                """,
+                (now, *name),
+            )
+            if cursor.rowcount == 0:
+                device = await _device(db, name)
+                if device is None:
+                    raise NotFoundError(f"no device {name}")
+                return device  # revoked already: nothing changes, nothing to audit
+            await _audit(db, now, actor, "device.revoke", str(name), {})
+            device = await _device(db, name)
+        assert device is not None  # noqa: S101 - updated in this transaction
+        return device
+
+    async def reset_device(self, name: DeviceName, *, actor: str) -> Device:
+        """Forget a device so that its id may register again (e.g. after a hardware swap).
+
+        Returns the device as it was; its credentials stop working at once.
+        """
+        now = self._clock()
+        async with self._transaction() as db:
+            device = await _device(db, name)
+            if device is None:
+                raise NotFoundError(f"no device {name}")
+            await db.execute(
+                "DELETE FROM devices WHERE customer_id = ? AND device_id = ?", tuple(name)
+            )
+            await _audit(db, now, actor, "device.reset", str(name), {"state": device.state.value})
+        return device
+
+    # -- audit log ------------------------------------------------------------------------------
+
+    async def audit_entries(
+        self, *, subject: str | None = None, limit: int = 100
+    ) -> list[AuditEntry]:
+        sql = "SELECT entry_id, at, actor, action, subject, detail FROM audit_log"
+        params: list[Any] = []
+        if subject is not None:
+            sql += " WHERE subject = ?"
+            params.append(subject)
+        sql += " ORDER BY entry_id DESC LIMIT ?"
+        params.append(limit)
+        async with self._reading() as db:
+            rows = await db.execute_fetchall(sql, params)
+        return [AuditEntry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
+
+
+def _create_file(path: Path) -> None:
+    """Create the store file (and its folder) if missing, readable by its owner only: it holds
+    password hashes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with suppress(FileExistsError):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+
+
+async def _scalar(
+    db: aiosqlite.Connection, sql: str, params: Iterable[Any] | dict[str, Any] = ()
+) -> Any:
+    async with db.execute(sql, params if isinstance(params, dict) else tuple(params)) as cursor:
+        row = await cursor.fetchone()
+    if row is None:
+        raise StoreError(f"no result for {sql!r}")
+    return row[0]
+
+
+async def _device(db: aiosqlite.Connection, name: DeviceName) -> Device | None:
+    async with db.execute(
+        f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE customer_id = ? AND device_id = ?",  # noqa: S608
+        tuple(name),
+    ) as cursor:
+        row = await cursor.fetchone()
+    return None if row is None else _row_to_device(row)
+
+
+def _row_to_device(row: sqlite3.Row) -> Device:
+    return Device(
+        customer_id=row["customer_id"],
+        device_id=row["device_id"],
+        state=DeviceState(row["state"]),
+        password_hash=None if row["password_hash"] is None else row["password_hash"].encode(),
+        pending_expires_at=row["pending_expires_at"],
+        created_at=row["created_at"],
+        activated_at=row["activated_at"],
+        revoked_at=row["revoked_at"],
+        online=bool(row["online"]),
+        last_seen_at=row["last_seen_at"],
+        last_status=_json_or_none(row["last_status"]),
+        telemetry=_json_or_none(row["last_telemetry"]),
+    )
+
+
+def _json_or_none(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+async def _refuse_registration(db: aiosqlite.Connection, name: DeviceName, now: float) -> bool:
+    """Raise RegistrationRefused if `name` may not register now; return True if it renews a
+    pending registration (which already holds one of the customer's slots)."""
+    async with db.execute(
+        "SELECT device_limit FROM customers WHERE customer_id = ?", (name.customer_id,)
+    ) as cursor:
+        customer = await cursor.fetchone()
+    if customer is None:
+        raise RegistrationRefused("unknown customer")
+    device = await _device(db, name)
+    if device is not None and device.state is DeviceState.ACTIVE:
+        raise RegistrationRefused("device already activated")
+    if device is not None and device.state is DeviceState.REVOKED:
+        raise RegistrationRefused("device revoked")
+    if device is not None and not device.is_expired(now):
+        return True  # a pending registration whose response was lost: it keeps its slot
+    used = await _scalar(
+        db,
+        f"SELECT count(*) FROM devices WHERE customer_id = :cid AND {_COUNTED}",  # noqa: S608
+        {"cid": name.customer_id, "now": now},
+    )
+    if used >= customer[0]:
+        raise RegistrationRefused("device limit reached")
+    return False
+
+
+async def _audit(
+    db: aiosqlite.Connection,
+    at: float,
+    actor: str,
+    action: str,
+    subject: str,
+    detail: dict[str, Any],
+) -> None:
+    await db.execute(
+        "INSERT INTO audit_log (at, actor, action, subject, detail) VALUES (?, ?, ?, ?, ?)",
+        (at, actor, action, subject, json.dumps(detail, sort_keys=True)),
+    )

@@ -1,0 +1,148 @@
+"""The operator CLI: customers and devices, tables and --json, errors and exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from iotbiz.cli import main
+from iotbiz.names import DeviceName
+from iotbiz.store import Store
+from tests.processes import run_cli
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def seed_devices(db: Path) -> None:
+    """abc123 has dev-1 active and dev-2 pending; xyz has dev-9 pending."""
+
+    async def seed() -> None:
+        store = await Store.open(db)
+        try:
+            for name, state in (("abc123/dev-1", "active"), ("abc123/dev-2", "pending")):
+                customer, device = name.split("/")
+                if await store.get_customer(customer) is None:
+                    await store.add_customer(customer, 10, actor="test")
+                await store.register_device(
+                    DeviceName(customer, device), b"$2b$06$x", ttl_s=60, actor="test"
+                )
+                if state == "active":
+                    await store.activate_device(
+                        DeviceName(customer, device), b"$2b$06$x", actor="test"
+                    )
+            await store.add_customer("xyz", 1, actor="test")
+            await store.register_device(
+                DeviceName("xyz", "dev-9"), b"$2b$06$x", ttl_s=60, actor="t"
+            )
+        finally:
+            await store.close()
+
+    asyncio.run(seed())
+
+
+def test_customers(capsys: pytest.CaptureFixture[str], db_path: Path) -> None:
+    db = str(db_path)
+    code, out, _ = cli(capsys, "customer", "add", "abc123", "--limit", "10", "--db", db)
+    assert (code, out) == (0, "customer abc123 added, limit 10\n")
+    code, out, _ = cli(capsys, "customer", "add", "xyz", "--limit", "2", "--db", db, "--json")
+    assert code == 0
+    assert json.loads(out)["device_limit"] == 2
+    code, out, _ = cli(capsys, "customer", "set-limit", "xyz", "5", "--db", db)
+    assert (code, out) == (0, "customer xyz: limit 5\n")
+
+    code, out, _ = cli(capsys, "customer", "list", "--db", db)
+    lines = out.splitlines()
+    assert lines[0].split() == ["CUSTOMER", "LIMIT", "ACTIVE", "PENDING", "CREATED"]
+    assert [line.split()[:4] for line in lines[1:]] == [
+        ["abc123", "10", "0", "0"],
+        ["xyz", "5", "0", "0"],
+    ]
+    code, out, _ = cli(capsys, "customer", "list", "--db", db, "--json")
+    assert [c["customer_id"] for c in json.loads(out)] == ["abc123", "xyz"]
+
+
+def test_customer_errors(capsys: pytest.CaptureFixture[str], db_path: Path) -> None:
+    db = str(db_path)
+    assert cli(capsys, "customer", "add", "abc123", "--limit", "1", "--db", db)[0] == 0
+    code, _, err = cli(capsys, "customer", "add", "abc123", "--limit", "1", "--db", db)
+    assert (code, err) == (1, "iotbiz: customer abc123 exists already\n")
+    code, _, err = cli(capsys, "customer", "set-limit", "nobody", "3", "--db", db)
+    assert (code, err) == (1, "iotbiz: no customer nobody\n")
+    for bad in (["customer", "add", "a/b", "--limit", "1"], ["customer", "set-limit", "x", "-1"]):
+        with pytest.raises(SystemExit) as exited:
+            main([*bad, "--db", db])
+        assert exited.value.code == 2
+
+
+def test_devices(capsys: pytest.CaptureFixture[str], db_path: Path) -> None:
+    seed_devices(db_path)
+    db = str(db_path)
+    code, out, _ = cli(capsys, "device", "list", "--db", db)
+    lines = out.splitlines()
+    assert code == 0
+    assert lines[0].split() == ["DEVICE", "STATE", "ONLINE", "LAST", "SEEN", "CREATED"]
+    assert [line.split()[:3] for line in lines[1:]] == [
+        ["abc123/dev-1", "active", "no"],
+        ["abc123/dev-2", "pending", "no"],
+        ["xyz/dev-9", "pending", "no"],
+    ]
+    code, out, _ = cli(capsys, "device", "list", "--customer", "xyz", "--db", db, "--json")
+    [device] = json.loads(out)
+    for key in ("name", "customer_id", "device_id", "state", "online", "last_seen_at", "telemetry"):
+        assert key in device
+    assert (device["name"], device["state"], device["online"]) == ("xyz/dev-9", "pending", False)
+    assert "password_hash" not in out
+
+    code, out, _ = cli(capsys, "device", "show", "abc123/dev-1", "--db", db)
+    assert code == 0
+    assert "state:              active" in out
+    code, out, _ = cli(capsys, "device", "show", "abc123/dev-1", "--db", db, "--json")
+    assert json.loads(out)["state"] == "active"
+
+    code, out, _ = cli(capsys, "device", "revoke", "abc123/dev-1", "--db", db)
+    assert (code, out) == (0, "device abc123/dev-1 revoked\n")
+    code, out, _ = cli(capsys, "device", "reset", "abc123/dev-1", "--db", db, "--json")
+    assert json.loads(out) == {"name": "abc123/dev-1", "previous_state": "revoked", "reset": True}
+    code, _, err = cli(capsys, "device", "show", "abc123/dev-1", "--db", db)
+    assert (code, err) == (1, "iotbiz: no device abc123/dev-1\n")
+    code, _, err = cli(capsys, "device", "revoke", "abc123/dev-1", "--db", db)
+    assert (code, err) == (1, "iotbiz: no device abc123/dev-1\n")
+
+
+def test_device_names_accept_any_mac_notation(
+    capsys: pytest.CaptureFixture[str], db_path: Path
+) -> None:
+    async def seed() -> None:
+        store = await Store.open(db_path)
+        await store.add_customer("abc123", 1, actor="test")
+        await store.register_device(
+            DeviceName("abc123", "44:8a:5b:9c:70:93"), b"$2b$06$x", ttl_s=60, actor="test"
+        )
+        await store.close()
+
+    asyncio.run(seed())
+    code, out, _ = cli(capsys, "device", "show", "abc123/448A5B9C7093", "--db", str(db_path))
+    assert code == 0
+    assert "abc123/44:8a:5b:9c:70:93" in out
+
+
+def test_config_file_names_the_store(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    config = tmp_path / "platform.toml"
+    config.write_text(f"[store]\npath = '{tmp_path / 'from-config.db'}'\n")
+    assert cli(capsys, "customer", "add", "abc123", "--limit", "1", "--config", str(config))[0] == 0
+    assert (tmp_path / "from-config.db").exists()
+
+
+def test_the_console_script_runs(tmp_path: Path) -> None:
+    result = run_cli("customer", "list", "--db", str(tmp_path / "x.db"), "--json")
+    assert (result.returncode, json.loads(result.stdout), result.stderr) == (0, [], "")
+    result = run_cli("device", "show", "not a name", "--db", str(tmp_path / "x.db"))
+    assert result.returncode == 2
+    assert "not a device name" in result.stderr

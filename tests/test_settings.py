@@ -1,0 +1,106 @@
+"""Settings: precedence, validation, and documentation of every setting."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from iotbiz.errors import ConfigError
+from iotbiz.settings import Settings, describe, load_settings
+
+EXAMPLE = Path(__file__).parent.parent / "config" / "iotbiz.example.toml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "platform.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults() -> None:
+    settings = load_settings(None, environ={})
+    assert settings == Settings()
+    assert settings.http.port == 8080
+    assert settings.mqtt.port == 1883
+    assert settings.store.path == Path("iotbiz.db")
+
+
+def test_precedence_defaults_toml_environment_flags(tmp_path: Path) -> None:
+    config = write(tmp_path, "[http]\nport = 9001\nhost = '0.0.0.0'\n[mqtt]\nport = 9002\n")
+    settings = load_settings(config, environ={})
+    assert (settings.http.port, settings.http.host, settings.mqtt.port) == (9001, "0.0.0.0", 9002)
+
+    environ = {"IOTBIZ_HTTP_PORT": "9101", "IOTBIZ_REGISTRAR_PENDING_TTL_S": "60"}
+    settings = load_settings(config, environ=environ)
+    assert (settings.http.port, settings.mqtt.port) == (9101, 9002)
+    assert settings.registrar.pending_ttl_s == 60.0
+
+    settings = load_settings(config, environ=environ, overrides={"http": {"port": 9201}})
+    assert settings.http.port == 9201
+    assert settings.http.host == "0.0.0.0"
+
+
+def test_config_file_from_environment(tmp_path: Path) -> None:
+    config = write(tmp_path, "[store]\npath = 'elsewhere.db'\n")
+    settings = load_settings(None, environ={"IOTBIZ_CONFIG": str(config)})
+    assert settings.store.path == Path("elsewhere.db")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[http]\nprot = 1\n", "unknown setting http.prot in"),
+        ("[htpp]\nport = 1\n", "unknown setting section [htpp] in"),
+        ("http = 5\n", "http: must be a table of settings in"),
+        ("[http]\nport = '80'\n", "http.port: expected an integer, got '80'"),
+        ("[http]\nport = true\n", "http.port: expected an integer, got True"),
+        ("[http]\nport = 70000\n", "http.port: must be at most 65535, got 70000"),
+        ("[registrar]\nbcrypt_cost = 3\n", "registrar.bcrypt_cost: must be at least 4, got 3"),
+        ("[registrar]\npending_ttl_s = 'x'\n", "registrar.pending_ttl_s: expected a number"),
+        ("[store]\npath = 5\n", "store.path: expected a path, got 5"),
+        ("[log]\nlevel = 'LOUD'\n", "log.level: must be one of"),
+        ("[http\n", "config file "),
+    ],
+)
+def test_bad_config_files_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        load_settings(write(tmp_path, text), environ={})
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"IOTBIZ_HTTP_PROT": "1"}, "unknown setting http.prot in environment"),
+        ({"IOTBIZ_NOPE": "1"}, "unknown setting in environment: IOTBIZ_NOPE"),
+        ({"IOTBIZ_HTTP_PORT": "eighty"}, "http.port: expected an integer, got 'eighty'"),
+        ({"IOTBIZ_HTTP_PORT": "-1"}, "http.port: must be at least 0, got -1"),
+    ],
+)
+def test_bad_environment_names_the_key(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        load_settings(None, environ=environ)
+
+
+def test_agent_variables_are_not_the_platforms() -> None:
+    assert load_settings(None, environ={"IOTBIZ_AGENT_STATE_DIR": "/x"}) == Settings()
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_settings(tmp_path / "missing.toml", environ={})
+
+
+def test_every_setting_is_documented_in_the_example() -> None:
+    """The example file names every setting with its default and help (and nothing else)."""
+    text = EXAMPLE.read_text()
+    example = tomllib.loads(text)
+    declared = {(section, key) for section, key, _, _ in describe()}
+    in_example = {(section, key) for section, values in example.items() for key in values}
+    assert in_example == declared
+    for section, key, default, help_text in describe():
+        assert example[section][key] == (str(default) if isinstance(default, Path) else default)
+        assert help_text in text, f"{section}.{key}: help missing from {EXAMPLE.name}"
+    assert load_settings(EXAMPLE, environ={}) == Settings()
