@@ -1,6 +1,7 @@
 """The operator CLI, `iotbiz`: serve the platform, manage customers and devices.
 
-Store commands work on the SQLite file named by `--db` or by the settings (`--config`,
+`account add|list|remove` manage operator MQTT accounts. Store commands work on the SQLite
+file named by `--db` or by the settings (`--config`,
 `IOTBIZ_CONFIG`, `IOTBIZ_STORE_PATH`); a running platform may use the same file at the same time.
 Tables for people, `--json` for scripts; exit code 0 on success, 1 on failure, 2 on bad usage.
 """
@@ -21,8 +22,9 @@ from typing import Any
 from iotbiz import __version__
 from iotbiz.errors import IotbizError
 from iotbiz.models import Customer, Device, iso_time
-from iotbiz.names import DeviceName, is_customer_id, parse_device_name
-from iotbiz.platform import serve
+from iotbiz.names import DeviceName, is_account_name, is_customer_id, parse_device_name
+from iotbiz.passwords import PasswordHasher, generate_password
+from iotbiz.platform import SERVICE_USERNAME, serve
 from iotbiz.settings import Settings, load_settings
 from iotbiz.store import Store
 
@@ -42,6 +44,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "iotbiz") -> int:
             asyncio.run(serve(settings))
         else:
             logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+            args.settings = settings
             asyncio.run(_with_store(settings, args.run, args))
     except IotbizError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
@@ -175,6 +178,46 @@ async def _device_reset(args: argparse.Namespace, store: Store) -> None:
     )
 
 
+async def _account_add(args: argparse.Namespace, store: Store) -> None:
+    if args.name == SERVICE_USERNAME:
+        raise IotbizError(f"{SERVICE_USERNAME} is the platform's own account name")
+    password = generate_password()
+    settings: Settings = args.settings
+    hasher = PasswordHasher(settings.registrar.bcrypt_cost, threads=1)
+    try:
+        password_hash = await hasher.hash(password)
+    finally:
+        hasher.close()
+    account = await store.add_account(
+        args.name, password_hash, superuser=args.superuser, actor=_actor()
+    )
+    role = "superuser" if account.superuser else "service role"
+    _emit(
+        args,
+        {**account.to_json(), "password": password},
+        f"account {account.name} added ({role}); its MQTT password, shown only now:\n{password}",
+    )
+
+
+async def _account_list(args: argparse.Namespace, store: Store) -> None:
+    accounts = await store.list_accounts()
+    if args.json:
+        _print_json([a.to_json() for a in accounts])
+        return
+    _print_table(
+        ["ACCOUNT", "ROLE", "CREATED"],
+        [
+            [a.name, "superuser" if a.superuser else "service", iso_time(a.created_at) or ""]
+            for a in accounts
+        ],
+    )
+
+
+async def _account_remove(args: argparse.Namespace, store: Store) -> None:
+    await store.remove_account(args.name, actor=_actor())
+    _emit(args, {"name": args.name, "removed": True}, f"account {args.name} removed")
+
+
 # -- output ---------------------------------------------------------------------------------------
 
 
@@ -211,6 +254,14 @@ def _device_name(text: str) -> DeviceName:
     if name is None:
         raise argparse.ArgumentTypeError(f"not a device name CUSTOMER/DEVICE: {text!r}")
     return name
+
+
+def _account_name(text: str) -> str:
+    if not is_account_name(text):
+        raise argparse.ArgumentTypeError(
+            f"not a valid account name (1 to 64 of A-Z a-z 0-9 _ . -): {text!r}"
+        )
+    return text
 
 
 def _count(text: str) -> int:
@@ -276,4 +327,22 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         sub = device_cmds.add_parser(action, parents=[store_opts, output], help=text)
         sub.add_argument("name", metavar="NAME", type=_device_name, help="CUSTOMER/DEVICE")
         sub.set_defaults(run=run)
+
+    account = commands.add_parser("account", help="operator accounts for MQTT")
+    account_cmds = account.add_subparsers(dest="action", metavar="ACTION", required=True)
+    acc_add = account_cmds.add_parser(
+        "add", parents=[store_opts, output], help="add an account; prints its password once"
+    )
+    acc_add.add_argument("name", metavar="NAME", type=_account_name)
+    acc_add.add_argument(
+        "--superuser", action="store_true", help="any client id and topic (bridges, test suites)"
+    )
+    acc_add.set_defaults(run=_account_add)
+    acc_list = account_cmds.add_parser("list", parents=[store_opts, output], help="list accounts")
+    acc_list.set_defaults(run=_account_list)
+    acc_remove = account_cmds.add_parser(
+        "remove", parents=[store_opts, output], help="remove an account (disconnects it)"
+    )
+    acc_remove.add_argument("name", metavar="NAME", type=_account_name)
+    acc_remove.set_defaults(run=_account_remove)
     return parser

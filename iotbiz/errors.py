@@ -40,6 +40,10 @@ class RegistrationRefused(IotbizError):
     """A registration or activation that a rule refuses; the message is the reason."""
 
 
+class BrokerUnavailable(IotbizError):
+    """The embedded MQTT broker is not listening."""
+
+
 class HTTPError(IotbizError):
     """An error that the registrar answers with `status` and `{"error": message}`."""
 

@@ -103,3 +103,32 @@ class AuditEntry:
             "subject": self.subject,
             "detail": self.detail,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """An operator's MQTT account: superusers may use any client id and topic; the others get the
+    service role (all devices' topics, commands to any device)."""
+
+    name: str
+    superuser: bool
+    created_at: float
+    password_hash: bytes = field(default=b"", repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "superuser": self.superuser,
+            "created_at": iso_time(self.created_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceUpdate:
+    """What the platform learnt about a device from the broker or its messages. None: unchanged."""
+
+    name: DeviceName
+    seen_at: float
+    online: bool | None = None
+    status: dict[str, Any] | None = None
+    telemetry: dict[str, Any] | None = None

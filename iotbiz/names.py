@@ -10,6 +10,8 @@ import re
 from typing import NamedTuple
 
 CUSTOMER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", re.ASCII)
+# Operator account names never hold '/', so an account can never be mistaken for a device.
+ACCOUNT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", re.ASCII)
 DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9:_-]{0,63}", re.ASCII)
 # MAC notations: 44:8a:5b:9c:70:93, 44-8a-5b-9c-70-93, 448a5b9c7093 and Cisco's 448a.5b9c.7093.
 _MAC_FORMS = (
@@ -34,6 +36,10 @@ class DeviceName(NamedTuple):
 
 def is_customer_id(value: str) -> bool:
     return CUSTOMER_ID.fullmatch(value) is not None
+
+
+def is_account_name(value: str) -> bool:
+    return ACCOUNT_NAME.fullmatch(value) is not None
 
 
 def normalize_device_id(value: str) -> str | None:

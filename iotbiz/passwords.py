@@ -30,6 +30,7 @@ class PasswordHasher:
         self.threads = threads or os.cpu_count() or 1
         self._max_jobs = self.threads + max_queued
         self._jobs = 0
+        self.operations = 0  # bcrypt hashes and checks done: a cost figure for tests and metrics
         self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="bcrypt")
 
     @property
@@ -49,7 +50,9 @@ class PasswordHasher:
         self._jobs += 1
         try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, func, *args)
+            result = await loop.run_in_executor(self._executor, func, *args)
+            self.operations += 1
+            return result
         finally:
             self._jobs -= 1
 

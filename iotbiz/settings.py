@@ -45,6 +45,18 @@ class HTTPSettings:
 class MQTTSettings:
     host: str = setting("127.0.0.1", "address the MQTT broker listens on (0.0.0.0: all interfaces)")
     port: int = setting(1883, "TCP port of the MQTT broker", min=0, max=65535)
+    keepalive_grace: float = setting(
+        1.5, "a client silent for this many keep-alive periods is dropped (its will fires)", min=1
+    )
+    ack_timeout_s: float = setting(
+        60.0, "seconds to wait for a QoS 1/2 ack; the message stays queued for a resend", min=0.1
+    )
+    connect_timeout_s: float = setting(
+        10.0, "seconds a new connection has to send its CONNECT packet", min=0.1
+    )
+    max_packet_bytes: int = setting(
+        256 * 1024, "largest MQTT packet accepted; a larger one closes the connection", min=1024
+    )
 
 
 @dataclass(frozen=True, slots=True)

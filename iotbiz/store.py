@@ -23,7 +23,7 @@ from typing import Any
 import aiosqlite
 
 from iotbiz.errors import ConflictError, NotFoundError, RegistrationRefused, StoreError
-from iotbiz.models import AuditEntry, Customer, Device, DeviceState
+from iotbiz.models import Account, AuditEntry, Customer, Device, DeviceState, PresenceUpdate
 from iotbiz.names import DeviceName
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,15 @@ MIGRATIONS: tuple[str, ...] = (
         action    TEXT NOT NULL,
         subject   TEXT NOT NULL,
         detail    TEXT NOT NULL DEFAULT '{}'
+    );
+    """,
+    # 2: operator accounts for MQTT (the platform's own service account lives in memory only)
+    """
+    CREATE TABLE accounts (
+        name           TEXT PRIMARY KEY,
+        password_hash  TEXT NOT NULL,
+        superuser      INTEGER NOT NULL DEFAULT 0,
+        created_at     REAL NOT NULL
     );
     """,
 )
@@ -326,7 +335,96 @@ class Store:
             await _audit(db, now, actor, "device.reset", str(name), {"state": device.state.value})
         return device
 
+    # -- presence -------------------------------------------------------------------------------
+
+    async def record_presence(self, updates: Iterable[PresenceUpdate]) -> None:
+        """Write a batch of presence updates in one transaction (not audited: not a change made
+        by anyone, and far too frequent)."""
+        async with self._transaction() as db:
+            for update in updates:
+                await db.execute(
+                    """
+                    UPDATE devices SET
+                        online = coalesce(:online, online),
+                        last_seen_at = max(coalesce(last_seen_at, 0), :seen_at),
+                        last_status = coalesce(:status, last_status),
+                        last_telemetry = coalesce(:telemetry, last_telemetry)
+                    WHERE customer_id = :customer_id AND device_id = :device_id
+                        AND state = 'active'
+                    """,
+                    {
+                        "online": None if update.online is None else int(update.online),
+                        "seen_at": update.seen_at,
+                        "status": _json_or_null(update.status),
+                        "telemetry": _json_or_null(update.telemetry),
+                        "customer_id": update.name.customer_id,
+                        "device_id": update.name.device_id,
+                    },
+                )
+
+    async def mark_all_offline(self) -> None:
+        """At platform start: nothing is connected yet, whatever a killed process left behind."""
+        async with self._transaction() as db:
+            await db.execute("UPDATE devices SET online = 0 WHERE online != 0")
+
+    # -- accounts -------------------------------------------------------------------------------
+
+    async def add_account(
+        self, name: str, password_hash: bytes, *, superuser: bool, actor: str
+    ) -> Account:
+        now = self._clock()
+        async with self._transaction() as db:
+            try:
+                await db.execute(
+                    "INSERT INTO accounts (name, password_hash, superuser, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (name, password_hash.decode("ascii"), int(superuser), now),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise ConflictError(f"account {name} exists already") from exc
+            await _audit(db, now, actor, "account.add", name, {"superuser": superuser})
+        return Account(name, superuser, now, password_hash)
+
+    async def get_account(self, name: str) -> Account | None:
+        async with self._reading() as db:
+            rows = await db.execute_fetchall(
+                "SELECT name, superuser, created_at, password_hash FROM accounts WHERE name = ?",
+                (name,),
+            )
+        return next((_row_to_account(row) for row in rows), None)
+
+    async def list_accounts(self) -> list[Account]:
+        async with self._reading() as db:
+            rows = await db.execute_fetchall(
+                "SELECT name, superuser, created_at, password_hash FROM accounts ORDER BY name"
+            )
+        return [_row_to_account(r) for r in rows]
+
+    async def remove_account(self, name: str, *, actor: str) -> None:
+        now = self._clock()
+        async with self._transaction() as db:
+            cursor = await db.execute("DELETE FROM accounts WHERE name = ?", (name,))
+            if cursor.rowcount == 0:
+                raise NotFoundError(f"no account {name}")
+            await _audit(db, now, actor, "account.remove", name, {})
+
     # -- audit log ------------------------------------------------------------------------------
+
+    async def latest_change(self) -> int:
+        """The id of the newest audit entry (0 if none): a cursor for `changes_since`."""
+        async with self._reading() as db:
+            return int(await _scalar(db, "SELECT coalesce(max(entry_id), 0) FROM audit_log"))
+
+    async def changes_since(self, entry_id: int, *, limit: int = 1000) -> list[AuditEntry]:
+        """Audit entries newer than `entry_id`, oldest first: how other processes' changes (the
+        CLI revoking a device, say) reach a running platform."""
+        async with self._reading() as db:
+            rows = await db.execute_fetchall(
+                "SELECT entry_id, at, actor, action, subject, detail FROM audit_log"
+                " WHERE entry_id > ? ORDER BY entry_id LIMIT ?",
+                (entry_id, limit),
+            )
+        return [AuditEntry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
 
     async def audit_entries(
         self, *, subject: str | None = None, limit: int = 100
@@ -389,6 +487,14 @@ def _row_to_device(row: sqlite3.Row) -> Device:
 
 def _json_or_none(text: str | None) -> Any:
     return None if text is None else json.loads(text)
+
+
+def _json_or_null(value: dict[str, Any] | None) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def _row_to_account(row: sqlite3.Row) -> Account:
+    return Account(row[0], bool(row[1]), row[2], row[3].encode())
 
 
 async def _refuse_registration(db: aiosqlite.Connection, name: DeviceName, now: float) -> bool:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 LISTENING = re.compile(r"registrar listening on http://[^:]+:(\d+)")
+MQTT_LISTENING = re.compile(r"MQTT broker listening on mqtt://[^:]+:(\d+)")
 START_TIMEOUT_S = 20.0
 
 
@@ -21,6 +26,7 @@ class PlatformProcess:
         self.proc = proc
         self.log_path = log_path
         self.http_port = 0
+        self.mqtt_port = 0
 
     @property
     def url(self) -> str:
@@ -35,6 +41,8 @@ class PlatformProcess:
             match = LISTENING.search(self.log())
             if match:
                 self.http_port = int(match.group(1))
+                mqtt = MQTT_LISTENING.search(self.log())
+                self.mqtt_port = int(mqtt.group(1)) if mqtt else 0
                 return
             if self.proc.poll() is not None:
                 raise AssertionError(
@@ -85,3 +93,25 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
         cwd=cwd,
         check=False,
     )
+
+
+def post_json(url: str, body: dict[str, Any]) -> tuple[int, Any]:
+    """POST JSON with the standard library (blocking: for a platform in a child process)."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback
+            data = response.read()
+            return response.status, json.loads(data) if data else None
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def enroll_device(base_url: str, customer_id: str, device_id: str) -> str:
+    """Register and activate a device over HTTP; return its password."""
+    body = {"customer_id": customer_id, "mac_address": device_id}
+    status, answer = post_json(base_url + "/api/v1/register", body)
+    assert status == 201, answer
+    password = str(answer["password"])
+    status, answer = post_json(base_url + "/api/v1/activate", {**body, "password": password})
+    assert status == 200, answer
+    return password

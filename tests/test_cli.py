@@ -146,3 +146,35 @@ def test_the_console_script_runs(tmp_path: Path) -> None:
     result = run_cli("device", "show", "not a name", "--db", str(tmp_path / "x.db"))
     assert result.returncode == 2
     assert "not a device name" in result.stderr
+
+
+def test_accounts(capsys: pytest.CaptureFixture[str], db_path: Path) -> None:
+    db = str(db_path)
+    code, out, _ = cli(capsys, "account", "add", "ops", "--db", db)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == "account ops added (service role); its MQTT password, shown only now:"
+    assert len(lines[1]) >= 32
+    code, out, _ = cli(capsys, "account", "add", "root", "--superuser", "--db", db, "--json")
+    created = json.loads(out)
+    assert (created["name"], created["superuser"]) == ("root", True)
+    assert created["password"] != lines[1]
+
+    code, out, _ = cli(capsys, "account", "list", "--db", db)
+    assert [line.split()[:2] for line in out.splitlines()] == [
+        ["ACCOUNT", "ROLE"],
+        ["ops", "service"],
+        ["root", "superuser"],
+    ]
+    code, out, _ = cli(capsys, "account", "list", "--db", db, "--json")
+    assert "password" not in out
+
+    code, _, err = cli(capsys, "account", "add", "ops", "--db", db)
+    assert (code, err) == (1, "iotbiz: account ops exists already\n")
+    code, _, err = cli(capsys, "account", "add", "iotbiz-platform", "--db", db)
+    assert (code, err) == (1, "iotbiz: iotbiz-platform is the platform's own account name\n")
+    with pytest.raises(SystemExit):
+        main(["account", "add", "a/b", "--db", db])  # '/' would make it look like a device
+    assert cli(capsys, "account", "remove", "ops", "--db", db)[:2] == (0, "account ops removed\n")
+    code, _, err = cli(capsys, "account", "remove", "ops", "--db", db)
+    assert (code, err) == (1, "iotbiz: no account ops\n")

@@ -5,26 +5,12 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.processes import platform_process, run_cli
-
-
-def post(url: str, body: dict[str, Any]) -> tuple[int, Any]:
-    request = urllib.request.Request(  # noqa: S310 - loopback URL of the test's own platform
-        url, data=json.dumps(body).encode(), method="POST"
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
-            data = response.read()
-            return response.status, json.loads(data) if data else None
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+from tests.processes import platform_process, post_json, run_cli
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -32,11 +18,11 @@ def test_serves_and_stops_cleanly(tmp_path: Path, signum: int) -> None:
     db = tmp_path / "platform.db"
     assert run_cli("customer", "add", "abc123", "--limit", "5", "--db", str(db)).returncode == 0
     with platform_process(tmp_path, "--db", str(db)) as platform:
-        status, body = post(
+        status, body = post_json(
             platform.url + "/api/v1/register", {"customer_id": "abc123", "mac_address": "dev-1"}
         )
         assert status == 201
-        status, _ = post(
+        status, _ = post_json(
             platform.url + "/api/v1/activate",
             {"customer_id": "abc123", "mac_address": "dev-1", "password": body["password"]},
         )
@@ -78,7 +64,7 @@ def test_cli_and_running_platform_share_the_store(tmp_path: Path) -> None:
     with platform_process(tmp_path, "--db", str(db)) as platform:
 
         def enroll(i: int) -> int:
-            status, _ = post(
+            status, _ = post_json(
                 platform.url + "/api/v1/register",
                 {"customer_id": "abc123", "mac_address": f"dev-{i}"},
             )

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from iotbiz.passwords import PasswordHasher
 from iotbiz.registrar.ratelimit import RateLimiter
+from iotbiz.registrar.service_client import ServiceClient
 from iotbiz.settings import Settings
 from iotbiz.store import Store
 
@@ -19,3 +20,4 @@ STORE = web.AppKey("store", Store)
 HASHER = web.AppKey("hasher", PasswordHasher)
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 HEALTH_CHECKS = web.AppKey("health_checks", list[HealthCheck])
+SERVICE_CLIENT = web.AppKey("service_client", ServiceClient)

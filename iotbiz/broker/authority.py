@@ -1,0 +1,219 @@
+"""Who may connect to the broker and what each may do: the decisions behind the amqtt plugins.
+
+Principals:
+  - a device: username `{customer_id}/{device_id}` of an ACTIVE device, client id equal to the
+    username; publishes only its own status/telemetry/events/reply, subscribes only its own cmd;
+  - the platform's service account (created at start, in memory) and operator accounts without
+    the superuser flag: the service role, i.e. subscribe/receive under `devices/`, publish any
+    device's `cmd`; their client id holds no `/`, so it can never be a device's;
+  - superuser accounts: any client id, any topic.
+
+Verified credentials are cached (a SHA-256 of the password, in memory) so that reconnects do not
+pay bcrypt again. The cache forgets a name when the store's change feed (its audit log) says the
+device was revoked, reset or registered again, or the account removed, whichever process made the
+change; the broker then disconnects that name's sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from iotbiz import topics
+from iotbiz.errors import IotbizError
+from iotbiz.models import DeviceState
+from iotbiz.names import DeviceName, parse_device_name
+from iotbiz.passwords import PasswordHasher
+from iotbiz.store import Store
+
+log = logging.getLogger(__name__)
+
+# Audit actions after which a name's cached credentials and live sessions must go.
+_REVOKING_ACTIONS = frozenset(
+    {"device.revoke", "device.reset", "device.register_again", "account.remove"}
+)
+CHANGE_POLL_S = 0.25
+
+
+class Role(enum.StrEnum):
+    DEVICE = "device"
+    SERVICE = "service"
+    SUPERUSER = "superuser"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated MQTT user and the topics it may use (precomputed for speed)."""
+
+    username: str
+    role: Role
+    publish_topics: frozenset[str] = frozenset()
+    command_topic: str = ""
+
+
+Kick = Callable[[str], Awaitable[None]]
+
+
+class Authority:
+    def __init__(
+        self,
+        store: Store,
+        hasher: PasswordHasher,
+        *,
+        service_username: str,
+        service_password: str,
+    ) -> None:
+        self._store = store
+        self._hasher = hasher
+        self.service_username = service_username
+        self._service_digest = _digest(service_password)
+        self._verified: dict[str, tuple[bytes, Principal]] = {}
+        self._epoch = 0  # bumped whenever the cache forgets something
+        self.denied_publishes = 0
+        self.refused_logins = 0
+
+    # -- authentication ------------------------------------------------------------------------
+
+    async def authenticate(
+        self, username: str | None, password: str | None, client_id: str | None
+    ) -> Principal | None:
+        """The principal for these credentials, or None (refused). Never raises."""
+        if not username or password is None or not client_id:
+            return self._refuse(username, "no username, password or client id")
+        try:
+            principal = await self._authenticate(username, password)
+        except IotbizError as exc:
+            log.warning("login of %s refused: store failure: %s", username, exc)
+            return self._refuse(username, "store unavailable")
+        if principal is None:
+            return self._refuse(username, "bad credentials or not active")
+        if not _client_id_allowed(principal, client_id):
+            return self._refuse(username, f"client id {client_id!r} not allowed")
+        return principal
+
+    async def _authenticate(self, username: str, password: str) -> Principal | None:
+        digest = _digest(password)
+        if username == self.service_username:
+            if hmac.compare_digest(digest, self._service_digest):
+                return Principal(username, Role.SERVICE)
+            return None
+        cached = self._verified.get(username)
+        if cached is not None:
+            return cached[1] if hmac.compare_digest(digest, cached[0]) else None
+        epoch = self._epoch
+        principal = await self._verify(username, password)
+        if principal is None:
+            return None
+        if epoch != self._epoch:
+            # The cache forgot something while bcrypt ran: check once more against the store.
+            if await self._verify(username, password) is None:
+                return None
+        else:
+            self._verified[username] = (digest, principal)
+        return principal
+
+    async def _verify(self, username: str, password: str) -> Principal | None:
+        """Check the password against the store (bcrypt, off the event loop)."""
+        name = parse_device_name(username)
+        if name is not None and str(name) == username:
+            device = await self._store.get_device(name)
+            if device is None or device.state is not DeviceState.ACTIVE:
+                return None
+            if device.password_hash is None:
+                return None
+            if not await self._hasher.check(password, device.password_hash):
+                return None
+            return device_principal(name)
+        account = await self._store.get_account(username)
+        if account is None or not await self._hasher.check(password, account.password_hash):
+            return None
+        return Principal(username, Role.SUPERUSER if account.superuser else Role.SERVICE)
+
+    def _refuse(self, username: str | None, reason: str) -> Principal | None:
+        self.refused_logins += 1
+        log.info("MQTT login of %s refused: %s", username, reason)
+        return None
+
+    def forget(self, username: str) -> None:
+        """Drop cached credentials of `username` (after a revoke, reset, ...)."""
+        self._epoch += 1
+        self._verified.pop(username, None)
+
+    async def follow_changes(self, kick: Kick, *, poll_s: float = CHANGE_POLL_S) -> None:
+        """Follow the store's change feed for ever: forget and disconnect revoked names.
+
+        Runs as a task owned by the broker; changes made by the CLI in another process arrive
+        within `poll_s`.
+        """
+        cursor = await self._store.latest_change()
+        while True:
+            await asyncio.sleep(poll_s)
+            try:
+                changes = await self._store.changes_since(cursor)
+            except IotbizError as exc:
+                log.warning("cannot read the store's changes: %s", exc)
+                continue
+            for change in changes:
+                cursor = change.entry_id
+                if change.action in _REVOKING_ACTIONS:
+                    self.forget(change.subject)
+                    await kick(change.subject)
+
+    # -- authorisation -------------------------------------------------------------------------
+
+    def may_publish(self, principal: Principal, topic: str) -> bool:
+        if principal.role is Role.SUPERUSER:
+            return True
+        if principal.role is Role.DEVICE:
+            allowed = topic in principal.publish_topics
+        else:
+            parsed = topics.parse_device_topic(topic)
+            allowed = (
+                parsed is not None
+                and parsed[1] == topics.CMD
+                and parse_device_name(str(parsed[0])) == parsed[0]
+            )
+        if not allowed:
+            self.denied_publishes += 1
+            log.info("%s may not publish to %r: dropped", principal.username, topic)
+        return allowed
+
+    def may_subscribe(self, principal: Principal, topic_filter: str) -> bool:
+        if principal.role is Role.SUPERUSER:
+            return True
+        if principal.role is Role.DEVICE:
+            return topic_filter == principal.command_topic
+        return topic_filter.startswith(f"{topics.ROOT}/") or topic_filter == topics.ROOT
+
+    def may_receive(self, principal: Principal, topic: str) -> bool:
+        if principal.role is Role.SUPERUSER:
+            return True
+        if principal.role is Role.DEVICE:
+            return topic == principal.command_topic
+        return topic.startswith(f"{topics.ROOT}/")
+
+
+def device_principal(name: DeviceName) -> Principal:
+    return Principal(
+        str(name),
+        Role.DEVICE,
+        publish_topics=frozenset(topics.device_topic(name, s) for s in topics.DEVICE_PUBLISHES),
+        command_topic=topics.device_topic(name, topics.CMD),
+    )
+
+
+def _client_id_allowed(principal: Principal, client_id: str) -> bool:
+    if principal.role is Role.SUPERUSER:
+        return True
+    if principal.role is Role.DEVICE:
+        return client_id == principal.username  # no device can take over another's session
+    return "/" not in client_id  # accounts can never use a device's client id
+
+
+def _digest(password: str) -> bytes:
+    return hashlib.sha256(password.encode()).digest()

@@ -1,0 +1,120 @@
+"""The embedded broker: `HardenedBroker` with IoTBiz's plugins, bound to the platform's objects."""
+
+from __future__ import annotations
+
+import errno
+import logging
+from typing import Any
+
+from amqtt.errors import BrokerError
+
+from iotbiz.broker.authority import Authority
+from iotbiz.broker.hardened import HardenedBroker
+from iotbiz.broker.plugins import AuthPlugin, PresencePlugin, TopicPlugin
+from iotbiz.errors import BrokerUnavailable, ConfigError
+from iotbiz.presence import PresenceRecorder
+from iotbiz.settings import MQTTSettings
+
+log = logging.getLogger(__name__)
+
+LISTENER = "default"
+# An explicit plugin list: no anonymous access, no event/packet logging, no $SYS tree.
+PLUGINS = [AuthPlugin, TopicPlugin, PresencePlugin]
+
+
+def broker_config(host: str, port: int) -> dict[str, Any]:
+    return {
+        "listeners": {LISTENER: {"type": "tcp", "bind": f"{host}:{port}"}},
+        "plugins": {f"{cls.__module__}.{cls.__qualname__}": {} for cls in PLUGINS},
+    }
+
+
+class IotbizBroker(HardenedBroker):
+    """`HardenedBroker` whose ACL check calls IoTBiz's topic plugin directly.
+
+    amqtt asks every topic plugin through a task per plugin per check, and checks every message
+    for every receiver: with one plugin whose decision needs no I/O, calling it synchronously
+    gives the same answer without the tasks. Other topic plugins, if configured, still go the
+    usual way.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        topic_plugins = [p for p in self.plugins_manager.plugins if hasattr(p, "topic_filtering")]
+        self._acl = topic_plugins[0] if len(topic_plugins) == 1 else None
+        if not isinstance(self._acl, TopicPlugin):
+            self._acl = None
+
+    async def _topic_filtering(self, session: Any, topic: str, action: Any) -> bool:
+        if self._acl is not None:
+            allows: bool = self._acl.allows(session, topic, action)
+            return allows
+        allowed: bool = await super()._topic_filtering(session, topic, action)
+        return allowed
+
+
+class EmbeddedBroker:
+    def __init__(
+        self, settings: MQTTSettings, authority: Authority, presence: PresenceRecorder
+    ) -> None:
+        self._settings = settings
+        self._broker = IotbizBroker(
+            broker_config(settings.host, settings.port),
+            ack_timeout=settings.ack_timeout_s,
+            keepalive_grace=settings.keepalive_grace,
+            connect_timeout=settings.connect_timeout_s,
+            max_packet_size=settings.max_packet_bytes,
+        )
+        for plugin in self._broker.plugins_manager.plugins:
+            if isinstance(plugin, AuthPlugin | TopicPlugin):
+                plugin.authority = authority
+            elif isinstance(plugin, PresencePlugin):
+                plugin.presence = presence
+        self._started = False
+
+    @property
+    def port(self) -> int:
+        return self._broker.listener_port(LISTENER)
+
+    @property
+    def broker(self) -> IotbizBroker:
+        return self._broker
+
+    async def start(self) -> None:
+        try:
+            await self._broker.start()
+        except BrokerError as exc:
+            cause = exc.__cause__
+            host, port = self._settings.host, self._settings.port
+            if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    f"MQTT port {port} on {host} is in use; choose another with --mqtt-port"
+                ) from exc
+            raise ConfigError(f"cannot start the MQTT broker on {host}:{port}: {exc}") from exc
+        self._started = True
+        log.info("MQTT broker listening on mqtt://%s:%d", self._settings.host, self.port)
+
+    async def kick(self, username: str) -> None:
+        """Disconnect every session of `username` and discard it (after a revoke or reset)."""
+        client_ids = [
+            client_id
+            for client_id, (session, _) in list(self._broker.sessions.items())
+            if session.username == username
+        ]
+        for client_id in client_ids:
+            if await self._broker.disconnect_client(
+                client_id, publish_will=False, discard_session=True
+            ):
+                log.info(
+                    "disconnected %s (client id %s): credentials withdrawn", username, client_id
+                )
+
+    async def health(self) -> tuple[str, str]:
+        if not self._started:
+            raise BrokerUnavailable("MQTT broker not listening")
+        return "broker", "listening"
+
+    async def stop(self) -> None:
+        if self._started:
+            self._started = False
+            await self._broker.shutdown()

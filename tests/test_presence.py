@@ -1,0 +1,97 @@
+"""Presence: batching, merging, and what the service client makes of device messages."""
+
+from __future__ import annotations
+
+from iotbiz.models import DeviceState
+from iotbiz.names import DeviceName
+from iotbiz.presence import PresenceRecorder
+from iotbiz.registrar.service_client import ServiceClient, ServiceLink
+from iotbiz.store import Store
+from tests.conftest import FakeClock
+
+NAME = DeviceName("abc123", "dev-1")
+
+
+async def active_device(store: Store) -> None:
+    await store.add_customer("abc123", 5, actor="test")
+    await store.register_device(NAME, b"$2b$06$x", ttl_s=60, actor="test")
+    assert await store.activate_device(NAME, b"$2b$06$x", actor="test")
+
+
+async def test_updates_merge_and_flush_in_one_batch(store: Store, clock: FakeClock) -> None:
+    await active_device(store)
+    presence = PresenceRecorder(store, clock=clock)
+    presence.connected(NAME)
+    clock.advance(1)
+    presence.telemetry(NAME, {"cpu": 1})
+    presence.status(NAME, {"state": "online"}, live=True)
+    clock.advance(1)
+    presence.telemetry(NAME, {"cpu": 2})
+    await presence.flush()
+    device = await store.get_device(NAME)
+    assert device is not None
+    assert (device.online, device.telemetry, device.last_status) == (
+        True,
+        {"cpu": 2},
+        {"state": "online"},
+    )
+    assert device.last_seen_at == clock.now
+
+
+async def test_a_retained_status_does_not_say_online(store: Store, clock: FakeClock) -> None:
+    """A retained `online` replayed on subscribe may be stale (a clean disconnect leaves it)."""
+    await active_device(store)
+    presence = PresenceRecorder(store, clock=clock)
+    presence.status(NAME, {"state": "online"}, live=False)
+    await presence.flush()
+    device = await store.get_device(NAME)
+    assert device is not None
+    assert not device.online
+    assert device.last_status == {"state": "online"}
+    presence.status(NAME, {"state": "offline"}, live=True)
+    presence.connected(NAME)  # the later event wins within a batch
+    await presence.flush()
+    device = await store.get_device(NAME)
+    assert device is not None
+    assert device.online
+
+
+async def test_only_active_devices_are_updated(store: Store, clock: FakeClock) -> None:
+    await active_device(store)
+    await store.revoke_device(NAME, actor="test")
+    presence = PresenceRecorder(store, clock=clock)
+    presence.connected(NAME)
+    await presence.flush()
+    device = await store.get_device(NAME)
+    assert device is not None
+    assert device.state is DeviceState.REVOKED
+    assert not device.online
+
+
+async def test_service_client_ignores_what_is_not_a_device_message(
+    store: Store, clock: FakeClock
+) -> None:
+    await active_device(store)
+    presence = PresenceRecorder(store, clock=clock)
+    client = ServiceClient(ServiceLink("127.0.0.1", 1, "svc", "pw"), presence)
+    for topic, payload in [
+        ("devices/abc123/dev-1/telemetry", b"not json"),
+        ("devices/abc123/dev-1/telemetry", b"[1, 2]"),
+        ("devices/abc123/dev-1/status", b"\xff"),
+        ("devices/abc123/dev-1/status", b"[" * 5000),
+    ]:
+        client.handle(topic, payload, retained=False)
+    assert client.malformed_messages == 4
+    for topic in ("devices/abc123", "devices/a b/dev/telemetry", "other/abc123/dev-1/status"):
+        client.handle(topic, b"{}", retained=False)
+    await presence.flush()
+    device = await store.get_device(NAME)
+    assert device is not None
+    assert (device.telemetry, device.last_status, device.last_seen_at) == (None, None, None)
+
+    client.handle("devices/abc123/dev-1/telemetry", b'{"cpu": 5}', retained=False)
+    client.handle("devices/abc123/dev-1/events", b"anything", retained=False)
+    await presence.flush()
+    device = await store.get_device(NAME)
+    assert device is not None
+    assert device.telemetry == {"cpu": 5}
