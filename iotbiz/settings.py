@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -172,21 +174,46 @@ def _merge(
             raise ConfigError(f"unknown setting section [{section}] in {source}")
         if not isinstance(values, Mapping):
             raise ConfigError(f"{section}: must be a table of settings in {source}")
-        cls = known[section]
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        hints = typing.get_type_hints(cls)
-        for key, raw in values.items():
-            if key not in fields:
-                raise ConfigError(f"unknown setting {section}.{key} in {source}")
-            name = f"{section}.{key}"
-            value = _convert(name, hints[key], raw, from_text=from_text)
-            _check_range(name, value, fields[key].metadata)
-            layers[section][key] = value
+        layers[section].update(
+            _check_table(
+                known[section], values, prefix=f"{section}.", source=source, text=from_text
+            )
+        )
 
 
-def _convert(name: str, kind: type[Any], raw: Any, *, from_text: bool) -> Any:
+def _check_table(
+    cls: type[Any], values: Mapping[str, Any], *, prefix: str, source: str, text: bool = False
+) -> dict[str, Any]:
+    """Check a table of values against the fields of dataclass `cls`: keyword arguments for it.
+    Fields whose type is another dataclass (or a tuple of them) are left to the caller."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    checked: dict[str, Any] = {}
+    for key, raw in values.items():
+        if key not in fields:
+            raise ConfigError(f"unknown setting {prefix}{key} in {source}")
+        name = f"{prefix}{key}"
+        value = _convert(name, hints[key], raw, from_text=text)
+        _check_range(name, value, fields[key].metadata)
+        checked[key] = value
+    return checked
+
+
+def _convert(name: str, kind: Any, raw: Any, *, from_text: bool) -> Any:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (types.UnionType, typing.Union) and type(None) in args:  # X | None
+        inner = next(arg for arg in args if arg is not type(None))
+        return _convert(name, inner, raw, from_text=from_text)
     if from_text and kind is not str:
         return _parse_text(name, kind, raw)
+    if origin is tuple and args == (str, ...):
+        if isinstance(raw, list) and raw and all(isinstance(item, str) for item in raw):
+            return tuple(raw)
+        raise ConfigError(f"{name}: expected a non-empty list of strings, got {raw!r}")
+    if origin is dict and args == (str, str):
+        if isinstance(raw, Mapping) and all(isinstance(v, str) for v in raw.values()):
+            return dict(raw)
+        raise ConfigError(f"{name}: expected a table of strings, got {raw!r}")
     if kind is bool:
         if isinstance(raw, bool):
             return raw
@@ -202,6 +229,8 @@ def _convert(name: str, kind: type[Any], raw: Any, *, from_text: bool) -> Any:
     elif kind is Path:
         if isinstance(raw, str | Path) and str(raw):
             return Path(raw)
+    elif dataclasses.is_dataclass(kind) or origin is tuple:
+        return raw  # a nested table or array of tables: checked by its own loader
     else:  # pragma: no cover - a setting of a type this loader does not know
         raise ConfigError(f"{name}: unsupported setting type {kind!r}")
     raise ConfigError(f"{name}: expected {_type_name(kind)}, got {raw!r}")
@@ -237,3 +266,143 @@ def _type_name(kind: type[Any]) -> str:
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
         kind, "a path"
     )
+
+
+# -- the device agent's settings ------------------------------------------------------------------
+
+ENV_AGENT_PREFIX = "IOTBIZ_AGENT_"
+RESTART_POLICIES = ("always", "on-failure", "never")
+APP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", re.ASCII)
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSettings:
+    http: str | None = setting(None, "URL that answers 2xx while the app is healthy")
+    command: tuple[str, ...] | None = setting(None, "command that exits 0 while the app is healthy")
+    interval_s: float = setting(10.0, "seconds between health checks", min=0.1)
+    timeout_s: float = setting(5.0, "seconds one health check may take", min=0.1)
+    failures: int = setting(3, "consecutive failed checks that restart the app", min=1)
+    grace_s: float = setting(5.0, "seconds after a start before the first check", min=0)
+
+
+@dataclass(frozen=True, slots=True)
+class AppSettings:
+    name: str = setting("", "the app's name (A-Z a-z 0-9 _ . -)")
+    command: tuple[str, ...] = setting((), "program and arguments, a list of strings")
+    restart: str = setting("always", "restart policy: always, on-failure or never")
+    cwd: Path | None = setting(None, "working directory (default: the agent's)")
+    env: dict[str, str] | None = setting(None, "extra environment variables")
+    stop_timeout_s: float = setting(10.0, "seconds between SIGTERM and SIGKILL on stop", min=0)
+    backoff_s: float = setting(
+        1.0, "first delay before a restart; doubles up to backoff_max_s", min=0
+    )
+    backoff_max_s: float = setting(60.0, "longest delay before a restart", min=0)
+    start_s: float = setting(
+        1.0, "seconds an app must run to count as started; a quicker exit is a failed start", min=0
+    )
+    health: HealthSettings | None = setting(None, "health check: {http = URL} or {command = [...]}")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    customer_id: str = setting("", "the customer this device belongs to (required)")
+    registrar_url: str = setting("http://127.0.0.1:8080", "the platform's registrar")
+    broker_url: str = setting("mqtt://127.0.0.1:1883", "the platform's MQTT broker")
+    device_id: str | None = setting(None, "device id; default: the MAC of the primary interface")
+    state_dir: Path = setting(Path("/var/lib/iotbiz-agent"), "credentials, outbox and app logs")
+    telemetry_interval_s: float = setting(10.0, "seconds between telemetry messages", min=1)
+    keepalive_s: int = setting(
+        30, "MQTT keep-alive; the platform notices a dead link in 1.5x", min=5
+    )
+    outbox_max_messages: int = setting(
+        1000, "telemetry kept on disk while offline; the oldest are dropped first", min=1
+    )
+    log_max_bytes: int = setting(1024 * 1024, "size of an app's log file before rotation", min=1024)
+    log_backups: int = setting(3, "rotated log files kept per app", min=0)
+    log_tail_lines: int = setting(200, "recent output lines kept in memory per app", min=1)
+    log_level: str = setting("INFO", "agent log level: DEBUG, INFO, WARNING or ERROR")
+    apps: tuple[AppSettings, ...] = setting((), "[[apps]]: the programs this device runs")
+
+
+def describe_agent() -> list[tuple[str, str, Any, str]]:
+    """(table, key, default, help) of every agent setting, for documentation and its test."""
+    rows = []
+    for table, cls in (("", AgentSettings), ("apps", AppSettings), ("health", HealthSettings)):
+        for f in dataclasses.fields(cls):
+            rows.append((table, f.name, f.default, f.metadata["help"]))
+    return rows
+
+
+def load_agent_settings(
+    config_file: Path | None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> AgentSettings:
+    """The agent's settings: defaults < TOML file < `IOTBIZ_AGENT_<KEY>` < flags."""
+    environ = os.environ if environ is None else environ
+    data: dict[str, Any] = _read_toml(config_file) if config_file is not None else {}
+    source = str(config_file) if config_file is not None else "defaults"
+    apps = data.pop("apps", [])
+    values = _check_table(AgentSettings, data, prefix="", source=source)
+    from_env = {
+        name[len(ENV_AGENT_PREFIX) :].lower(): value
+        for name, value in environ.items()
+        if name.startswith(ENV_AGENT_PREFIX)
+    }
+    if "apps" in from_env:
+        raise ConfigError("apps: set in the config file, not the environment")
+    values.update(_check_table(AgentSettings, from_env, prefix="", source="environment", text=True))
+    values.update(_check_table(AgentSettings, overrides or {}, prefix="", source="command line"))
+    values["apps"] = _load_apps(apps, source)
+    settings = AgentSettings(**values)
+    _check_agent(settings)
+    return settings
+
+
+def _load_apps(apps: Any, source: str) -> tuple[AppSettings, ...]:
+    if not isinstance(apps, list) or not all(isinstance(app, Mapping) for app in apps):
+        raise ConfigError(f"apps: must be an array of tables ([[apps]]) in {source}")
+    loaded, names = [], set()
+    for index, table in enumerate(apps):
+        prefix = f"apps[{index}]."
+        values = _check_table(AppSettings, table, prefix=prefix, source=source)
+        if "health" in values:
+            health = values["health"]
+            if not isinstance(health, Mapping):
+                raise ConfigError(f"{prefix}health: must be a table in {source}")
+            checked = _check_table(HealthSettings, health, prefix=f"{prefix}health.", source=source)
+            if ("http" in checked) == ("command" in checked):
+                raise ConfigError(f"{prefix}health: give exactly one of http or command")
+            values["health"] = HealthSettings(**checked)
+        app = AppSettings(**values)
+        if not APP_NAME.fullmatch(app.name):
+            raise ConfigError(
+                f"{prefix}name: must be 1 to 64 of A-Z a-z 0-9 _ . -, got {app.name!r}"
+            )
+        if app.name in names:
+            raise ConfigError(f"{prefix}name: {app.name!r} is used twice")
+        if not app.command:
+            raise ConfigError(f"{prefix}command: required, a non-empty list of strings")
+        if app.restart not in RESTART_POLICIES:
+            raise ConfigError(f"{prefix}restart: must be one of {', '.join(RESTART_POLICIES)}")
+        names.add(app.name)
+        loaded.append(app)
+    return tuple(loaded)
+
+
+def _check_agent(settings: AgentSettings) -> None:
+    # Imported here: settings must not depend on the rest of the package at import time.
+    from iotbiz.names import is_customer_id, normalize_device_id
+
+    if not is_customer_id(settings.customer_id):
+        raise ConfigError(
+            f"customer_id: required, a valid customer id, got {settings.customer_id!r}"
+        )
+    if settings.device_id is not None and normalize_device_id(settings.device_id) is None:
+        raise ConfigError(f"device_id: not a valid device id: {settings.device_id!r}")
+    if not settings.registrar_url.startswith(("http://", "https://")):
+        raise ConfigError("registrar_url: must start with http:// or https://")
+    if not settings.broker_url.startswith(("mqtt://", "mqtts://")):
+        raise ConfigError("broker_url: must start with mqtt:// or mqtts://")
+    if settings.log_level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}")
