@@ -59,6 +59,9 @@ class MQTTSettings:
     max_packet_bytes: int = setting(
         256 * 1024, "largest MQTT packet accepted; a larger one closes the connection", min=1024
     )
+    session_expiry_s: int = setting(
+        7 * 86400, "seconds a disconnected persistent session (and its queue) is kept", min=1
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,3 +409,13 @@ def _check_agent(settings: AgentSettings) -> None:
         raise ConfigError("broker_url: must start with mqtt:// or mqtts://")
     if settings.log_level.upper() not in LOG_LEVELS:
         raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}")
+
+
+def systemd_notify_settings(environ: Mapping[str, str] | None = None) -> tuple[str | None, float]:
+    """(NOTIFY_SOCKET, watchdog interval in seconds or 0) as systemd passes them to a service."""
+    environ = os.environ if environ is None else environ
+    try:
+        watchdog_s = int(environ.get("WATCHDOG_USEC", "0")) / 1_000_000
+    except ValueError:
+        watchdog_s = 0.0
+    return environ.get("NOTIFY_SOCKET") or None, watchdog_s

@@ -22,9 +22,10 @@ LISTENER = "default"
 PLUGINS = [AuthPlugin, TopicPlugin, PresencePlugin]
 
 
-def broker_config(host: str, port: int) -> dict[str, Any]:
+def broker_config(settings: MQTTSettings) -> dict[str, Any]:
     return {
-        "listeners": {LISTENER: {"type": "tcp", "bind": f"{host}:{port}"}},
+        "listeners": {LISTENER: {"type": "tcp", "bind": f"{settings.host}:{settings.port}"}},
+        "session_expiry_interval": settings.session_expiry_s,
         "plugins": {f"{cls.__module__}.{cls.__qualname__}": {} for cls in PLUGINS},
     }
 
@@ -59,7 +60,7 @@ class EmbeddedBroker:
     ) -> None:
         self._settings = settings
         self._broker = IotbizBroker(
-            broker_config(settings.host, settings.port),
+            broker_config(settings),
             ack_timeout=settings.ack_timeout_s,
             keepalive_grace=settings.keepalive_grace,
             connect_timeout=settings.connect_timeout_s,
