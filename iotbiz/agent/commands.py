@@ -1,0 +1,186 @@
+"""Commands from the platform (`cmd`), each answered exactly once on `reply`.
+
+A command is `{"id", "action", "args", "expires_at"}`. The reply is `{"id", "ok": true,
+"result"}` or `{"id", "ok": false, "error"}`. Replies are remembered by id (the last
+`REMEMBERED` of them, on disk too), so a re-delivered command gets the same reply again and is
+not run twice, even across an agent restart. Unknown actions and bad arguments are answered with
+an error, never a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from iotbiz.agent.files import read_json, write_json
+from iotbiz.agent.supervisor import Supervisor
+from iotbiz.settings import AgentSettings
+
+log = logging.getLogger(__name__)
+
+REMEMBERED = 256
+MAX_LOG_LINES = 1000
+
+Reply = dict[str, Any]
+SendReply = Callable[[Reply], Awaitable[None]]
+StatusReport = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class CommandError(Exception):
+    """A command that cannot be carried out; the message is the reply's `error`."""
+
+
+class CommandHandler:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        supervisor: Supervisor,
+        send_reply: SendReply,
+        status_report: StatusReport,
+    ) -> None:
+        self._settings = settings
+        self._supervisor = supervisor
+        self._send_reply = send_reply
+        self._status_report = status_report
+        self._path: Path = settings.state_dir / "replies.json"
+        self._replies: OrderedDict[str, Reply] = OrderedDict()
+        self._running: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._actions: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
+            "ping": self._ping,
+            "status": self._status,
+            "app.start": self._app_start,
+            "app.stop": self._app_stop,
+            "app.restart": self._app_restart,
+            "app.logs": self._app_logs,
+            "config.get": self._config_get,
+        }
+
+    async def load(self) -> None:
+        saved = await asyncio.to_thread(read_json, self._path)
+        if isinstance(saved, list):
+            for reply in saved[-REMEMBERED:]:
+                if isinstance(reply, dict) and isinstance(reply.get("id"), str):
+                    self._replies[reply["id"]] = reply
+
+    async def receive(self, payload: bytes) -> None:
+        """Take a command from the link; it runs in its own task so the link keeps reading."""
+        task = asyncio.create_task(self._handle(payload))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _handle(self, payload: bytes) -> None:
+        try:
+            command = json.loads(payload)
+        except (ValueError, RecursionError):
+            command = None
+        raw_id = command.get("id") if isinstance(command, dict) else None
+        if not isinstance(raw_id, str | int) or isinstance(raw_id, bool) or raw_id == "":
+            log.warning("ignored a command without an id: %.200r", payload)
+            return
+        command_id = str(raw_id)
+        assert isinstance(command, dict)  # noqa: S101 - checked with raw_id above
+        remembered = self._replies.get(command_id)
+        if remembered is not None:
+            log.info("command %s delivered again: sending the same reply", command_id)
+            await self._send_reply(remembered)
+            return
+        if command_id in self._running:
+            return  # the same command is being carried out; its reply comes once
+        self._running.add(command_id)
+        try:
+            reply = await self._run(command_id, command)
+            self._remember(reply)
+            await asyncio.to_thread(write_json, self._path, list(self._replies.values()))
+            await self._send_reply(reply)
+        finally:
+            self._running.discard(command_id)
+
+    async def _run(self, command_id: str, command: dict[str, Any]) -> Reply:
+        action, args = command.get("action"), command.get("args", {})
+        expires_at = command.get("expires_at")
+        try:
+            if isinstance(expires_at, int | float) and expires_at < time.time():
+                raise CommandError("command expired before it arrived")
+            if not isinstance(action, str) or action not in self._actions:
+                raise CommandError(f"unknown action {action!r}")
+            if args is None:
+                args = {}
+            if not isinstance(args, dict):
+                raise CommandError("args must be an object")
+            result = await self._actions[action](args)
+        except CommandError as exc:
+            log.info("command %s (%s) failed: %s", command_id, action, exc)
+            return {"id": command_id, "ok": False, "error": str(exc)}
+        except Exception:  # a bug must not take the agent down; the platform gets an answer
+            log.exception("command %s (%s) crashed", command_id, action)
+            return {"id": command_id, "ok": False, "error": "internal error in the agent"}
+        log.info("command %s (%s) done", command_id, action)
+        return {"id": command_id, "ok": True, "result": result}
+
+    def _remember(self, reply: Reply) -> None:
+        self._replies[reply["id"]] = reply
+        while len(self._replies) > REMEMBERED:
+            self._replies.popitem(last=False)
+
+    # -- actions --------------------------------------------------------------------------------
+
+    async def _ping(self, args: dict[str, Any]) -> Any:
+        return {"pong": True, "ts": time.time()}
+
+    async def _status(self, args: dict[str, Any]) -> Any:
+        return await self._status_report()
+
+    async def _app_start(self, args: dict[str, Any]) -> Any:
+        return (await self._supervisor.start(self._app_name(args))).to_json()
+
+    async def _app_stop(self, args: dict[str, Any]) -> Any:
+        return (await self._supervisor.stop(self._app_name(args))).to_json()
+
+    async def _app_restart(self, args: dict[str, Any]) -> Any:
+        return (await self._supervisor.restart(self._app_name(args))).to_json()
+
+    async def _app_logs(self, args: dict[str, Any]) -> Any:
+        name = self._app_name(args)
+        lines = args.get("lines", 100)
+        if not isinstance(lines, int) or isinstance(lines, bool) or not 1 <= lines <= MAX_LOG_LINES:
+            raise CommandError(f"args.lines must be a whole number from 1 to {MAX_LOG_LINES}")
+        return {"app": name, "lines": self._supervisor.tail(name, lines)}
+
+    async def _config_get(self, args: dict[str, Any]) -> Any:
+        return settings_to_json(self._settings)
+
+    def _app_name(self, args: dict[str, Any]) -> str:
+        name = args.get("name")
+        if not isinstance(name, str):
+            raise CommandError("args.name must be the name of an app")
+        if name not in self._supervisor.names():
+            raise CommandError(f"no app named {name!r}")
+        return name
+
+
+def settings_to_json(settings: AgentSettings) -> dict[str, Any]:
+    """The agent's settings as JSON (they hold no secrets: the password is in state_dir)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, tuple | list):
+            return [plain(item) for item in value]
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        return value
+
+    return {key: plain(value) for key, value in dataclasses.asdict(settings).items()}

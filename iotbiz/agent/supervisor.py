@@ -1,0 +1,710 @@
+"""The agent's process supervisor: runs the configured apps and keeps them running.
+
+States (supervisord's) and every edge, all made by `Supervisor._transition` and listed in `EDGES`:
+
+    STOPPED/EXITED/FATAL -> STARTING   start requested
+    STARTING -> RUNNING                the process stayed up `start_s` seconds
+    STARTING/RUNNING -> BACKOFF        it exited (before `start_s`: a failed start); the policy
+                                       restarts it after a delay
+    STARTING/RUNNING -> EXITED         it exited; the policy does not restart it
+    STARTING -> FATAL                  it could not be spawned and the policy is "never"
+    STARTING/RUNNING -> STOPPING       stop requested, or (RUNNING) the health check failed
+    STOPPING -> STOPPED                stopped by request: not restarted
+    STOPPING -> BACKOFF                stopped because it was unhealthy: restarted
+    BACKOFF -> STARTING                the delay is over (an automatic restart, counted)
+    BACKOFF/STARTING -> STOPPED        stop requested while no process runs
+
+Restart policy: "always" restarts after any exit, "on-failure" after a non-zero exit, a death by
+signal or a failed spawn, "never" not at all; an unhealthy app is restarted whatever its policy.
+Backoff: the n-th consecutive restart waits min(backoff_s * 2**(n-1), backoff_max_s) times a random
+factor in [0.5, 1] (so delays still grow until the cap and a fleet does not restart in step). The
+count of consecutive restarts goes back to zero when a process had been up for
+max(start_s, RESET_AFTER_S) seconds.
+
+Processes: each app runs in its own session and process group, stdin from /dev/null, stdout and
+stderr into one pipe read by `applog.AppLog`. On Linux the app's process gets SIGKILL when the
+agent dies (PR_SET_PDEATHSIG, which follows the thread that forks: the event loop's; its own
+descendants are not covered) and `become_subreaper` makes orphaned grandchildren the agent's, which
+reaps them. A stop sends SIGTERM to the group, then SIGKILL after `stop_timeout_s`; once the leader
+is gone, whatever is left of its group is SIGKILLed, also when it exits by itself (an app must not
+daemonize). Every process is awaited: no zombies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import enum
+import functools
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from iotbiz.agent.applog import AppLog
+from iotbiz.settings import AppSettings, HealthSettings
+
+log = logging.getLogger(__name__)
+
+RESET_AFTER_S = 10.0  # a process up this long (at least start_s) resets the backoff
+KILL_WAIT_S = 5.0  # how long a SIGKILLed process may take to be reaped
+OUTPUT_DRAIN_S = 1.0  # how long the output pipe may stay open after the process group is gone
+REAP_INTERVAL_S = 5.0  # how often adopted orphans are looked for
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+class AppState(enum.StrEnum):
+    STOPPED = "STOPPED"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    BACKOFF = "BACKOFF"
+    STOPPING = "STOPPING"
+    EXITED = "EXITED"
+    FATAL = "FATAL"
+
+
+_S = AppState
+EDGES: dict[AppState, frozenset[AppState]] = {
+    _S.STOPPED: frozenset({_S.STARTING}),  # STOPPED -> STARTING
+    _S.EXITED: frozenset({_S.STARTING}),  # EXITED -> STARTING
+    _S.FATAL: frozenset({_S.STARTING}),  # FATAL -> STARTING
+    _S.STARTING: frozenset(
+        {
+            _S.RUNNING,  # STARTING -> RUNNING: up for start_s
+            _S.BACKOFF,  # STARTING -> BACKOFF: failed start, to be retried
+            _S.EXITED,  # STARTING -> EXITED: exited, not to be restarted
+            _S.FATAL,  # STARTING -> FATAL: cannot be spawned, policy never
+            _S.STOPPING,  # STARTING -> STOPPING: stop requested
+            _S.STOPPED,  # STARTING -> STOPPED: stop requested, the spawn had failed
+        }
+    ),
+    _S.RUNNING: frozenset(
+        {
+            _S.BACKOFF,  # RUNNING -> BACKOFF: exited, to be restarted
+            _S.EXITED,  # RUNNING -> EXITED: exited, not to be restarted
+            _S.STOPPING,  # RUNNING -> STOPPING: stop requested or unhealthy
+        }
+    ),
+    _S.BACKOFF: frozenset({_S.STARTING, _S.STOPPED}),  # BACKOFF -> STARTING, BACKOFF -> STOPPED
+    _S.STOPPING: frozenset({_S.STOPPED, _S.BACKOFF}),  # STOPPING -> STOPPED, -> BACKOFF (unhealthy)
+}
+
+
+@dataclass(frozen=True, slots=True)
+class AppStatus:
+    """One app as the operator sees it. `exit_code` is the last exit status, negative when the
+    process was killed by a signal; `cpu_percent` (100 = one core) and `rss_bytes` cover the app's
+    process tree and are only set by `Supervisor.sample`."""
+
+    name: str
+    state: AppState
+    pid: int | None
+    restarts: int
+    exit_code: int | None
+    started_at: float | None
+    cpu_percent: float | None
+    rss_bytes: int | None
+    version: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "exit_code": self.exit_code,
+            "started_at": self.started_at,
+            "cpu_percent": self.cpu_percent,
+            "rss_bytes": self.rss_bytes,
+            "version": self.version,
+        }
+
+
+EventSink = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """How one run of an app's process ended."""
+
+    reason: str  # "exit 1", "killed by SIGKILL", "cannot start: ..."
+    failed: bool  # a failure for the on-failure policy
+    spawned: bool
+    ran_s: float
+    unhealthy: bool = False
+
+
+class _App:
+    """The run-time record of one app; used from the event loop only."""
+
+    def __init__(self, settings: AppSettings, output: AppLog) -> None:
+        self.settings = settings
+        self.output = output
+        self.state = AppState.STOPPED
+        self.pid: int | None = None
+        self.started_at: float | None = None
+        self.exit_code: int | None = None
+        self.restarts = 0  # automatic restarts since the agent started
+        self.failures = 0  # consecutive restarts, for the backoff
+        self.runner: asyncio.Task[None] | None = None
+        self.stop_requested = asyncio.Event()
+        self.lock = asyncio.Lock()  # one operator action (start, stop, restart) at a time
+
+
+class Supervisor:
+    """Runs `apps`, writing their output under `log_dir`, reporting state changes to `on_event`."""
+
+    def __init__(
+        self,
+        apps: Sequence[AppSettings],
+        log_dir: Path,
+        *,
+        log_max_bytes: int,
+        log_backups: int,
+        tail_lines: int,
+        on_event: EventSink | None = None,
+    ) -> None:
+        self._apps: dict[str, _App] = {}
+        for settings in apps:
+            if settings.name in self._apps:
+                raise ValueError(f"app {settings.name!r} is configured twice")
+            output = AppLog(
+                log_dir / f"{settings.name}.log",
+                max_bytes=log_max_bytes,
+                backups=log_backups,
+                tail_lines=tail_lines,
+            )
+            self._apps[settings.name] = _App(settings, output)
+        self._on_event = on_event
+        self._usage = _Usage()
+        self._sample_lock = asyncio.Lock()
+        self._reaper: asyncio.Task[None] | None = None
+
+    # -- the public surface --------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return list(self._apps)
+
+    def status(self, name: str) -> AppStatus:
+        return self._status(self._app(name))
+
+    def statuses(self) -> list[AppStatus]:
+        return [self._status(app) for app in self._apps.values()]
+
+    async def sample(self) -> list[AppStatus]:
+        """The statuses with each running app's CPU and memory use, measured in a thread."""
+        async with self._sample_lock:
+            leaders = [app.pid for app in self._apps.values() if app.pid is not None]
+            usage = await asyncio.to_thread(self._usage.measure, leaders)
+        statuses = []
+        for app in self._apps.values():
+            cpu, rss = usage.get(app.pid, (None, None)) if app.pid is not None else (None, None)
+            statuses.append(replace(self._status(app), cpu_percent=cpu, rss_bytes=rss))
+        return statuses
+
+    def tail(self, name: str, lines: int) -> list[str]:
+        return self._app(name).output.tail(lines)
+
+    async def start_all(self) -> None:
+        if self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap_periodically(), name="orphan reaper")
+        for app in self._apps.values():
+            async with app.lock:
+                self._start(app)
+
+    async def stop_all(self) -> None:
+        results = await asyncio.gather(
+            *(self.stop(name) for name in self._apps), return_exceptions=True
+        )
+        for name, result in zip(self._apps, results, strict=True):
+            if isinstance(result, Exception):
+                log.error("%s: stop failed", name, exc_info=result)
+        await _cancel(self._reaper)
+        self._reaper = None
+        await asyncio.to_thread(_reap_orphans)
+
+    async def start(self, name: str) -> AppStatus:
+        app = self._app(name)
+        async with app.lock:
+            self._start(app)
+        return self._status(app)
+
+    async def stop(self, name: str) -> AppStatus:
+        app = self._app(name)
+        async with app.lock:
+            await self._stop(app)
+        return self._status(app)
+
+    async def restart(self, name: str) -> AppStatus:
+        app = self._app(name)
+        async with app.lock:
+            await self._stop(app)
+            self._start(app)
+        return self._status(app)
+
+    # -- the state machine ---------------------------------------------------------------------
+
+    def _transition(self, app: _App, new: AppState, reason: str) -> None:
+        old, name = app.state, app.settings.name
+        if new not in EDGES[old]:
+            log.error("%s: unexpected transition %s -> %s", name, old, new)
+        app.state = new
+        log.info("%s: %s -> %s (%s)", name, old, new, reason)
+        self._emit(
+            {
+                "event": "app.state",
+                "app": name,
+                "from": old.value,
+                "to": new.value,
+                "reason": reason,
+                "exit_code": app.exit_code,
+                "restarts": app.restarts,
+                "ts": time.time(),
+            }
+        )
+
+    def _start(self, app: _App) -> None:
+        if app.runner is not None and not app.runner.done():
+            return  # STARTING, RUNNING, BACKOFF or STOPPING: already being run
+        app.stop_requested.clear()
+        app.failures = 0
+        # STOPPED/EXITED/FATAL -> STARTING
+        self._transition(app, AppState.STARTING, "start requested")
+        app.runner = asyncio.create_task(self._run(app), name=f"app {app.settings.name}")
+
+    async def _stop(self, app: _App) -> None:
+        runner = app.runner
+        if runner is None or runner.done():
+            return
+        app.stop_requested.set()
+        # The runner's own waits are bounded; this bound is a backstop against a bug.
+        limit = app.settings.stop_timeout_s + 2 * KILL_WAIT_S + OUTPUT_DRAIN_S + 1.0
+        done, _ = await asyncio.wait({runner}, timeout=limit)
+        if not done:
+            log.error("%s: not stopped after %.0f s, cancelling", app.settings.name, limit)
+            runner.cancel()
+            await asyncio.wait({runner}, timeout=KILL_WAIT_S + OUTPUT_DRAIN_S)
+
+    async def _run(self, app: _App) -> None:
+        """Run `app` (already STARTING) until it is stopped or its policy lets it rest."""
+        name = app.settings.name
+        try:
+            while True:
+                outcome = await self._run_once(app)
+                if app.stop_requested.is_set():
+                    # STOPPING -> STOPPED; STARTING -> STOPPED when the spawn had failed
+                    self._transition(app, AppState.STOPPED, "stopped")
+                    return
+                if not self._wants_restart(app.settings, outcome):
+                    # STARTING/RUNNING -> EXITED; STARTING -> FATAL (could not be spawned)
+                    final = AppState.EXITED if outcome.spawned else AppState.FATAL
+                    self._transition(app, final, outcome.reason)
+                    return
+                delay = self._next_delay(app, outcome)
+                # STARTING/RUNNING -> BACKOFF; STOPPING -> BACKOFF (unhealthy)
+                self._transition(app, AppState.BACKOFF, outcome.reason)
+                log.info("%s: restarting in %.1f s", name, delay)
+                if await _wait_event(app.stop_requested, delay):
+                    self._transition(app, AppState.STOPPED, "stopped")  # BACKOFF -> STOPPED
+                    return
+                app.restarts += 1
+                # BACKOFF -> STARTING
+                self._transition(app, AppState.STARTING, f"restart {app.restarts}")
+        except Exception:
+            log.exception("%s: supervisor error", name)
+            self._transition(app, AppState.FATAL, "supervisor error")
+
+    @staticmethod
+    def _wants_restart(settings: AppSettings, outcome: _Outcome) -> bool:
+        if outcome.unhealthy or settings.restart == "always":
+            return True
+        return settings.restart == "on-failure" and outcome.failed
+
+    @staticmethod
+    def _next_delay(app: _App, outcome: _Outcome) -> float:
+        settings = app.settings
+        if outcome.ran_s >= max(settings.start_s, RESET_AFTER_S):
+            app.failures = 0
+        app.failures += 1
+        delay = min(settings.backoff_s * 2.0 ** min(app.failures - 1, 32), settings.backoff_max_s)
+        return delay * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not cryptography
+
+    async def _run_once(self, app: _App) -> _Outcome:
+        """Spawn the app's process and supervise it until it is gone and its output read."""
+        settings = app.settings
+        began = time.monotonic()
+        read_fd, write_fd = os.pipe()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *settings.command,
+                stdin=subprocess.DEVNULL,
+                stdout=write_fd,
+                stderr=write_fd,
+                cwd=settings.cwd,
+                env=_child_env(settings.env),
+                start_new_session=True,
+                preexec_fn=_die_with_agent(),
+            )
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            os.close(read_fd)
+            return _Outcome(f"cannot start: {exc}", failed=True, spawned=False, ran_s=0.0)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        app.pid, app.started_at = proc.pid, time.time()  # exit_code: the last one, kept
+        log.info("%s: started pid %d", settings.name, proc.pid)
+        capture = asyncio.create_task(app.output.capture(read_fd))
+        exited = asyncio.create_task(proc.wait())
+        stop = asyncio.create_task(app.stop_requested.wait())
+        health: asyncio.Task[str] | None = None
+        unhealthy = False
+        done: set[asyncio.Task[Any]]
+        try:
+            done, _ = await asyncio.wait({exited, stop}, timeout=settings.start_s)
+            if not done:
+                # STARTING -> RUNNING
+                self._transition(app, AppState.RUNNING, f"up {settings.start_s:g} s")
+                watched: set[asyncio.Task[Any]] = {exited, stop}
+                if settings.health is not None:
+                    health = asyncio.create_task(self._watch_health(app, settings.health))
+                    watched.add(health)
+                done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            if app.stop_requested.is_set():
+                # STARTING/RUNNING -> STOPPING
+                self._transition(app, AppState.STOPPING, "stop requested")
+                await self._terminate(app, proc.pid, exited)
+            elif health is not None and health in done:
+                unhealthy = True
+                reason = health.result()
+                event = {"event": "app.unhealthy", "app": settings.name, "reason": reason}
+                self._emit({**event, "ts": time.time()})
+                # RUNNING -> STOPPING
+                self._transition(app, AppState.STOPPING, f"unhealthy: {reason}")
+                await self._terminate(app, proc.pid, exited)
+        finally:
+            await _cancel(stop, health)
+            if not exited.done():  # only when this task is cancelled
+                _signal_group(proc.pid, signal.SIGKILL)
+                await asyncio.wait({exited}, timeout=KILL_WAIT_S)
+            _signal_group(proc.pid, signal.SIGKILL)  # what the leader left behind in its group
+            await asyncio.wait({capture}, timeout=OUTPUT_DRAIN_S)
+            await _cancel(capture)
+            app.pid = app.started_at = None
+        returncode = exited.result() if exited.done() else None
+        app.exit_code = returncode
+        return _Outcome(
+            _describe_exit(returncode),
+            failed=returncode != 0,
+            spawned=True,
+            ran_s=time.monotonic() - began,
+            unhealthy=unhealthy,
+        )
+
+    async def _terminate(self, app: _App, pgid: int, exited: asyncio.Task[int]) -> None:
+        """SIGTERM the app's process group; SIGKILL it if the leader outlives stop_timeout_s."""
+        timeout = app.settings.stop_timeout_s
+        _signal_group(pgid, signal.SIGTERM)
+        done, _ = await asyncio.wait({exited}, timeout=timeout)
+        if done:
+            return
+        log.warning("%s: still running %g s after SIGTERM, killing it", app.settings.name, timeout)
+        _signal_group(pgid, signal.SIGKILL)
+        done, _ = await asyncio.wait({exited}, timeout=KILL_WAIT_S)
+        if not done:
+            log.error("%s: pid %d survived SIGKILL for %g s", app.settings.name, pgid, KILL_WAIT_S)
+
+    # -- health checks -------------------------------------------------------------------------
+
+    async def _watch_health(self, app: _App, health: HealthSettings) -> str:
+        """Check the app's health until `health.failures` checks in a row fail: the reason."""
+        await asyncio.sleep(health.grace_s)
+        failed = 0
+        while True:
+            problem = await _check_health(app.settings, health)
+            if problem is None:
+                failed = 0
+            else:
+                failed += 1
+                log.warning(
+                    "%s: health check failed (%d of %d): %s",
+                    app.settings.name,
+                    failed,
+                    health.failures,
+                    problem,
+                )
+                if failed >= health.failures:
+                    return f"{failed} failed health checks, last: {problem}"
+            await asyncio.sleep(health.interval_s)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _app(self, name: str) -> _App:
+        try:
+            return self._apps[name]
+        except KeyError:
+            raise KeyError(name) from None
+
+    @staticmethod
+    def _status(app: _App) -> AppStatus:
+        return AppStatus(
+            name=app.settings.name,
+            state=app.state,
+            pid=app.pid,
+            restarts=app.restarts,
+            exit_code=app.exit_code,
+            started_at=app.started_at,
+            cpu_percent=None,
+            rss_bytes=None,
+            version=None,
+        )
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        if self._on_event is None:
+            return
+        try:
+            self._on_event(event)
+        except Exception:  # a broken sink must not stop supervision
+            log.exception("event sink failed on %s", event.get("event"))
+
+    async def _reap_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(REAP_INTERVAL_S)
+            reaped = await asyncio.to_thread(_reap_orphans)
+            if reaped:
+                log.debug("reaped %d orphaned processes", reaped)
+
+
+class _Usage:
+    """CPU and memory of process trees, measured with psutil; `measure` runs in a worker thread.
+    psutil reports a process's CPU use since the previous call on the same object, so the objects
+    are kept from one sample to the next; a tree seen for the first time has no CPU figure yet."""
+
+    def __init__(self) -> None:
+        self._known: dict[int, psutil.Process] = {}
+
+    def measure(self, leaders: list[int]) -> dict[int, tuple[float | None, int | None]]:
+        known, self._known = self._known, {}
+        result: dict[int, tuple[float | None, int | None]] = {}
+        for leader in leaders:
+            try:
+                root = psutil.Process(leader)
+                tree = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            primed = known.get(leader) == root
+            cpu, rss = 0.0, 0
+            for member in tree:
+                proc = known.get(member.pid)
+                if proc is None or proc != member:
+                    proc = member
+                try:
+                    with proc.oneshot():
+                        cpu += proc.cpu_percent(interval=None)
+                        rss += proc.memory_info().rss
+                except psutil.Error:
+                    continue
+                self._known[proc.pid] = proc
+            result[leader] = (cpu if primed else None, rss)
+        return result
+
+
+async def _check_health(settings: AppSettings, health: HealthSettings) -> str | None:
+    """One health check: None when healthy, else what was wrong."""
+    if health.http is not None:
+        try:
+            return await asyncio.wait_for(
+                asyncio.to_thread(_get_http, health.http, health.timeout_s), health.timeout_s + 1.0
+            )
+        except TimeoutError:
+            return f"no answer within {health.timeout_s:g} s"
+    if health.command is None:
+        return None
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *health.command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=settings.cwd,
+            env=_child_env(settings.env),
+            start_new_session=True,
+            preexec_fn=_die_with_agent(),
+        )
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        return f"cannot run {health.command[0]}: {exc}"
+    exited = asyncio.create_task(proc.wait())
+    try:
+        done, _ = await asyncio.wait({exited}, timeout=health.timeout_s)
+    finally:
+        if not exited.done():  # timed out, or this check is cancelled: no process left behind
+            _signal_group(proc.pid, signal.SIGKILL)
+            await asyncio.wait({exited}, timeout=KILL_WAIT_S)
+    if not done:
+        return f"command timed out after {health.timeout_s:g} s"
+    returncode = exited.result()
+    return None if returncode == 0 else f"command {_describe_exit(returncode)}"
+
+
+def _get_http(url: str, timeout_s: float) -> str | None:
+    """GET `url` (in a worker thread): None on a 2xx answer, else what was wrong."""
+    # Imported here: urllib.request pulls in ssl, email and http.client (about 7 MB of RSS),
+    # which only agents with an HTTP health check should pay for.
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    if not url.startswith(("http://", "https://")):
+        return f"not an http(s) URL: {url}"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy from env
+    try:
+        with opener.open(url, timeout=timeout_s) as response:
+            status: int = response.status
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return f"HTTP {exc.code}"
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        return f"GET failed: {exc}"
+    return None if 200 <= status < 300 else f"HTTP {status}"
+
+
+def _describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "exit status unknown"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit {returncode}"
+
+
+def _child_env(extra: dict[str, str] | None) -> dict[str, str] | None:
+    """The app's environment: the agent's own (passed through, not read) plus the app's `env`."""
+    return None if extra is None else {**os.environ, **extra}
+
+
+def _signal_group(pgid: int, signum: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        pass  # the group is empty
+    except PermissionError as exc:
+        log.warning("cannot send %s to process group %d: %s", signum.name, pgid, exc)
+
+
+async def _wait_event(event: asyncio.Event, delay: float) -> bool:
+    """Wait up to `delay` seconds for `event`: whether it was set."""
+    try:
+        async with asyncio.timeout(delay):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
+async def _cancel(*tasks: asyncio.Task[Any] | None) -> None:
+    """Cancel `tasks` and wait for them; log (do not raise) what they failed with."""
+    for task in tasks:
+        if task is None:
+            continue
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            try:
+                await task
+            except Exception:
+                log.exception("task %s failed", task.get_name())
+
+
+# -- Linux process control ---------------------------------------------------------------------
+
+
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl(2), or None where there is none (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    prctl: Callable[..., int] = libc.prctl
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]  # type: ignore[attr-defined]
+    prctl.restype = ctypes.c_int  # type: ignore[attr-defined]
+    return prctl
+
+
+def become_subreaper() -> bool:
+    """Make this process the reaper of its descendants' orphans (Linux), so that an app's
+    grandchild whose parent died stays under the agent, which reaps it. False where unsupported."""
+    prctl = _prctl()
+    if prctl is None:
+        return False
+    if prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        log.warning("cannot become a child subreaper: %s", os.strerror(ctypes.get_errno()))
+        return False
+    return True
+
+
+def _die_with_agent() -> Callable[[], None] | None:
+    """A preexec_fn that makes the child die with the agent (Linux), or None."""
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    return functools.partial(_set_death_signal, prctl, os.getpid())
+
+
+def _set_death_signal(prctl: Callable[..., int], agent_pid: int) -> None:
+    """In the child, between fork and exec: SIGKILL when the agent dies. If the agent died before
+    this ran, the child has been reparented already: it leaves at once."""
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != agent_pid:
+        os._exit(1)
+
+
+def _reap_orphans() -> int:
+    """Reap zombie children that no one else awaits: apps' descendants the kernel handed to the
+    agent (a subreaper) when their parent died. They are told from the agent's own spawns, which
+    asyncio awaits, by their session: neither the agent's nor one they lead. Runs in a thread;
+    needs Linux's /proc/PID/task/TID/children (elsewhere it finds nothing)."""
+    own_session = os.getsid(0)
+    reaped = 0
+    for pid in _child_pids():
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stream:
+                fields = stream.read().rpartition(")")[2].split()  # after "PID (COMMAND)"
+            state, session = fields[0], int(fields[3])
+        except (OSError, IndexError, ValueError):
+            continue
+        if state != "Z" or session in (own_session, pid):
+            continue
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                reaped += 1
+    return reaped
+
+
+def _child_pids() -> list[int]:
+    task_dir = Path("/proc/self/task")
+    try:
+        threads = list(task_dir.iterdir())
+    except OSError:
+        return []
+    pids: list[int] = []
+    for thread in threads:
+        with contextlib.suppress(OSError):
+            pids.extend(int(pid) for pid in (thread / "children").read_text().split())
+    return pids

@@ -1,0 +1,39 @@
+"""sd_notify for `Type=notify` units: READY=1 once started, WATCHDOG=1 while the loop is alive."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from iotbiz.settings import systemd_notify_settings
+
+log = logging.getLogger(__name__)
+
+
+def notify(message: str) -> bool:
+    """Send `message` to systemd; False when not run by systemd (or the socket is gone)."""
+    address, _ = systemd_notify_settings()
+    if address is None:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        log.debug("sd_notify %s failed: %s", message, exc)
+        return False
+    return True
+
+
+async def keep_watchdog_fed() -> None:
+    """Ping systemd's watchdog at half its interval while the event loop runs (until cancelled).
+    A stuck loop stops the pings and systemd restarts the agent."""
+    _, interval_s = systemd_notify_settings()
+    if interval_s <= 0:
+        return
+    while True:
+        notify("WATCHDOG=1")
+        await asyncio.sleep(interval_s / 2)
