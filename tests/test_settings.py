@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from iotbiz.errors import ConfigError
-from iotbiz.settings import Settings, describe, load_settings
+from iotbiz.settings import (
+    Settings,
+    describe,
+    describe_agent,
+    load_agent_settings,
+    load_settings,
+)
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "iotbiz.example.toml"
 
@@ -104,3 +110,74 @@ def test_every_setting_is_documented_in_the_example() -> None:
         assert example[section][key] == (str(default) if isinstance(default, Path) else default)
         assert help_text in text, f"{section}.{key}: help missing from {EXAMPLE.name}"
     assert load_settings(EXAMPLE, environ={}) == Settings()
+
+
+AGENT_EXAMPLE = Path(__file__).parent.parent / "config" / "agent.example.toml"
+
+
+def test_every_agent_setting_is_documented_in_the_example() -> None:
+    text = AGENT_EXAMPLE.read_text()
+    for table, key, _, help_text in describe_agent():
+        assert help_text in text, f"{table or 'top level'}.{key}: help missing"
+        written = f"[[{key}]]" if key in ("apps", "health") and not table else f"{key} = "
+        if key == "health":
+            written = "[apps.health]"
+        assert written in text, f"{table or 'top level'}.{key}: not in the example"
+    settings = load_agent_settings(AGENT_EXAMPLE, environ={})
+    assert settings.customer_id == "abc123"
+    [app] = settings.apps
+    assert app.health is not None
+    assert app.health.http == "http://127.0.0.1:8000/"
+
+
+def write_agent(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text('customer_id = "abc123"\n' + text)
+    return path
+
+
+def test_agent_precedence(tmp_path: Path) -> None:
+    config = write_agent(tmp_path, "telemetry_interval_s = 5\nkeepalive_s = 20\n")
+    settings = load_agent_settings(
+        config,
+        environ={"IOTBIZ_AGENT_TELEMETRY_INTERVAL_S": "7", "IOTBIZ_HTTP_PORT": "not mine"},
+        overrides={"keepalive_s": 40},
+    )
+    assert (settings.telemetry_interval_s, settings.keepalive_s) == (7.0, 40)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("colour = 1\n", "unknown setting colour in"),
+        ("keepalive_s = 'x'\n", "keepalive_s: expected an integer, got 'x'"),
+        ("[[apps]]\nname = 'a'\n", "apps[0].command: required"),
+        ("[[apps]]\ncommand = ['x']\n", "apps[0].name: must be 1 to 64"),
+        ("[[apps]]\nname = 'a/b'\ncommand = ['x']\n", "apps[0].name: must be 1 to 64"),
+        ("[[apps]]\nname = 'a'\ncommand = 'x'\n", "apps[0].command: expected a non-empty list"),
+        ("[[apps]]\nname = 'a'\ncommand = ['x']\nrestart = 'sometimes'\n", "apps[0].restart"),
+        (
+            "[[apps]]\nname = 'a'\ncommand = ['x']\n[[apps]]\nname = 'a'\ncommand = ['y']\n",
+            "apps[1].name: 'a' is used twice",
+        ),
+        ("[[apps]]\nname = 'a'\ncommand = ['x']\nhealth = {}\n", "apps[0].health: give exactly"),
+        (
+            "[[apps]]\nname = 'a'\ncommand = ['x']\nhealth = {http = 'u', command = ['c']}\n",
+            "apps[0].health: give exactly",
+        ),
+        ("[[apps]]\nname = 'a'\ncommand = ['x']\nsize = 1\n", "unknown setting apps[0].size"),
+        ("[[apps]]\nname = 'a'\ncommand = ['x']\nenv = {A = 1}\n", "apps[0].env: expected a table"),
+        ("apps = 5\n", "apps: must be an array of tables"),
+        ("broker_url = 'http://x'\n", "broker_url: must start with mqtt://"),
+        ("registrar_url = 'ftp://x'\n", "registrar_url: must start with http://"),
+        ("device_id = 'a b'\n", "device_id: not a valid device id"),
+    ],
+)
+def test_bad_agent_configs_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        load_agent_settings(write_agent(tmp_path, text), environ={})
+
+
+def test_the_agent_needs_a_customer(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^customer_id: required"):
+        load_agent_settings(None, environ={})
