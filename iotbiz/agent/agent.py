@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -21,6 +22,7 @@ from iotbiz.agent.files import make_private_dir
 from iotbiz.agent.identity import Enrollment, resolve_device_id
 from iotbiz.agent.link import Link, NotAuthorized
 from iotbiz.agent.outbox import Message, Outbox
+from iotbiz.agent.processes import become_subreaper
 from iotbiz.agent.supervisor import Supervisor
 from iotbiz.agent.systemd import keep_watchdog_fed, notify
 from iotbiz.agent.telemetry import collect_system
@@ -138,10 +140,6 @@ def _json(value: Any) -> bytes:
 
 async def run_agent(settings: AgentSettings) -> None:
     """Run the agent until SIGTERM or SIGINT."""
-    import signal
-
-    from iotbiz.agent.supervisor import become_subreaper
-
     become_subreaper()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -23,10 +23,10 @@ max(start_s, RESET_AFTER_S) seconds.
 
 Processes: each app runs in its own session and process group, stdin from /dev/null, stdout and
 stderr into one pipe read by `applog.AppLog`. On Linux the app's process gets SIGKILL when the
-agent dies (PR_SET_PDEATHSIG, which follows the thread that forks: the event loop's; its own
-descendants are not covered) and `become_subreaper` makes orphaned grandchildren the agent's, which
-reaps them. A stop sends SIGTERM to the group, then SIGKILL after `stop_timeout_s`; once the leader
-is gone, whatever is left of its group is SIGKILLed, also when it exits by itself (an app must not
+agent dies and `become_subreaper` makes orphaned grandchildren the agent's, which reaps them
+(`processes`). An app with a health check is watched by `health.watch_health` while RUNNING. A
+stop sends SIGTERM to the group, then SIGKILL after `stop_timeout_s`; once the leader is gone,
+whatever is left of its group is SIGKILLed, also when it exits by itself (an app must not
 daemonize). Every process is awaited: no zombies.
 """
 
@@ -34,35 +34,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import enum
-import functools
 import logging
 import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from iotbiz.agent.applog import AppLog
-from iotbiz.settings import AppSettings, HealthSettings
+from iotbiz.agent.health import watch_health
+from iotbiz.agent.processes import (
+    KILL_WAIT_S,
+    ProcessUsage,
+    child_env,
+    describe_exit,
+    die_with_agent,
+    reap_orphans,
+    signal_group,
+)
+from iotbiz.agent.processes import become_subreaper as become_subreaper  # re-exported
+from iotbiz.settings import AppSettings
 
 log = logging.getLogger(__name__)
 
 RESET_AFTER_S = 10.0  # a process up this long (at least start_s) resets the backoff
-KILL_WAIT_S = 5.0  # how long a SIGKILLed process may take to be reaped
 OUTPUT_DRAIN_S = 1.0  # how long the output pipe may stay open after the process group is gone
 REAP_INTERVAL_S = 5.0  # how often adopted orphans are looked for
-
-_PR_SET_PDEATHSIG = 1
-_PR_SET_CHILD_SUBREAPER = 36
 
 
 class AppState(enum.StrEnum):
@@ -188,7 +190,7 @@ class Supervisor:
             )
             self._apps[settings.name] = _App(settings, output)
         self._on_event = on_event
-        self._usage = _Usage()
+        self._usage = ProcessUsage()
         self._sample_lock = asyncio.Lock()
         self._reaper: asyncio.Task[None] | None = None
 
@@ -233,7 +235,7 @@ class Supervisor:
                 log.error("%s: stop failed", name, exc_info=result)
         await _cancel(self._reaper)
         self._reaper = None
-        await asyncio.to_thread(_reap_orphans)
+        await asyncio.to_thread(reap_orphans)
 
     async def start(self, name: str) -> AppStatus:
         app = self._app(name)
@@ -353,9 +355,9 @@ class Supervisor:
                 stdout=write_fd,
                 stderr=write_fd,
                 cwd=settings.cwd,
-                env=_child_env(settings.env),
+                env=child_env(settings.env),
                 start_new_session=True,
-                preexec_fn=_die_with_agent(),
+                preexec_fn=die_with_agent(),
             )
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             os.close(read_fd)
@@ -380,7 +382,7 @@ class Supervisor:
                 self._transition(app, AppState.RUNNING, f"up {settings.start_s:g} s")
                 watched: set[asyncio.Task[Any]] = {exited, stop}
                 if settings.health is not None:
-                    health = asyncio.create_task(self._watch_health(app, settings.health))
+                    health = asyncio.create_task(watch_health(settings, settings.health))
                     watched.add(health)
                 done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
             if app.stop_requested.is_set():
@@ -398,16 +400,16 @@ class Supervisor:
         finally:
             await _cancel(stop, health)
             if not exited.done():  # only when this task is cancelled
-                _signal_group(proc.pid, signal.SIGKILL)
+                signal_group(proc.pid, signal.SIGKILL)
                 await asyncio.wait({exited}, timeout=KILL_WAIT_S)
-            _signal_group(proc.pid, signal.SIGKILL)  # what the leader left behind in its group
+            signal_group(proc.pid, signal.SIGKILL)  # what the leader left behind in its group
             await asyncio.wait({capture}, timeout=OUTPUT_DRAIN_S)
             await _cancel(capture)
             app.pid = app.started_at = None
         returncode = exited.result() if exited.done() else None
         app.exit_code = returncode
         return _Outcome(
-            _describe_exit(returncode),
+            describe_exit(returncode),
             failed=returncode != 0,
             spawned=True,
             ran_s=time.monotonic() - began,
@@ -417,38 +419,15 @@ class Supervisor:
     async def _terminate(self, app: _App, pgid: int, exited: asyncio.Task[int]) -> None:
         """SIGTERM the app's process group; SIGKILL it if the leader outlives stop_timeout_s."""
         timeout = app.settings.stop_timeout_s
-        _signal_group(pgid, signal.SIGTERM)
+        signal_group(pgid, signal.SIGTERM)
         done, _ = await asyncio.wait({exited}, timeout=timeout)
         if done:
             return
         log.warning("%s: still running %g s after SIGTERM, killing it", app.settings.name, timeout)
-        _signal_group(pgid, signal.SIGKILL)
+        signal_group(pgid, signal.SIGKILL)
         done, _ = await asyncio.wait({exited}, timeout=KILL_WAIT_S)
         if not done:
             log.error("%s: pid %d survived SIGKILL for %g s", app.settings.name, pgid, KILL_WAIT_S)
-
-    # -- health checks -------------------------------------------------------------------------
-
-    async def _watch_health(self, app: _App, health: HealthSettings) -> str:
-        """Check the app's health until `health.failures` checks in a row fail: the reason."""
-        await asyncio.sleep(health.grace_s)
-        failed = 0
-        while True:
-            problem = await _check_health(app.settings, health)
-            if problem is None:
-                failed = 0
-            else:
-                failed += 1
-                log.warning(
-                    "%s: health check failed (%d of %d): %s",
-                    app.settings.name,
-                    failed,
-                    health.failures,
-                    problem,
-                )
-                if failed >= health.failures:
-                    return f"{failed} failed health checks, last: {problem}"
-            await asyncio.sleep(health.interval_s)
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -483,127 +462,9 @@ class Supervisor:
     async def _reap_periodically(self) -> None:
         while True:
             await asyncio.sleep(REAP_INTERVAL_S)
-            reaped = await asyncio.to_thread(_reap_orphans)
+            reaped = await asyncio.to_thread(reap_orphans)
             if reaped:
                 log.debug("reaped %d orphaned processes", reaped)
-
-
-class _Usage:
-    """CPU and memory of process trees, measured with psutil; `measure` runs in a worker thread.
-    psutil reports a process's CPU use since the previous call on the same object, so the objects
-    are kept from one sample to the next; a tree seen for the first time has no CPU figure yet."""
-
-    def __init__(self) -> None:
-        self._known: dict[int, psutil.Process] = {}
-
-    def measure(self, leaders: list[int]) -> dict[int, tuple[float | None, int | None]]:
-        known, self._known = self._known, {}
-        result: dict[int, tuple[float | None, int | None]] = {}
-        for leader in leaders:
-            try:
-                root = psutil.Process(leader)
-                tree = [root, *root.children(recursive=True)]
-            except psutil.Error:
-                continue
-            primed = known.get(leader) == root
-            cpu, rss = 0.0, 0
-            for member in tree:
-                proc = known.get(member.pid)
-                if proc is None or proc != member:
-                    proc = member
-                try:
-                    with proc.oneshot():
-                        cpu += proc.cpu_percent(interval=None)
-                        rss += proc.memory_info().rss
-                except psutil.Error:
-                    continue
-                self._known[proc.pid] = proc
-            result[leader] = (cpu if primed else None, rss)
-        return result
-
-
-async def _check_health(settings: AppSettings, health: HealthSettings) -> str | None:
-    """One health check: None when healthy, else what was wrong."""
-    if health.http is not None:
-        try:
-            return await asyncio.wait_for(
-                asyncio.to_thread(_get_http, health.http, health.timeout_s), health.timeout_s + 1.0
-            )
-        except TimeoutError:
-            return f"no answer within {health.timeout_s:g} s"
-    if health.command is None:
-        return None
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *health.command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd=settings.cwd,
-            env=_child_env(settings.env),
-            start_new_session=True,
-            preexec_fn=_die_with_agent(),
-        )
-    except (OSError, ValueError, subprocess.SubprocessError) as exc:
-        return f"cannot run {health.command[0]}: {exc}"
-    exited = asyncio.create_task(proc.wait())
-    try:
-        done, _ = await asyncio.wait({exited}, timeout=health.timeout_s)
-    finally:
-        if not exited.done():  # timed out, or this check is cancelled: no process left behind
-            _signal_group(proc.pid, signal.SIGKILL)
-            await asyncio.wait({exited}, timeout=KILL_WAIT_S)
-    if not done:
-        return f"command timed out after {health.timeout_s:g} s"
-    returncode = exited.result()
-    return None if returncode == 0 else f"command {_describe_exit(returncode)}"
-
-
-def _get_http(url: str, timeout_s: float) -> str | None:
-    """GET `url` (in a worker thread): None on a 2xx answer, else what was wrong."""
-    # Imported here: urllib.request pulls in ssl, email and http.client (about 7 MB of RSS),
-    # which only agents with an HTTP health check should pay for.
-    import http.client
-    import urllib.error
-    import urllib.request
-
-    if not url.startswith(("http://", "https://")):
-        return f"not an http(s) URL: {url}"
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy from env
-    try:
-        with opener.open(url, timeout=timeout_s) as response:
-            status: int = response.status
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        return f"HTTP {exc.code}"
-    except (OSError, ValueError, http.client.HTTPException) as exc:
-        return f"GET failed: {exc}"
-    return None if 200 <= status < 300 else f"HTTP {status}"
-
-
-def _describe_exit(returncode: int | None) -> str:
-    if returncode is None:
-        return "exit status unknown"
-    if returncode < 0:
-        try:
-            return f"killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"killed by signal {-returncode}"
-    return f"exit {returncode}"
-
-
-def _child_env(extra: dict[str, str] | None) -> dict[str, str] | None:
-    """The app's environment: the agent's own (passed through, not read) plus the app's `env`."""
-    return None if extra is None else {**os.environ, **extra}
-
-
-def _signal_group(pgid: int, signum: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, signum)
-    except ProcessLookupError:
-        pass  # the group is empty
-    except PermissionError as exc:
-        log.warning("cannot send %s to process group %d: %s", signum.name, pgid, exc)
 
 
 async def _wait_event(event: asyncio.Event, delay: float) -> bool:
@@ -627,84 +488,3 @@ async def _cancel(*tasks: asyncio.Task[Any] | None) -> None:
                 await task
             except Exception:
                 log.exception("task %s failed", task.get_name())
-
-
-# -- Linux process control ---------------------------------------------------------------------
-
-
-@functools.cache
-def _prctl() -> Callable[..., int] | None:
-    """libc's prctl(2), or None where there is none (not Linux)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-    prctl: Callable[..., int] = libc.prctl
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]  # type: ignore[attr-defined]
-    prctl.restype = ctypes.c_int  # type: ignore[attr-defined]
-    return prctl
-
-
-def become_subreaper() -> bool:
-    """Make this process the reaper of its descendants' orphans (Linux), so that an app's
-    grandchild whose parent died stays under the agent, which reaps it. False where unsupported."""
-    prctl = _prctl()
-    if prctl is None:
-        return False
-    if prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        log.warning("cannot become a child subreaper: %s", os.strerror(ctypes.get_errno()))
-        return False
-    return True
-
-
-def _die_with_agent() -> Callable[[], None] | None:
-    """A preexec_fn that makes the child die with the agent (Linux), or None."""
-    prctl = _prctl()
-    if prctl is None:
-        return None
-    return functools.partial(_set_death_signal, prctl, os.getpid())
-
-
-def _set_death_signal(prctl: Callable[..., int], agent_pid: int) -> None:
-    """In the child, between fork and exec: SIGKILL when the agent dies. If the agent died before
-    this ran, the child has been reparented already: it leaves at once."""
-    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != agent_pid:
-        os._exit(1)
-
-
-def _reap_orphans() -> int:
-    """Reap zombie children that no one else awaits: apps' descendants the kernel handed to the
-    agent (a subreaper) when their parent died. They are told from the agent's own spawns, which
-    asyncio awaits, by their session: neither the agent's nor one they lead. Runs in a thread;
-    needs Linux's /proc/PID/task/TID/children (elsewhere it finds nothing)."""
-    own_session = os.getsid(0)
-    reaped = 0
-    for pid in _child_pids():
-        try:
-            with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stream:
-                fields = stream.read().rpartition(")")[2].split()  # after "PID (COMMAND)"
-            state, session = fields[0], int(fields[3])
-        except (OSError, IndexError, ValueError):
-            continue
-        if state != "Z" or session in (own_session, pid):
-            continue
-        with contextlib.suppress(ChildProcessError):
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                reaped += 1
-    return reaped
-
-
-def _child_pids() -> list[int]:
-    task_dir = Path("/proc/self/task")
-    try:
-        threads = list(task_dir.iterdir())
-    except OSError:
-        return []
-    pids: list[int] = []
-    for thread in threads:
-        with contextlib.suppress(OSError):
-            pids.extend(int(pid) for pid in (thread / "children").read_text().split())
-    return pids

@@ -1,0 +1,178 @@
+"""Linux process control for the supervisor: the child's environment, process groups, orphans.
+
+- `die_with_agent` gives a spawned child PR_SET_PDEATHSIG = SIGKILL, so it dies with the agent.
+  The signal follows the thread that forks (the event loop's) and does not cover the child's own
+  descendants.
+- `become_subreaper` (PR_SET_CHILD_SUBREAPER) makes orphaned grandchildren the agent's, and
+  `reap_orphans` reaps those of them that have exited.
+- `signal_group` signals a whole process group (each app leads its own session and group).
+- `ProcessUsage` measures the CPU and memory of process trees with psutil.
+
+Where there is no prctl(2) (not Linux) the first two do nothing and `reap_orphans` finds nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+KILL_WAIT_S = 5.0  # how long a SIGKILLed process may take to be reaped
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def child_env(extra: dict[str, str] | None) -> dict[str, str] | None:
+    """The app's environment: the agent's own (passed through, not read) plus the app's `env`."""
+    return None if extra is None else {**os.environ, **extra}
+
+
+def describe_exit(returncode: int | None) -> str:
+    """How a process ended, for logs and events: "exit 1", "killed by SIGKILL"."""
+    if returncode is None:
+        return "exit status unknown"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit {returncode}"
+
+
+def signal_group(pgid: int, signum: signal.Signals) -> None:
+    """Send `signum` to process group `pgid`; an empty group is not an error."""
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        pass  # the group is empty
+    except PermissionError as exc:
+        log.warning("cannot send %s to process group %d: %s", signum.name, pgid, exc)
+
+
+class ProcessUsage:
+    """CPU and memory of process trees, measured with psutil; `measure` runs in a worker thread.
+    psutil reports a process's CPU use since the previous call on the same object, so the objects
+    are kept from one sample to the next; a tree seen for the first time has no CPU figure yet."""
+
+    def __init__(self) -> None:
+        self._known: dict[int, psutil.Process] = {}
+
+    def measure(self, leaders: list[int]) -> dict[int, tuple[float | None, int | None]]:
+        known, self._known = self._known, {}
+        result: dict[int, tuple[float | None, int | None]] = {}
+        for leader in leaders:
+            try:
+                root = psutil.Process(leader)
+                tree = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            primed = known.get(leader) == root
+            cpu, rss = 0.0, 0
+            for member in tree:
+                proc = known.get(member.pid)
+                if proc is None or proc != member:
+                    proc = member
+                try:
+                    with proc.oneshot():
+                        cpu += proc.cpu_percent(interval=None)
+                        rss += proc.memory_info().rss
+                except psutil.Error:
+                    continue
+                self._known[proc.pid] = proc
+            result[leader] = (cpu if primed else None, rss)
+        return result
+
+
+# -- prctl(2) ------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl(2), or None where there is none (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    prctl: Callable[..., int] = libc.prctl
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]  # type: ignore[attr-defined]
+    prctl.restype = ctypes.c_int  # type: ignore[attr-defined]
+    return prctl
+
+
+def become_subreaper() -> bool:
+    """Make this process the reaper of its descendants' orphans (Linux), so that an app's
+    grandchild whose parent died stays under the agent, which reaps it. False where unsupported."""
+    prctl = _prctl()
+    if prctl is None:
+        return False
+    if prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        log.warning("cannot become a child subreaper: %s", os.strerror(ctypes.get_errno()))
+        return False
+    return True
+
+
+def die_with_agent() -> Callable[[], None] | None:
+    """A preexec_fn that makes the child die with the agent (Linux), or None."""
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    return functools.partial(_set_death_signal, prctl, os.getpid())
+
+
+def _set_death_signal(prctl: Callable[..., int], agent_pid: int) -> None:
+    """In the child, between fork and exec: SIGKILL when the agent dies. If the agent died before
+    this ran, the child has been reparented already: it leaves at once."""
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != agent_pid:
+        os._exit(1)
+
+
+# -- orphans -------------------------------------------------------------------------------------
+
+
+def reap_orphans() -> int:
+    """Reap zombie children that no one else awaits: apps' descendants the kernel handed to the
+    agent (a subreaper) when their parent died. They are told from the agent's own spawns, which
+    asyncio awaits, by their session: neither the agent's nor one they lead. Runs in a thread;
+    needs Linux's /proc/PID/task/TID/children (elsewhere it finds nothing)."""
+    own_session = os.getsid(0)
+    reaped = 0
+    for pid in _child_pids():
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stream:
+                fields = stream.read().rpartition(")")[2].split()  # after "PID (COMMAND)"
+            state, session = fields[0], int(fields[3])
+        except (OSError, IndexError, ValueError):
+            continue
+        if state != "Z" or session in (own_session, pid):
+            continue
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                reaped += 1
+    return reaped
+
+
+def _child_pids() -> list[int]:
+    task_dir = Path("/proc/self/task")
+    try:
+        threads = list(task_dir.iterdir())
+    except OSError:
+        return []
+    pids: list[int] = []
+    for thread in threads:
+        with contextlib.suppress(OSError):
+            pids.extend(int(pid) for pid in (thread / "children").read_text().split())
+    return pids
