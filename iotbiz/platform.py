@@ -95,7 +95,11 @@ class Platform:
         self._spawn(self.authority.follow_changes(self.broker.kick), "store-changes")
 
         service = ServiceLink(
-            _connect_host(settings.mqtt.host), self.broker.port, SERVICE_USERNAME, service_password
+            _connect_host(settings.mqtt.host),
+            self.broker.port,
+            SERVICE_USERNAME,
+            service_password,
+            follow_telemetry=False,  # the embedded broker hands telemetry to presence
         )
         app = create_app(settings, store, hasher=hasher, service=service, presence=presence)
         app[HEALTH_CHECKS].append(self.broker.health)

@@ -5,17 +5,24 @@ client receives; written to the store in batches (one transaction per `flush_s`)
 devices sending telemetry do not cost 2,000 transactions. Updates to one device within a batch are
 merged, the later value of each field winning. A killed platform loses at most `flush_s` of
 presence, which is a cache of the devices' own state, and marks every device offline at start.
+
+Telemetry, the one high-rate message, is kept as the bytes the device sent and parsed at the next
+flush, only the latest message of each device: a device sending many messages between two flushes
+costs one JSON parse, and the broker's message path (which hands telemetry over directly, see
+`iotbiz.broker.embedded`) does no JSON work at all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
+from iotbiz import topics
 from iotbiz.errors import IotbizError
 from iotbiz.models import PresenceUpdate
 from iotbiz.names import DeviceName
@@ -34,7 +41,9 @@ class PresenceRecorder:
         self._flush_s = flush_s
         self._clock = clock
         self._pending: dict[DeviceName, PresenceUpdate] = {}
+        self._telemetry: dict[DeviceName, tuple[float, bytes]] = {}  # raw, parsed at flush
         self._wakeup = asyncio.Event()
+        self.malformed_messages = 0  # status and telemetry payloads that are not a JSON object
 
     def connected(self, name: DeviceName) -> None:
         self._note(PresenceUpdate(name, self._clock(), online=True))
@@ -51,8 +60,36 @@ class PresenceRecorder:
     def telemetry(self, name: DeviceName, telemetry: dict[str, Any]) -> None:
         self._note(PresenceUpdate(name, self._clock(), telemetry=telemetry))
 
+    def telemetry_payload(self, name: DeviceName, payload: bytes) -> None:
+        """A telemetry message as published; only the latest per device is parsed, at flush."""
+        self._telemetry[name] = (self._clock(), payload)
+        self._wakeup.set()
+
     def seen(self, name: DeviceName) -> None:
         self._note(PresenceUpdate(name, self._clock()))
+
+    def message(self, name: DeviceName, suffix: str, payload: bytes, *, retained: bool) -> None:
+        """A message a device published on `devices/{name}/{suffix}`."""
+        if suffix == topics.TELEMETRY:
+            self.telemetry_payload(name, payload)
+        elif suffix == topics.STATUS:
+            body = self._parse(name, suffix, payload)
+            if body is None:
+                return
+            self.status(name, body, live=not retained)
+        else:
+            self.seen(name)
+
+    def _parse(self, name: DeviceName, suffix: str, payload: bytes) -> dict[str, Any] | None:
+        try:
+            body = json.loads(payload)
+        except (ValueError, RecursionError):
+            body = None
+        if not isinstance(body, dict):
+            self.malformed_messages += 1
+            log.info("%s from %s is not a JSON object: ignored", suffix, name)
+            return None
+        return body
 
     def _note(self, update: PresenceUpdate) -> None:
         previous = self._pending.get(update.name)
@@ -71,6 +108,11 @@ class PresenceRecorder:
 
     async def flush(self) -> None:
         """Write what is pending now (also called on shutdown)."""
+        telemetry, self._telemetry = self._telemetry, {}
+        for name, (seen_at, payload) in telemetry.items():
+            body = self._parse(name, topics.TELEMETRY, payload)
+            if body is not None:
+                self._note(PresenceUpdate(name, seen_at, telemetry=body))
         if not self._pending:
             return
         batch, self._pending = list(self._pending.values()), {}

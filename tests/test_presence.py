@@ -81,7 +81,8 @@ async def test_service_client_ignores_what_is_not_a_device_message(
         ("devices/abc123/dev-1/status", b"[" * 5000),
     ]:
         client.handle(topic, payload, retained=False)
-    assert client.malformed_messages == 4
+    await presence.flush()  # telemetry is parsed here: only the latest of a device
+    assert presence.malformed_messages == 3
     for topic in ("devices/abc123", "devices/a b/dev/telemetry", "other/abc123/dev-1/status"):
         client.handle(topic, b"{}", retained=False)
     await presence.flush()
@@ -95,3 +96,25 @@ async def test_service_client_ignores_what_is_not_a_device_message(
     device = await store.get_device(NAME)
     assert device is not None
     assert device.telemetry == {"cpu": 5}
+
+
+async def test_only_the_latest_telemetry_is_parsed_and_kept(store: Store, clock: FakeClock) -> None:
+    """Raw telemetry waits for the flush; a malformed latest message is counted, not stored."""
+    await active_device(store)
+    presence = PresenceRecorder(store, clock=clock)
+    presence.telemetry_payload(NAME, b'{"cpu": 1}')
+    clock.advance(1)
+    presence.telemetry_payload(NAME, b'{"cpu": 2}')
+    await presence.flush()
+    device = await store.get_device(NAME)
+    assert device is not None
+    assert (device.telemetry, device.last_seen_at) == ({"cpu": 2}, clock.now)
+    assert presence.malformed_messages == 0
+
+    clock.advance(1)
+    presence.telemetry_payload(NAME, b"not json")
+    await presence.flush()
+    device = await store.get_device(NAME)
+    assert device is not None
+    assert device.telemetry == {"cpu": 2}
+    assert presence.malformed_messages == 1

@@ -54,6 +54,8 @@ class Principal:
     role: Role
     publish_topics: frozenset[str] = frozenset()
     command_topic: str = ""
+    telemetry_topic: str = ""
+    device: DeviceName | None = None  # set for a device
 
 
 Kick = Callable[[str], Awaitable[None]]
@@ -204,6 +206,8 @@ def device_principal(name: DeviceName) -> Principal:
         Role.DEVICE,
         publish_topics=frozenset(topics.device_topic(name, s) for s in topics.DEVICE_PUBLISHES),
         command_topic=topics.device_topic(name, topics.CMD),
+        telemetry_topic=topics.device_topic(name, topics.TELEMETRY),
+        device=name,
     )
 
 

@@ -1,14 +1,14 @@
 """The platform's own MQTT client: the service account, an ordinary MQTT client (aiomqtt, on
 paho-mqtt), so the same code works against the embedded broker or an external one.
 
-It follows every device's `status`, `telemetry`, `events` and `reply` into presence, and
-reconnects for ever with capped, jittered backoff.
+It follows every device's `status`, `events` and `reply` (and `telemetry`, unless the embedded
+broker hands telemetry to presence itself, which spares the broker a second delivery of the
+busiest topic) into presence, and reconnects for ever with capped, jittered backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 from dataclasses import dataclass
@@ -24,12 +24,7 @@ log = logging.getLogger(__name__)
 BACKOFF_START_S = 0.2
 BACKOFF_CAP_S = 10.0
 KEEPALIVE_S = 30
-SUBSCRIPTIONS = [
-    (topics.all_devices(topics.STATUS), 1),
-    (topics.all_devices(topics.TELEMETRY), 1),
-    (topics.all_devices(topics.EVENTS), 1),
-    (topics.all_devices(topics.REPLY), 1),
-]
+FOLLOWED = (topics.STATUS, topics.EVENTS, topics.REPLY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +35,7 @@ class ServiceLink:
     port: int
     username: str
     password: str
+    follow_telemetry: bool = True  # False: the embedded broker records telemetry directly
 
 
 class ServiceClient:
@@ -47,7 +43,8 @@ class ServiceClient:
         self._link = link
         self._presence = presence
         self.connected = asyncio.Event()
-        self.malformed_messages = 0
+        followed = (*FOLLOWED, topics.TELEMETRY) if link.follow_telemetry else FOLLOWED
+        self._subscriptions = [(topics.all_devices(suffix), 1) for suffix in followed]
 
     async def run(self) -> None:
         """Stay connected and subscribed until cancelled."""
@@ -63,7 +60,7 @@ class ServiceClient:
                     keepalive=KEEPALIVE_S,
                     clean_session=True,
                 ) as client:
-                    await client.subscribe(SUBSCRIPTIONS)
+                    await client.subscribe(self._subscriptions)
                     self.connected.set()
                     backoff = BACKOFF_START_S
                     log.info("service client connected to %s:%d", self._link.host, self._link.port)
@@ -81,18 +78,6 @@ class ServiceClient:
         if parsed is None or parse_device_name(str(parsed[0])) != parsed[0]:
             return
         name, suffix = parsed
-        if suffix not in (topics.STATUS, topics.TELEMETRY):
-            self._presence.seen(name)
-            return
-        try:
-            body = json.loads(payload) if isinstance(payload, bytes | bytearray | str) else None
-        except (ValueError, RecursionError):
-            body = None
-        if not isinstance(body, dict):
-            self.malformed_messages += 1
-            log.info("%s from %s is not a JSON object: ignored", suffix, name)
-            return
-        if suffix == topics.STATUS:
-            self._presence.status(name, body, live=not retained)
-        else:
-            self._presence.telemetry(name, body)
+        data = payload.encode() if isinstance(payload, str) else payload
+        if isinstance(data, bytes | bytearray):
+            self._presence.message(name, suffix, bytes(data), retained=retained)
