@@ -24,7 +24,7 @@ from iotbiz.errors import IotbizError
 from iotbiz.models import Customer, Device, iso_time
 from iotbiz.names import DeviceName, is_account_name, is_customer_id, parse_device_name
 from iotbiz.passwords import PasswordHasher, generate_password
-from iotbiz.platform import SERVICE_USERNAME, serve
+from iotbiz.platform import SERVICE_USERNAME, run_platform
 from iotbiz.settings import Settings, load_settings
 from iotbiz.store import Store
 
@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "iotbiz") -> int:
         settings = _settings(args)
         if args.command == "serve":
             _configure_logging(settings.log.level)
-            asyncio.run(serve(settings))
+            run_platform(settings)
         else:
             logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
             args.settings = settings
