@@ -22,6 +22,8 @@ Measured, at default sizes (a few minutes on 2 cores; --quick is a CI-size run u
      presence): that is part of the platform's cost and is not switched off.
   d. memory: broker RSS per connected device at each fleet size (RSS with N connected and
      subscribed minus RSS idle, / N), and how connect time grows with N.
+  e. the agent: RSS and CPU of `python -m iotbiz.agent` with three apps and telemetry every
+     10 s (scripts/bench_agent.py), sampled for 60 s (20 s with --quick).
 
 Plain amqtt runs with the only plugin it needs to accept connections (anonymous auth).
 If the `mosquitto` binary is missing, its columns are skipped with a message.
@@ -55,6 +57,7 @@ import bcrypt
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_agent import measure as measure_agent
 from fleet_sim import (
     Credentials,
     Login,
@@ -620,6 +623,9 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         result["brokers"][spec.name] = run_broker(spec, fleet, sizes)
     if args.py_spy is not None and args.py_spy.exists():
         result["profile"] = summarize_profile(args.py_spy)
+    print("agent ...", file=sys.stderr, flush=True)
+    agent_s = 20.0 if args.quick else 60.0
+    result["agent"] = measure_agent(duration=agent_s, interval=10.0, settle=agent_s / 4)
     result["goals"] = goals(result)
     return result
 
@@ -682,6 +688,13 @@ def goals(result: dict[str, Any]) -> list[dict[str, Any]]:
     )
     kb = iot["sizes"][biggest]["kb_per_device"]
     add(f"broker memory <= 40 KB per device (at {biggest})", kb, kb <= 40)
+    plain_kb = _get(brokers, "amqtt", "sizes", biggest, "kb_per_device")
+    rows[-1]["note"] = f"plain amqtt {plain_kb} KB" if plain_kb is not None else ""
+    agent = result["agent"]
+    rss_mb = agent["rss_mb_max"]
+    add("agent RSS <= 30 MB (3 apps, 10 s interval)", rss_mb, rss_mb <= 30)
+    cpu = agent["cpu_percent_of_one_core"]
+    add("agent CPU < 1% of one core", cpu, cpu < 1, f"over {agent['seconds']} s")
     return rows
 
 

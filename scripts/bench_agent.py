@@ -4,7 +4,9 @@ Starts a platform (python -m iotbiz.broker) and an agent (python -m iotbiz.agent
 small apps on loopback, lets the agent enroll and settle, then samples the agent process alone
 (not its apps) with psutil for DURATION seconds.
 
-    python scripts/bench_agent.py [--duration 60] [--interval 10] [--json]
+    python scripts/bench_agent.py [--duration 60] [--interval 10] [--settle 15]
+
+scripts/bench.py runs `measure` too, as part of the full benchmark.
 """
 
 from __future__ import annotations
@@ -35,8 +37,12 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--interval", type=float, default=10.0)
     parser.add_argument("--settle", type=float, default=15.0)
-    parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    print(json.dumps(measure(args.duration, args.interval, args.settle), indent=2))
+
+
+def measure(duration: float, interval: float, settle: float) -> dict[str, object]:
+    """Sample the agent (three apps, telemetry every `interval` s) for `duration` s."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         db = folder / "bench.db"
@@ -57,7 +63,7 @@ def main() -> None:
             f'customer_id = "bench"\ndevice_id = "bench-agent"\n'
             f'registrar_url = "http://127.0.0.1:{http_port}"\n'
             f'broker_url = "mqtt://127.0.0.1:{mqtt_port}"\n'
-            f'state_dir = "{folder / "state"}"\ntelemetry_interval_s = {args.interval}\n{apps}'
+            f'state_dir = "{folder / "state"}"\ntelemetry_interval_s = {interval}\n{apps}'
         )
         with (folder / "platform.log").open("wb") as platform_log:
             platform = subprocess.Popen(
@@ -77,11 +83,11 @@ def main() -> None:
             )
         try:
             process = psutil.Process(agent.pid)
-            time.sleep(args.settle)
+            time.sleep(settle)
             cpu_start = process.cpu_times()
             wall_start = time.monotonic()
             rss_samples = []
-            while time.monotonic() - wall_start < args.duration:
+            while time.monotonic() - wall_start < duration:
                 rss_samples.append(process.memory_info().rss)
                 time.sleep(1)
             cpu_end = process.cpu_times()
@@ -96,7 +102,7 @@ def main() -> None:
             platform.wait(timeout=30)
     result = {
         "apps": children,
-        "telemetry_interval_s": args.interval,
+        "telemetry_interval_s": interval,
         "seconds": round(wall, 1),
         "rss_mb_max": round(max(rss_samples) / 2**20, 1),
         "rss_mb_mean": round(sum(rss_samples) / len(rss_samples) / 2**20, 1),
@@ -104,7 +110,7 @@ def main() -> None:
         "connected": "connected to mqtt://" in log,
         "cores": os.cpu_count(),
     }
-    print(json.dumps(result, indent=2))
+    return result
 
 
 if __name__ == "__main__":

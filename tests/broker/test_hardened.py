@@ -714,3 +714,65 @@ async def test_disconnect_client_by_id_and_presence_events() -> None:
         await until(lambda: ("disconnected", "alice") in acl_plugins.EVENTS, "presence event")
         alice_events = [event for event, client in acl_plugins.EVENTS if client == "alice"]
         assert alice_events == ["connected", "disconnected"]
+
+
+# --- semantics: delivery QoS --------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "broker_cls",
+    brokers("(semantics)", "messages and wills go out at the subscription's QoS, not the lower"),
+)
+async def test_delivery_qos_is_the_lower_of_message_and_subscription(
+    broker_cls: type[Any],
+) -> None:
+    """[MQTT-3.8.4-6]: a QoS 2 will reaches a QoS 0 subscriber at QoS 0; a QoS 0 message
+    reaches a QoS 2 subscriber at QoS 0 and is not queued for it while it is offline."""
+    async with harness(broker_cls) as test:
+        watcher = await test.raw()
+        assert (await watcher.connect("alice"))[1] == 0
+        assert await watcher.subscribe(1, [("a/will", 0)]) == [0]
+        dying = await test.raw()
+        will_connect = connect_packet("root", will=("a/will", b"gone"))
+        flags_at = 9  # type, length (one byte here), "MQTT" (6), level: then the flags
+        will_connect = (
+            will_connect[:flags_at]
+            + bytes([will_connect[flags_at] | 0x10])  # will QoS 2
+            + will_connect[flags_at + 1 :]
+        )
+        await dying.send(will_connect)
+        assert (await dying.read_packet()).type == CONNACK
+        dying.close()
+        will = await watcher.read_packet()
+        assert (will.type, will.topic, will.qos) == (PUBLISH, "a/will", 0)
+        watcher.close()
+        await until(lambda: not test.session_connected("alice"), "watcher gone")
+        await until(lambda: not test.session_connected("root"), "dying client gone")
+
+        alice = await test.raw()
+        assert (await alice.connect("alice", clean=False))[1] == 0
+        assert await alice.subscribe(1, [("a/#", 2)]) == [2]
+        root = await test.paho("root")
+        for qos in (0, 1, 2):
+            await root.publish(f"a/q{qos}", b"m", qos=qos)
+        delivered = {}
+        for _ in range(3):
+            packet = await alice.read_packet()
+            delivered[packet.topic] = packet.qos
+            if packet.qos == 1:
+                await alice.ack(PUBACK, packet.packet_id)
+            elif packet.qos == 2:
+                await alice.ack(PUBREC, packet.packet_id)
+                assert (await alice.read_packet()).type == PUBREL
+                await alice.ack(PUBCOMP, packet.packet_id)
+        assert delivered == {"a/q0": 0, "a/q1": 1, "a/q2": 2}
+
+        alice.close()  # offline: a QoS 0 message is not kept for it, a QoS 1 one is
+        await until(lambda: not test.session_connected("alice"), "alice offline")
+        await root.publish("a/later0", b"m", qos=0)
+        await root.publish("a/later1", b"m", qos=1)
+        queued = test.session("alice").retained_messages
+        await until(lambda: queued.qsize() >= 1, "a message queued for alice")
+        await asyncio.sleep(0.2)
+        assert [(m.topic, m.qos) for m in list(queued._queue)] == [("a/later1", 1)]
