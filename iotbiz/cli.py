@@ -58,6 +58,9 @@ def _configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        # One line per HTTP request: thousands a second while a fleet enrolls; DEBUG shows them.
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
