@@ -1,10 +1,15 @@
-"""Lean MQTT sessions: amqtt's `Session` without a `transitions.Machine` per session.
+"""Lean MQTT sessions: what amqtt keeps per connected client, in less memory.
 
 amqtt 0.12.1 gives every session (one per CONNECT) its own `transitions.Machine` for three states
 (new -> connected <-> disconnected). Building it cost 142 us, and it held about 16 KB, of the
 58 KB a connected client cost the broker (tracemalloc, 500 clients). `SessionStates` offers what
 amqtt and `HardenedBroker` use of it (`state`, `connect()`, `disconnect()`, `is_<state>()`) with
 the same rules, in a few slotted attributes.
+
+Each client also had four `asyncio.Queue`s (two in its session, two in its protocol handler), at
+about 3.3 KB each even when empty (three deques apiece). `LeanQueue` is the unbounded subset of
+`asyncio.Queue` that amqtt uses (`put`, `put_nowait`, `get`, `get_nowait`, `empty`, `qsize`),
+holding nothing while empty.
 
 amqtt builds the session of each CONNECT inside `BrokerProtocolHandler.init_from_connect` from
 the module-level name `Session`; `use_lean_sessions()` points that name at `LeanSession`. It fits
@@ -13,9 +18,16 @@ amqtt==0.12.1 (pinned, like the rest of `iotbiz.broker.hardened`).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections import deque
+from typing import Any, Generic, TypeVar
+
 from amqtt.mqtt.protocol import broker_handler
 from amqtt.session import Session
 from transitions import MachineError
+
+T = TypeVar("T")
 
 NEW, CONNECTED, DISCONNECTED = "new", "connected", "disconnected"
 
@@ -50,9 +62,82 @@ class SessionStates:
         return self.state == DISCONNECTED
 
 
+class LeanQueue(Generic[T]):
+    """An unbounded FIFO with asyncio.Queue's methods that amqtt uses; empty, it holds two None."""
+
+    __slots__ = ("_getters", "_items")
+
+    def __init__(self) -> None:
+        self._items: deque[T] | None = None
+        self._getters: list[asyncio.Future[None]] | None = None
+
+    def qsize(self) -> int:
+        return len(self._items) if self._items else 0
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def put_nowait(self, item: T) -> None:
+        if self._items is None:
+            self._items = deque()
+        self._items.append(item)
+        self._wake_one()
+
+    async def put(self, item: T) -> None:
+        self.put_nowait(item)  # unbounded: never waits
+
+    def get_nowait(self) -> T:
+        if not self._items:
+            raise asyncio.QueueEmpty
+        item = self._items.popleft()
+        if not self._items:
+            self._items = None
+        return item
+
+    async def get(self) -> T:
+        while not self._items:
+            getter = asyncio.get_running_loop().create_future()
+            if self._getters is None:
+                self._getters = []
+            self._getters.append(getter)
+            try:
+                await getter
+            except BaseException:
+                getter.cancel()
+                with contextlib.suppress(ValueError):
+                    self._getters.remove(getter)
+                if self._items and not getter.cancelled():
+                    self._wake_one()  # this getter was woken for an item it will not take
+                raise
+        return self.get_nowait()
+
+    def items(self) -> list[T]:
+        """What is queued, oldest first (for inspection)."""
+        return list(self._items or ())
+
+    def _wake_one(self) -> None:
+        while self._getters:
+            getter = self._getters.pop(0)
+            if not getter.done():
+                getter.set_result(None)
+                break
+        if not self._getters:
+            self._getters = None
+
+
 class LeanSession(Session):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.retained_messages: Any = LeanQueue[Any]()  # replaces the asyncio.Queues Session made
+        self.delivered_message_queue: Any = LeanQueue[Any]()
+
     def _init_states(self) -> None:
         self.transitions = SessionStates(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.retained_messages = LeanQueue[Any]()
+        self.delivered_message_queue = LeanQueue[Any]()
 
 
 def use_lean_sessions() -> None:
