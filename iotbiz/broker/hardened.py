@@ -63,34 +63,29 @@ import asyncio
 import contextvars
 import functools
 import logging
-import time
 from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 import amqtt
-from amqtt.adapters import (
-    ReaderAdapter,
-    StreamWriterAdapter,
-    WebSocketsWriter,
-    WriterAdapter,
-)
 from amqtt.broker import Broker
 from amqtt.contexts import Action, ListenerType
 from amqtt.errors import AMQTTError, BrokerError, CodecError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.disconnect import DisconnectPacket
-from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.mqtt.puback import PubackPacket
-from amqtt.mqtt.pubcomp import PubcompPacket
-from amqtt.mqtt.pubrec import PubrecPacket
-from amqtt.mqtt.pubrel import PubrelPacket
-from amqtt.session import OUTGOING, Session
+from amqtt.session import Session
 from transitions import MachineError
 
-from iotbiz.broker.sessions import LeanQueue, use_lean_sessions
+from iotbiz.broker.guards import ConnectionGuardError, GuardedReader, GuardedWriter
+from iotbiz.broker.handler import (
+    DEFAULT_ACK_TIMEOUT,
+    DEFAULT_KEEPALIVE_GRACE,
+    HardenedProtocolHandler,
+    log_task_failure,
+)
+from iotbiz.broker.sessions import use_lean_sessions
 
 AMQTT_VERSION = "0.12.1"
 if amqtt.__version__ != AMQTT_VERSION:
@@ -115,8 +110,6 @@ _PUBLISHED_QOS: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "published_qos", default=None
 )
 
-DEFAULT_ACK_TIMEOUT = 60.0
-DEFAULT_KEEPALIVE_GRACE = 1.5
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_MAX_PACKET_SIZE = 256 * 1024
 DEFAULT_WRITE_TIMEOUT = 30.0
@@ -138,442 +131,6 @@ _CONNECT_ERRORS = (
     EOFError,
     OSError,
 )
-
-
-class ConnectionGuardError(AMQTTError):
-    """The peer broke the framing rules (oversized or malformed packet); drop the connection.
-
-    Deliberately not an `MQTTError`: amqtt's reader loop skips MQTTErrors and keeps reading,
-    while any other exception ends the connection.
-    """
-
-
-# GuardedReader framing states.
-_EXPECT_TYPE = 0
-_EXPECT_LENGTH = 1
-_EXPECT_BODY = 2
-
-
-class GuardedReader(ReaderAdapter):
-    """Wraps a reader adapter and follows the MQTT framing of the bytes it returns.
-
-    It refuses a packet whose remaining length exceeds `max_packet_size` as soon as the length is
-    known (before its body is buffered), and records when the last complete control packet
-    arrived (`last_packet_at`, `time.monotonic()`), which the keep-alive watchdog reads.
-    """
-
-    def __init__(self, inner: ReaderAdapter, max_packet_size: int) -> None:
-        self._inner = inner
-        self._max_packet_size = max_packet_size
-        self._state = _EXPECT_TYPE
-        self._length = 0
-        self._multiplier = 1
-        self._length_bytes = 0
-        self._body_left = 0
-        self._error: ConnectionGuardError | None = None
-        self.last_packet_at = time.monotonic()
-
-    async def read(self, n: int = -1) -> bytes:
-        if self._error is not None:
-            raise self._error
-        try:
-            data: bytes = await self._inner.read(n)
-        except (EOFError, OSError):
-            await self._before_end()
-            raise
-        if not data and n != 0:
-            await self._before_end()
-        self._track(data)
-        return data
-
-    @staticmethod
-    async def _before_end() -> None:
-        # amqtt's reader loop handles each packet in a new task and cancels the unfinished ones
-        # when it reads EOF; if the EOF was already buffered (PUBLISH + DISCONNECT + FIN in one
-        # go) they were cancelled before they ran. One loop iteration lets them start.
-        await asyncio.sleep(0)
-
-    def feed_eof(self) -> None:
-        self._inner.feed_eof()
-
-    def _track(self, data: bytes) -> None:
-        index = 0
-        while index < len(data):
-            if self._state == _EXPECT_BODY:
-                taken = min(self._body_left, len(data) - index)
-                self._body_left -= taken
-                index += taken
-                if self._body_left == 0:
-                    self._packet_complete()
-                continue
-            byte = data[index]
-            index += 1
-            if self._state == _EXPECT_TYPE:
-                self._state = _EXPECT_LENGTH
-                self._length, self._multiplier, self._length_bytes = 0, 1, 0
-                continue
-            self._length += (byte & 0x7F) * self._multiplier
-            self._multiplier *= 128
-            self._length_bytes += 1
-            if byte & 0x80:
-                if self._length_bytes == 4:
-                    self._fail("malformed remaining length")
-                continue
-            if self._length > self._max_packet_size:
-                self._fail(
-                    f"packet of {self._length} bytes exceeds the limit of "
-                    f"{self._max_packet_size} bytes"
-                )
-            if self._length == 0:
-                self._packet_complete()
-            else:
-                self._state = _EXPECT_BODY
-                self._body_left = self._length
-
-    def _packet_complete(self) -> None:
-        self._state = _EXPECT_TYPE
-        self.last_packet_at = time.monotonic()
-
-    def _fail(self, reason: str) -> None:
-        self._error = ConnectionGuardError(reason)
-        raise self._error
-
-
-def _transport_of(writer: WriterAdapter) -> asyncio.WriteTransport | None:
-    """The transport under one of amqtt's writer adapters (private attributes, amqtt 0.12.1)."""
-    transport: asyncio.WriteTransport | None = None
-    if isinstance(writer, StreamWriterAdapter):
-        transport = writer._writer.transport
-    elif isinstance(writer, WebSocketsWriter):
-        transport = writer._protocol.transport
-    return transport
-
-
-class GuardedWriter(WriterAdapter):
-    """Wraps a writer adapter: bounded drain/close, and `abort()` to drop a stuck peer."""
-
-    def __init__(self, inner: WriterAdapter, write_timeout: float) -> None:
-        self._inner = inner
-        self._write_timeout = write_timeout
-        self._closed = False
-
-    def write(self, data: bytes) -> None:
-        self._inner.write(data)
-
-    async def drain(self) -> None:
-        try:
-            async with asyncio.timeout(self._write_timeout):
-                await self._inner.drain()
-        except TimeoutError as exc:
-            log.warning(
-                "%s has not read for %.1fs; aborting the connection",
-                self.get_peer_info(),
-                self._write_timeout,
-            )
-            self.abort()
-            raise ConnectionResetError("peer stopped reading") from exc
-
-    def get_peer_info(self) -> tuple[str, int] | None:
-        peer: tuple[str, int] | None = self._inner.get_peer_info()
-        return peer
-
-    def get_ssl_info(self) -> Any:
-        return self._inner.get_ssl_info()
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            async with asyncio.timeout(self._write_timeout):
-                await self._inner.close()
-        except TimeoutError:
-            log.warning("closing %s timed out; aborting the connection", self.get_peer_info())
-            self.abort()
-        except OSError as exc:
-            log.debug("closing %s failed (%r); aborting the connection", self.get_peer_info(), exc)
-            self.abort()
-
-    def abort(self) -> None:
-        """Drop the connection at once, discarding unsent data."""
-        transport = _transport_of(self._inner)
-        if transport is not None:
-            transport.abort()
-
-
-def _log_task_failure(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and (exc := task.exception()) is not None:
-        log.warning("background broker task %s failed: %r", task.get_name(), exc)
-
-
-class HardenedProtocolHandler(BrokerProtocolHandler):
-    """Per-connection protocol handler: keep-alive watchdog and durable outgoing QoS 1/2 flows.
-
-    The broker sets `ack_timeout` and `keepalive_grace` right after creating it.
-    """
-
-    def __init__(
-        self,
-        plugins_manager: Any,
-        session: Session | None = None,
-        loop: asyncio.AbstractEventLoop | None = None,
-    ) -> None:
-        super().__init__(plugins_manager, session, loop)
-        # 3.3 KB less each than amqtt's asyncio.Queues (iotbiz.broker.sessions)
-        self._pending_subscriptions: Any = LeanQueue[Any]()
-        self._pending_unsubscriptions: Any = LeanQueue[Any]()
-        self.ack_timeout = DEFAULT_ACK_TIMEOUT
-        self.keepalive_grace = DEFAULT_KEEPALIVE_GRACE
-        self._ended = False  # handle_disconnect() was called (DISCONNECT, EOF, or a close)
-        self._ended_with: Any = None
-        self._watchdog: asyncio.TimerHandle | None = None  # keep-alive check (defect 5)
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    def _current_session(self) -> Session:
-        if self.session is None:
-            raise AMQTTError("Session is not initialized.")
-        return self.session
-
-    @property
-    def client_id(self) -> str | None:
-        client_id: str | None = self.session.client_id if self.session is not None else None
-        return client_id
-
-    async def start(self) -> None:
-        session = self._current_session()
-        keep_alive: int = session.keep_alive
-        if keep_alive > 0 and isinstance(self.reader, GuardedReader):  # defect 5
-            self._watch_keepalive(self.reader, keep_alive * self.keepalive_grace)
-        await super().start()
-        if self._ended:
-            # amqtt drops a disconnect that happens before start() created the disconnect waiter
-            # (a client that sends DISCONNECT or vanishes right after CONNECT); replay it, or
-            # the broker would keep the session "connected" forever.
-            await super().handle_disconnect(self._ended_with)
-
-    async def stop(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-        current = asyncio.current_task()
-        for task in self._tasks:
-            if task is not current and not task.done():
-                task.cancel()
-        await super().stop()
-
-    async def request_close(self) -> None:
-        """End this connection as an abnormal disconnect (the broker then fires the will)."""
-        await self.handle_connection_closed()
-
-    async def handle_disconnect(self, disconnect: Any) -> None:
-        if not self._ended:
-            self._ended = True
-            self._ended_with = disconnect
-        await super().handle_disconnect(disconnect)
-
-    async def wait_disconnect(self) -> Any:
-        """The DISCONNECT packet, or None for an abnormal end.
-
-        amqtt resets the waiter right after resolving it, so a disconnect that came before the
-        broker's message loop started waiting was reported as None (abnormal: the will fired
-        after a proper DISCONNECT) -- the recorded first ending is returned instead.
-        """
-        if self._disconnect_waiter is not None:
-            return await self._disconnect_waiter
-        return self._ended_with
-
-    def _watch_keepalive(self, reader: GuardedReader, limit: float) -> None:
-        """Check again when the client would be `limit` seconds silent; close it if it is.
-
-        A timer, not a task sleeping in a loop: a task and its coroutine cost every connected
-        client about 2 KB more."""
-        idle = time.monotonic() - reader.last_packet_at
-        if idle < limit:
-            loop = asyncio.get_running_loop()
-            self._watchdog = loop.call_later(limit - idle, self._watch_keepalive, reader, limit)
-            return
-        self._watchdog = None
-        log.info(
-            "client %s sent no packet for %.1fs (keep-alive x %.1f); disconnecting it",
-            self.client_id,
-            idle,
-            self.keepalive_grace,
-        )
-        self._spawn(self.request_close())
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(_log_task_failure)
-
-    # -- outgoing QoS 1/2 (defects 6 and 7) --------------------------------------------------
-
-    async def _retry_deliveries(self) -> None:
-        """[MQTT-4.4.0-1] Re-send unacknowledged outgoing messages, in order, on (re)connect.
-
-        Replaces amqtt's version, which waited here (blocking the new connection) for every ack
-        and then dropped the messages. The sends happen before start() returns, so they precede
-        the messages queued while the client was offline; the acks are awaited in background.
-        Incoming QoS 2 messages still waiting for PUBREL complete when the client re-sends
-        PUBREL (see `handle_pubrel`).
-        """
-        session = self._current_session()
-        pending = list(session.inflight_out.values())
-        for message in pending:
-            waiter = await self._send_next(message)
-            self._spawn(self._outgoing_flow(message, waiter))
-        if pending:
-            log.info("re-sent %d unacknowledged message(s) to %s", len(pending), self.client_id)
-
-    async def _handle_qos1_message_flow(self, app_message: Any) -> None:
-        if app_message.direction == OUTGOING:
-            await self._outgoing_flow(app_message)
-        else:
-            await super()._handle_qos1_message_flow(app_message)
-
-    async def _handle_qos2_message_flow(self, app_message: Any) -> None:
-        if app_message.direction == OUTGOING:
-            await self._outgoing_flow(app_message)
-        else:
-            await super()._handle_qos2_message_flow(app_message)
-
-    async def _outgoing_flow(self, message: Any, waiter: asyncio.Future[Any] | None = None) -> None:
-        """Drive one outgoing QoS 1/2 message until acknowledged, timed out, or disconnected.
-
-        The message stays in `session.inflight_out` until its final ack arrives (here or late in
-        the `handle_*` methods), so it is re-sent when the session reconnects.
-        """
-        while True:
-            if waiter is None:
-                waiter = await self._send_next(message)
-            ack = await self._wait_ack(message, waiter)
-            waiter = None
-            if ack is None:
-                return
-            if isinstance(ack, PubrecPacket):
-                message.pubrec_packet = ack  # QoS 2, step 2: send PUBREL, wait for PUBCOMP
-                continue
-            if isinstance(ack, PubackPacket):
-                message.puback_packet = ack
-            else:
-                message.pubcomp_packet = ack
-            self._current_session().inflight_out.pop(message.packet_id, None)
-            return
-
-    async def _send_next(self, message: Any) -> asyncio.Future[Any]:
-        """Send the packet the peer must acknowledge next; return the future for that ack."""
-        session = self._current_session()
-        packet_id: int = message.packet_id
-        session.inflight_out[packet_id] = message
-        waiters: dict[int, asyncio.Future[Any]]
-        if message.qos == QOS_2 and message.pubrec_packet is not None:
-            packet = PubrelPacket.build(packet_id)
-            message.pubrel_packet = packet
-            waiters = self._pubcomp_waiters
-        else:
-            packet = message.build_publish_packet(dup=message.publish_packet is not None)
-            message.publish_packet = packet
-            waiters = self._puback_waiters if message.qos == QOS_1 else self._pubrec_waiters
-        previous = waiters.get(packet_id)
-        if previous is not None and not previous.done():
-            previous.cancel()
-        # Registered before sending: the ack may be read while the send is still draining.
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        waiters[packet_id] = waiter
-        await self._send_packet(packet)
-        return waiter
-
-    async def _wait_ack(self, message: Any, waiter: asyncio.Future[Any]) -> Any:
-        """The ack packet, or None if it did not come (the message then stays in flight)."""
-        try:
-            return await asyncio.wait_for(waiter, self.ack_timeout)
-        except TimeoutError:
-            log.warning(
-                "no ack from %s for packet id %s within %.1fs; kept in flight for redelivery",
-                self.client_id,
-                message.packet_id,
-                self.ack_timeout,
-            )
-            return None
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
-            # stop() cancelled the waiter: the connection is gone, the message stays in flight.
-            log.debug(
-                "connection to %s closed; packet id %s kept in flight",
-                self.client_id,
-                message.packet_id,
-            )
-            return None
-        finally:
-            for waiters in (self._puback_waiters, self._pubrec_waiters, self._pubcomp_waiters):
-                if waiters.get(message.packet_id) is waiter:
-                    del waiters[message.packet_id]
-
-    @staticmethod
-    def _resolve(waiters: dict[int, asyncio.Future[Any]], packet_id: int, packet: Any) -> bool:
-        waiter = waiters.get(packet_id)
-        if waiter is None or waiter.done():
-            return False
-        waiter.set_result(packet)
-        return True
-
-    async def handle_puback(self, puback: Any) -> None:
-        packet_id: int = puback.packet_id
-        if self._resolve(self._puback_waiters, packet_id, puback):
-            return
-        inflight = self._current_session().inflight_out
-        message = inflight.get(packet_id)
-        if message is not None and message.qos == QOS_1:  # a late ack (defect 6)
-            message.puback_packet = puback
-            del inflight[packet_id]
-            log.debug("late PUBACK %s from %s", packet_id, self.client_id)
-            return
-        log.warning("PUBACK for unknown packet id %s from %s", packet_id, self.client_id)
-
-    async def handle_pubrec(self, pubrec: Any) -> None:
-        packet_id: int = pubrec.packet_id
-        if self._resolve(self._pubrec_waiters, packet_id, pubrec):
-            return
-        message = self._current_session().inflight_out.get(packet_id)
-        if message is not None and message.qos == QOS_2:
-            if packet_id not in self._pubcomp_waiters:  # a late PUBREC: continue with PUBREL
-                message.pubrec_packet = pubrec
-                self._spawn(self._outgoing_flow(message))
-            return
-        log.warning("PUBREC for unknown packet id %s from %s", packet_id, self.client_id)
-
-    async def handle_pubcomp(self, pubcomp: Any) -> None:
-        packet_id: int = pubcomp.packet_id
-        if self._resolve(self._pubcomp_waiters, packet_id, pubcomp):
-            return
-        inflight = self._current_session().inflight_out
-        message = inflight.get(packet_id)
-        if message is not None and message.qos == QOS_2:
-            message.pubcomp_packet = pubcomp
-            del inflight[packet_id]
-            log.debug("late PUBCOMP %s from %s", packet_id, self.client_id)
-            return
-        log.warning("PUBCOMP for unknown packet id %s from %s", packet_id, self.client_id)
-
-    async def handle_pubrel(self, pubrel: Any) -> None:
-        """Also answer a PUBREL nobody waits for (re-sent after a reconnect) [MQTT-4.3.3-2].
-
-        amqtt 0.12.1 only logged it, leaving the client waiting forever for PUBCOMP and the
-        incoming QoS 2 message undelivered in `session.inflight_in`.
-        """
-        packet_id: int = pubrel.packet_id
-        if self._resolve(self._pubrel_waiters, packet_id, pubrel):
-            return
-        session = self._current_session()
-        message = session.inflight_in.pop(packet_id, None)
-        if message is not None:
-            message.pubrel_packet = pubrel
-            await session.delivered_message_queue.put(message)
-        await self._send_packet(PubcompPacket.build(packet_id))
 
 
 @dataclass(eq=False)
@@ -970,7 +527,7 @@ class HardenedBroker(Broker):
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-        task.add_done_callback(_log_task_failure)
+        task.add_done_callback(log_task_failure)
 
     async def _may_receive(self, session: Session, topic: str) -> bool:
         allowed: bool = await self._topic_filtering(session, topic=topic, action=Action.RECEIVE)

@@ -1,0 +1,180 @@
+"""Connection guards: amqtt's stream adapters with limits (part of `iotbiz.broker.hardened`).
+
+`GuardedReader` follows the MQTT framing to refuse packets larger than `max_packet_size` before
+buffering them and times the last complete packet (for the keep-alive watch); `GuardedWriter`
+aborts a peer that stops reading for `write_timeout` seconds. Fits amqtt==0.12.1, which
+`iotbiz.broker.hardened` checks on import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from amqtt.adapters import ReaderAdapter, StreamWriterAdapter, WebSocketsWriter, WriterAdapter
+from amqtt.errors import AMQTTError
+
+log = logging.getLogger(__name__)
+
+
+class ConnectionGuardError(AMQTTError):
+    """The peer broke the framing rules (oversized or malformed packet); drop the connection.
+
+    Deliberately not an `MQTTError`: amqtt's reader loop skips MQTTErrors and keeps reading,
+    while any other exception ends the connection.
+    """
+
+
+# GuardedReader framing states.
+_EXPECT_TYPE = 0
+_EXPECT_LENGTH = 1
+_EXPECT_BODY = 2
+
+
+class GuardedReader(ReaderAdapter):
+    """Wraps a reader adapter and follows the MQTT framing of the bytes it returns.
+
+    It refuses a packet whose remaining length exceeds `max_packet_size` as soon as the length is
+    known (before its body is buffered), and records when the last complete control packet
+    arrived (`last_packet_at`, `time.monotonic()`), which the keep-alive watchdog reads.
+    """
+
+    def __init__(self, inner: ReaderAdapter, max_packet_size: int) -> None:
+        self._inner = inner
+        self._max_packet_size = max_packet_size
+        self._state = _EXPECT_TYPE
+        self._length = 0
+        self._multiplier = 1
+        self._length_bytes = 0
+        self._body_left = 0
+        self._error: ConnectionGuardError | None = None
+        self.last_packet_at = time.monotonic()
+
+    async def read(self, n: int = -1) -> bytes:
+        if self._error is not None:
+            raise self._error
+        try:
+            data: bytes = await self._inner.read(n)
+        except (EOFError, OSError):
+            await self._before_end()
+            raise
+        if not data and n != 0:
+            await self._before_end()
+        self._track(data)
+        return data
+
+    @staticmethod
+    async def _before_end() -> None:
+        # amqtt's reader loop handles each packet in a new task and cancels the unfinished ones
+        # when it reads EOF; if the EOF was already buffered (PUBLISH + DISCONNECT + FIN in one
+        # go) they were cancelled before they ran. One loop iteration lets them start.
+        await asyncio.sleep(0)
+
+    def feed_eof(self) -> None:
+        self._inner.feed_eof()
+
+    def _track(self, data: bytes) -> None:
+        index = 0
+        while index < len(data):
+            if self._state == _EXPECT_BODY:
+                taken = min(self._body_left, len(data) - index)
+                self._body_left -= taken
+                index += taken
+                if self._body_left == 0:
+                    self._packet_complete()
+                continue
+            byte = data[index]
+            index += 1
+            if self._state == _EXPECT_TYPE:
+                self._state = _EXPECT_LENGTH
+                self._length, self._multiplier, self._length_bytes = 0, 1, 0
+                continue
+            self._length += (byte & 0x7F) * self._multiplier
+            self._multiplier *= 128
+            self._length_bytes += 1
+            if byte & 0x80:
+                if self._length_bytes == 4:
+                    self._fail("malformed remaining length")
+                continue
+            if self._length > self._max_packet_size:
+                self._fail(
+                    f"packet of {self._length} bytes exceeds the limit of "
+                    f"{self._max_packet_size} bytes"
+                )
+            if self._length == 0:
+                self._packet_complete()
+            else:
+                self._state = _EXPECT_BODY
+                self._body_left = self._length
+
+    def _packet_complete(self) -> None:
+        self._state = _EXPECT_TYPE
+        self.last_packet_at = time.monotonic()
+
+    def _fail(self, reason: str) -> None:
+        self._error = ConnectionGuardError(reason)
+        raise self._error
+
+
+def _transport_of(writer: WriterAdapter) -> asyncio.WriteTransport | None:
+    """The transport under one of amqtt's writer adapters (private attributes, amqtt 0.12.1)."""
+    transport: asyncio.WriteTransport | None = None
+    if isinstance(writer, StreamWriterAdapter):
+        transport = writer._writer.transport
+    elif isinstance(writer, WebSocketsWriter):
+        transport = writer._protocol.transport
+    return transport
+
+
+class GuardedWriter(WriterAdapter):
+    """Wraps a writer adapter: bounded drain/close, and `abort()` to drop a stuck peer."""
+
+    def __init__(self, inner: WriterAdapter, write_timeout: float) -> None:
+        self._inner = inner
+        self._write_timeout = write_timeout
+        self._closed = False
+
+    def write(self, data: bytes) -> None:
+        self._inner.write(data)
+
+    async def drain(self) -> None:
+        try:
+            async with asyncio.timeout(self._write_timeout):
+                await self._inner.drain()
+        except TimeoutError as exc:
+            log.warning(
+                "%s has not read for %.1fs; aborting the connection",
+                self.get_peer_info(),
+                self._write_timeout,
+            )
+            self.abort()
+            raise ConnectionResetError("peer stopped reading") from exc
+
+    def get_peer_info(self) -> tuple[str, int] | None:
+        peer: tuple[str, int] | None = self._inner.get_peer_info()
+        return peer
+
+    def get_ssl_info(self) -> Any:
+        return self._inner.get_ssl_info()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            async with asyncio.timeout(self._write_timeout):
+                await self._inner.close()
+        except TimeoutError:
+            log.warning("closing %s timed out; aborting the connection", self.get_peer_info())
+            self.abort()
+        except OSError as exc:
+            log.debug("closing %s failed (%r); aborting the connection", self.get_peer_info(), exc)
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop the connection at once, discarding unsent data."""
+        transport = _transport_of(self._inner)
+        if transport is not None:
+            transport.abort()
