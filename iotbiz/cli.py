@@ -61,6 +61,8 @@ def _configure_logging(level: str) -> None:
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         # One line per HTTP request: thousands a second while a fleet enrolls; DEBUG shows them.
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+        # amqtt's state machines narrate every transition at INFO.
+        logging.getLogger("transitions").setLevel(logging.WARNING)
 
 
 def _settings(args: argparse.Namespace) -> Settings:

@@ -119,6 +119,7 @@ DEFAULT_TAKEOVER_TIMEOUT = 5.0
 # after 1, 3, 7 s... (a 2,000-device warm storm took 12.3 s, its median client 0.8 s). The kernel
 # caps it at net.core.somaxconn (4096 on current kernels).
 LISTEN_BACKLOG = 4096
+BROADCAST_SHUTDOWN_TIMEOUT = 5.0  # amqtt's: deliveries still running at shutdown get this long
 
 # What parsing an untrusted CONNECT can raise in amqtt 0.12.1 (besides our own guard errors).
 _CONNECT_ERRORS = (
@@ -574,6 +575,33 @@ class HardenedBroker(Broker):
         if force_qos is None:
             force_qos = _PUBLISHED_QOS.get()
         await super()._broadcast_message(session, topic, data, force_qos)
+
+    async def _broadcast_loop(self) -> None:
+        """Broadcast queued messages until the broker shuts down.
+
+        Replaces amqtt's loop, which wrapped every message in a task of its own and raced it
+        against the shutdown future with `asyncio.wait`: here each message is broadcast inline,
+        and shutting down (amqtt resolves `_broadcast_shutdown_waiter`) cancels this task.
+        Finished delivery tasks are reaped in order, failures logged, as amqtt did.
+        """
+        running = self._tasks_queue
+        shutdown = self._broadcast_shutdown_waiter
+        this = asyncio.current_task()
+        if this is not None:
+            shutdown.add_done_callback(lambda _: this.cancel())
+        try:
+            while True:
+                while running and running[0].done():
+                    log_task_failure(running.popleft())
+                await self._run_broadcast(running)
+        except asyncio.CancelledError:
+            if not shutdown.done():
+                raise  # cancelled by someone else: not a shutdown
+        finally:
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.wait(running, timeout=BROADCAST_SHUTDOWN_TIMEOUT)
 
     async def _run_broadcast(self, running_tasks: deque[asyncio.Task[Any]]) -> None:
         """Deliver one message to the sessions subscribed to it.
