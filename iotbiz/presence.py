@@ -57,9 +57,6 @@ class PresenceRecorder:
         online = status.get("state") == "online" if live else None
         self._note(PresenceUpdate(name, self._clock(), online=online, status=status))
 
-    def telemetry(self, name: DeviceName, telemetry: dict[str, Any]) -> None:
-        self._note(PresenceUpdate(name, self._clock(), telemetry=telemetry))
-
     def telemetry_payload(self, name: DeviceName, payload: bytes) -> None:
         """A telemetry message as published; only the latest per device is parsed, at flush."""
         self._telemetry[name] = (self._clock(), payload)
@@ -111,7 +108,7 @@ class PresenceRecorder:
         telemetry, self._telemetry = self._telemetry, {}
         for name, (seen_at, payload) in telemetry.items():
             body = self._parse(name, topics.TELEMETRY, payload)
-            if body is not None:
+            if body is not None:  # a malformed message is ignored, as a malformed status is
                 self._note(PresenceUpdate(name, seen_at, telemetry=body))
         if not self._pending:
             return

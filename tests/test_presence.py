@@ -23,10 +23,10 @@ async def test_updates_merge_and_flush_in_one_batch(store: Store, clock: FakeClo
     presence = PresenceRecorder(store, clock=clock)
     presence.connected(NAME)
     clock.advance(1)
-    presence.telemetry(NAME, {"cpu": 1})
+    presence.telemetry_payload(NAME, b'{"cpu": 1}')
     presence.status(NAME, {"state": "online"}, live=True)
     clock.advance(1)
-    presence.telemetry(NAME, {"cpu": 2})
+    presence.telemetry_payload(NAME, b'{"cpu": 2}')
     await presence.flush()
     device = await store.get_device(NAME)
     assert device is not None
@@ -116,5 +116,5 @@ async def test_only_the_latest_telemetry_is_parsed_and_kept(store: Store, clock:
     await presence.flush()
     device = await store.get_device(NAME)
     assert device is not None
-    assert device.telemetry == {"cpu": 2}
+    assert (device.telemetry, device.last_seen_at) == ({"cpu": 2}, clock.now - 1)  # ignored
     assert presence.malformed_messages == 1
