@@ -4,7 +4,7 @@
 
 Every broker is its own process on a free loopback port; the load (simulated devices from
 scripts/fleet_sim.py: raw asyncio sockets, hand-built packets) comes from this process.
-Measured, at default sizes (a few minutes on 2 cores; --quick is a CI-size run under a minute):
+Measured, at default sizes (about 5 minutes on 2 cores; --quick is a CI-size run of about 1.5):
 
   a. enrollment: register + activate pairs/s with 2 clients per core for --enroll-seconds,
      against the bcrypt bound (cores / time of one hash + one check at the platform's cost), and
@@ -816,7 +816,7 @@ def _safe(get: Callable[[dict[str, Any]], Any], data: dict[str, Any]) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="CI-size run (under a minute)")
+    parser.add_argument("--quick", action="store_true", help="CI-size run (about 1.5 minutes)")
     parser.add_argument("--devices", type=int, help="largest fleet size (default 2000, quick 300)")
     parser.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON results")
     parser.add_argument("--log-level", default="INFO", help="the platform's (its default: INFO)")
