@@ -30,12 +30,18 @@ def connect_packet(
     password: str | None,
     keepalive: int,
     will: tuple[str, bytes] | None = None,
+    *,
+    clean: bool = True,
+    will_qos: int = 1,
+    will_retain: bool = True,
+    protocol: str = "MQTT",
+    level: int = 4,
 ) -> bytes:
-    """CONNECT with a clean session; a will is sent QoS 1, retained."""
-    flags = 0x02
+    """CONNECT (by default a clean session, and a will sent QoS 1, retained)."""
+    flags = 0x02 if clean else 0
     payload = encode_string(client_id)
     if will is not None:
-        flags |= 0x04 | (1 << 3) | 0x20
+        flags |= 0x04 | (will_qos << 3) | (0x20 if will_retain else 0)
         payload += encode_string(will[0]) + encode_string(will[1])
     if username is not None:
         flags |= 0x80
@@ -43,7 +49,7 @@ def connect_packet(
     if password is not None:
         flags |= 0x40
         payload += encode_string(password)
-    variable = encode_string("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive)
+    variable = encode_string(protocol) + bytes([level, flags]) + struct.pack("!H", keepalive)
     return packet(0x10, variable + payload)
 
 

@@ -29,6 +29,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
+from tests import mqtt_wire
 from tests.mqtt_wire import encode_string, packet
 
 # MQTT 3.1.1 control packet types (the high nibble of the first byte).
@@ -134,19 +135,18 @@ def connect_packet(
     level: int = 4,
 ) -> bytes:
     username, password = credentials
-    flags = 0x02 if clean else 0
-    payload = encode_string(client_id)
-    if will is not None:
-        flags |= 0x04 | (will.qos << 3) | (0x20 if will.retain else 0)
-        payload += encode_string(will.topic) + encode_string(will.payload)
-    if username is not None:
-        flags |= 0x80
-        payload += encode_string(username)
-    if password is not None:
-        flags |= 0x40
-        payload += encode_string(password)
-    variable = encode_string(protocol) + bytes([level, flags]) + struct.pack("!H", keepalive)
-    return packet(CONNECT << 4, variable + payload)
+    return mqtt_wire.connect_packet(
+        client_id,
+        username,
+        password,
+        keepalive,
+        None if will is None else (will.topic, will.payload),
+        clean=clean,
+        will_qos=0 if will is None else will.qos,
+        will_retain=False if will is None else will.retain,
+        protocol=protocol,
+        level=level,
+    )
 
 
 def publish_packet(
