@@ -2,7 +2,9 @@
 
 IotbizError                  base of everything below
 +-- ConfigError              a setting is unknown, of the wrong type or out of range (at start)
-+-- StoreError               the store cannot be opened, migrated or written
++-- StoreError               the store cannot be opened, migrated, read or written (every
+|   |                        driver error, sqlite3.Error, leaves the store as one of these)
+|   +-- StoreNotFound        no store file where one must exist (commands that only read)
 |   +-- NotFoundError        the customer or device named does not exist
 |   +-- ConflictError        the thing to create exists already
 +-- RegistrationRefused      register/activate refused by a rule (limit, activated, revoked...)
@@ -25,7 +27,11 @@ class ConfigError(IotbizError):
 
 
 class StoreError(IotbizError):
-    """The store cannot be opened, migrated or written."""
+    """The store cannot be opened, migrated, read or written."""
+
+
+class StoreNotFound(StoreError):
+    """There is no store at the path, and the operation may not create one."""
 
 
 class NotFoundError(StoreError):

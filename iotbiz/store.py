@@ -21,6 +21,7 @@ import logging
 import os
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable
 from contextlib import suppress
 from pathlib import Path
@@ -28,7 +29,13 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from iotbiz.errors import ConflictError, NotFoundError, RegistrationRefused, StoreError
+from iotbiz.errors import (
+    ConflictError,
+    NotFoundError,
+    RegistrationRefused,
+    StoreError,
+    StoreNotFound,
+)
 from iotbiz.models import Account, AuditEntry, Customer, Device, DeviceState, PresenceUpdate
 from iotbiz.names import DeviceName
 
@@ -100,24 +107,38 @@ class Store:
         self.path = path
         self._clock = clock
         self._lock = asyncio.Lock()
+        self._closed = False
 
     @classmethod
-    async def open(cls, path: Path, *, clock: Clock = time.time) -> Store:
-        """Open (creating if needed) and migrate the store at `path`."""
+    async def open(cls, path: Path, *, clock: Clock = time.time, create: bool = True) -> Store:
+        """Open and migrate the store at `path`, creating the file (and its folder) if needed.
+
+        With `create=False` a missing file is a StoreNotFound and nothing is created (for
+        commands that only read the store).
+        """
         try:
-            await asyncio.to_thread(_create_file, path)
-            db = await aiosqlite.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+            if create:
+                await asyncio.to_thread(_create_file, path)
+            elif not await asyncio.to_thread(path.is_file):
+                raise StoreNotFound(f"no store at {path}")
+            # mode=rw: SQLite itself never creates the file (nor its folder) here.
+            db = await aiosqlite.connect(
+                f"file:{urllib.parse.quote(str(path))}?mode={'rwc' if create else 'rw'}",
+                uri=True,
+                isolation_level=None,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+            )
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open store {path}: {exc}") from exc
         store = cls(db, path, clock)
         try:
             await store._call(_prepare)
-            await store._call(_migrate)
-        except (sqlite3.Error, StoreError) as exc:
-            await db.close()
-            if isinstance(exc, StoreError):
-                raise
-            raise StoreError(f"cannot open store {path}: {exc}") from exc
+            await store._call(lambda conn: _migrate(conn, path))
+        except StoreError as exc:
+            await store.close()
+            if isinstance(exc.__cause__, sqlite3.Error):
+                raise StoreError(f"cannot open store {path}: {exc.__cause__}") from exc.__cause__
+            raise
         return store
 
     def now(self) -> float:
@@ -125,17 +146,28 @@ class Store:
         return self._clock()
 
     async def close(self) -> None:
+        """Close the connection (again: nothing happens); operations after it raise StoreError."""
         async with self._lock:
-            await self._db.close()
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                await self._db.close()
+            except sqlite3.Error as exc:
+                raise StoreError(f"store {self.path} did not close cleanly: {exc}") from exc
 
     async def _call(self, work: Work[T]) -> T:
         """Run `work(connection)` in aiosqlite's thread, in one call, one operation at a time.
 
-        aiosqlite offers no public way to run a function in its thread; `_execute` is the method
-        its own statements go through (aiosqlite 0.20 to 0.22, bounded in setup.cfg).
+        Every driver error (sqlite3.Error) comes out as a StoreError naming the store, so that
+        callers catch one exception. aiosqlite offers no public way to run a function in its
+        thread; `_execute` is the method its own statements go through (aiosqlite 0.20 to 0.22,
+        bounded in setup.cfg).
         """
         async with self._lock:
-            result: T = await self._db._execute(_on_connection, self._db, work)  # type: ignore[no-untyped-call]
+            if self._closed:
+                raise StoreError(f"store {self.path} is closed")
+            result: T = await self._db._execute(_on_connection, self._db, self.path, work)  # type: ignore[no-untyped-call]
             return result
 
     async def _write(self, work: Work[T]) -> T:
@@ -147,10 +179,7 @@ class Store:
 
     async def ping(self) -> None:
         """Raise StoreError unless the store answers a query."""
-        try:
-            await self._call(lambda conn: _scalar(conn, "SELECT 1"))
-        except (sqlite3.Error, ValueError) as exc:
-            raise StoreError(f"store {self.path} does not answer: {exc}") from exc
+        await self._call(lambda conn: _scalar(conn, "SELECT 1"))
 
     # -- customers ------------------------------------------------------------------------------
 
@@ -442,8 +471,16 @@ class Store:
 # -- in aiosqlite's thread ----------------------------------------------------------------------
 
 
-def _on_connection(db: aiosqlite.Connection, work: Work[T]) -> T:
-    return work(db._conn)
+def _on_connection(db: aiosqlite.Connection, path: Path, work: Work[T]) -> T:
+    """Run `work` on the connection; every driver error leaves the store as a StoreError."""
+    try:
+        conn = db._conn
+    except ValueError as exc:  # aiosqlite: "no active connection"
+        raise StoreError(f"store {path} is closed") from exc
+    try:
+        return work(conn)
+    except sqlite3.Error as exc:
+        raise StoreError(f"store {path} failed: {exc}") from exc
 
 
 def _in_transaction(conn: sqlite3.Connection, path: Path, work: Work[T]) -> T:
@@ -453,27 +490,64 @@ def _in_transaction(conn: sqlite3.Connection, path: Path, work: Work[T]) -> T:
         raise StoreError(f"store {path} is busy or unwritable: {exc}") from exc
     try:
         result = work(conn)
+        conn.execute("COMMIT")  # a failed COMMIT (busy, disk full) leaves the transaction open
     except BaseException:
-        conn.execute("ROLLBACK")
+        _roll_back(conn, path)
         raise
-    conn.execute("COMMIT")
     return result
+
+
+def _roll_back(conn: sqlite3.Connection, path: Path) -> None:
+    """End the open transaction, if SQLite has not ended it already (it does on some I/O
+    errors); a failed ROLLBACK is logged, the error that caused it is the one raised."""
+    if not conn.in_transaction:
+        return
+    try:
+        conn.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        log.warning("store %s: rollback failed: %s", path, exc)
 
 
 def _prepare(conn: sqlite3.Connection) -> None:
     conn.row_factory = sqlite3.Row
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    mode = _scalar(conn, "PRAGMA journal_mode = WAL")
-    if str(mode).lower() != "wal":
-        raise StoreError(f"cannot switch the store to WAL mode (got {mode})")
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")  # before anything that may wait
+    _switch_to_wal(conn)
     conn.execute("PRAGMA synchronous = NORMAL")  # durable against a killed process in WAL
     conn.execute("PRAGMA foreign_keys = ON")
 
 
-def _migrate(conn: sqlite3.Connection) -> None:
-    conn.execute("BEGIN IMMEDIATE")  # one migrator at a time across processes
-    version = int(_scalar(conn, "PRAGMA user_version"))
-    conn.execute("COMMIT")
+def _switch_to_wal(conn: sqlite3.Connection) -> None:
+    """Put the file in WAL mode (once per file; it stays so). The switch needs an exclusive lock
+    and SQLite answers "database is locked" at once, without the busy timeout, while another
+    connection holds any lock, as it does when several processes open a new file together: so
+    retry, within the busy timeout, in this (aiosqlite's) thread."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    delay_s = 0.001
+    while True:
+        try:
+            mode = str(_scalar(conn, "PRAGMA journal_mode = WAL")).lower()
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(delay_s)
+            delay_s = min(delay_s * 2, 0.05)
+            continue
+        if mode != "wal":
+            raise StoreError(f"cannot switch the store to WAL mode (got {mode})")
+        return
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Bring the schema to SCHEMA_VERSION: the version is read, and every missing migration
+    applied, in one write transaction, so that two processes opening a new file at once cannot
+    both migrate it (one waits for the other's COMMIT, then finds nothing to do)."""
+    if _schema_version(conn) == SCHEMA_VERSION:
+        return  # the common case, without the write lock (versions only ever grow)
+    _in_transaction(conn, path, _apply_migrations)
+
+
+def _apply_migrations(conn: sqlite3.Connection) -> None:
+    version = _schema_version(conn)
     if version > SCHEMA_VERSION:
         raise StoreError(
             f"the store has schema version {version}, newer than this IoTBiz understands "
@@ -481,10 +555,28 @@ def _migrate(conn: sqlite3.Connection) -> None:
         )
     for target in range(version + 1, SCHEMA_VERSION + 1):
         log.info("migrating the store to schema version %d", target)
-        # One script, one transaction: a migration is applied whole or not at all.
-        conn.executescript(
-            f"BEGIN IMMEDIATE;\n{MIGRATIONS[target - 1]}\nPRAGMA user_version = {target};\nCOMMIT;"
-        )
+        # Statement by statement: `executescript` would COMMIT the transaction on its own.
+        for statement in _statements(MIGRATIONS[target - 1]):
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {target}")
+
+
+def _schema_version(conn: sqlite3.Connection) -> int:
+    return int(_scalar(conn, "PRAGMA user_version"))
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration into its statements (`;` inside a string or a trigger body is kept)."""
+    statements, pending = [], ""
+    for part in script.split(";"):
+        pending += part + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                statements.append(pending.strip())
+            pending = ""
+    if pending.strip(" \n;"):
+        raise StoreError(f"incomplete statement in a migration: {pending.strip()!r}")
+    return statements
 
 
 def _create_file(path: Path) -> None:
