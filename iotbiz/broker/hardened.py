@@ -91,7 +91,6 @@ from iotbiz.broker.handler import (
     HardenedProtocolHandler,
     log_task_failure,
 )
-from iotbiz.broker.sessions import use_lean_sessions
 
 AMQTT_VERSION = "0.12.1"
 if amqtt.__version__ != AMQTT_VERSION:
@@ -207,7 +206,6 @@ class HardenedBroker(Broker):
         if keepalive_grace < 1:
             raise ValueError(f"keepalive_grace must be at least 1, not {keepalive_grace!r}")
         super().__init__(config, loop, plugin_namespace)
-        use_lean_sessions()  # 16 KB less per connected client (iotbiz.broker.sessions)
         self.ack_timeout = ack_timeout
         self.keepalive_grace = keepalive_grace
         self.connect_timeout = connect_timeout

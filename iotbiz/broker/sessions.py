@@ -12,7 +12,10 @@ about 3.3 KB each even when empty (three deques apiece). `LeanQueue` is the unbo
 holding nothing while empty.
 
 amqtt builds the session of each CONNECT inside `BrokerProtocolHandler.init_from_connect` from
-the module-level name `Session`; `use_lean_sessions()` points that name at `LeanSession`. It fits
+the module-level name `Session`. `lean_init_from_connect` is that same upstream function, run with
+`Session` bound to `LeanSession` in its own copy of the module's globals: amqtt's module is left
+alone, so a plain amqtt `Broker` in the same process still builds amqtt's sessions (patching the
+module name, as this module once did, turned every later plain broker lean too). It fits
 amqtt==0.12.1 (pinned, like the rest of `iotbiz.broker.hardened`).
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import types
 from collections import deque
 from typing import Any, Generic, TypeVar
 
@@ -140,6 +144,21 @@ class LeanSession(Session):
         self.delivered_message_queue = LeanQueue[Any]()
 
 
-def use_lean_sessions() -> None:
-    """Make amqtt build `LeanSession`s for incoming connections."""
-    broker_handler.Session = LeanSession
+def _with_lean_sessions(function: Any) -> Any:
+    """`function` (amqtt code) with the global name `Session` meaning `LeanSession`."""
+    if function.__closure__ is not None:  # pragma: no cover - amqtt 0.12.1's has none
+        raise TypeError(f"{function.__qualname__} has a closure; cannot rebind its globals")
+    lean_globals = {**function.__globals__, "Session": LeanSession}
+    rebound = types.FunctionType(
+        function.__code__, lean_globals, function.__name__, function.__defaults__
+    )
+    rebound.__kwdefaults__ = function.__kwdefaults__
+    rebound.__qualname__ = function.__qualname__
+    return rebound
+
+
+# amqtt's `BrokerProtocolHandler.init_from_connect` (the function under its classmethod), building
+# a `LeanSession`; `HardenedProtocolHandler.init_from_connect` calls it.
+lean_init_from_connect = _with_lean_sessions(
+    broker_handler.BrokerProtocolHandler.init_from_connect.__func__
+)

@@ -25,9 +25,11 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from amqtt.broker import Broker
+from amqtt.session import Session
 from paho.mqtt.enums import CallbackAPIVersion
 
 from iotbiz.broker.hardened import HardenedBroker
+from iotbiz.broker.sessions import LeanSession
 from tests.broker import acl_plugins
 from tests.broker.acl_plugins import PASSWORDS
 
@@ -777,3 +779,18 @@ async def test_delivery_qos_is_the_lower_of_message_and_subscription(
         await asyncio.sleep(0.2)
         waiting = queued.items() if hasattr(queued, "items") else list(queued._queue)
         assert [(m.topic, m.qos) for m in waiting] == [("a/later1", 1)]
+
+
+# --- plain amqtt stays plain --------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_plain_amqtt_after_a_hardened_broker_builds_its_own_sessions() -> None:
+    """HardenedBroker's lean sessions are its own: a plain amqtt `Broker` started later in the
+    same process (the baselines above) still gets amqtt's `Session` with its state machine."""
+    async with harness(HardenedBroker) as test:
+        await test.paho("alice")
+        assert type(test.session("alice")) is LeanSession
+    async with harness(Broker) as test:
+        await test.paho("bob")
+        assert type(test.session("bob")) is Session
