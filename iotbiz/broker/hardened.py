@@ -139,6 +139,13 @@ _CONNECT_ERRORS = (
 )
 
 
+class _StartupFailureFilter(logging.Filter):
+    """Drops amqtt's "Broker startup failed" record (its exception is raised to the caller)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "Broker startup failed" and record.exc_info)
+
+
 @dataclass(eq=False)
 class _Connection:
     """A live (CONNACKed, not yet finished) connection of one client id."""
@@ -269,6 +276,21 @@ class HardenedBroker(Broker):
         if discard_session and client_id not in self._connections:
             await self._delete_session(client_id)
         return connection is not None
+
+    async def start(self) -> None:
+        """amqtt's `Broker.start`, without the traceback amqtt logs when it fails.
+
+        amqtt logs "Broker startup failed" with the whole traceback (15 lines for a port in use)
+        and then raises `BrokerError` from the cause anyway; reporting that is the caller's job
+        (`EmbeddedBroker.start` turns a port in use into one line naming the port and the flag).
+        Only that record is dropped, and only while this start runs.
+        """
+        quiet = _StartupFailureFilter()
+        self.logger.addFilter(quiet)
+        try:
+            await super().start()
+        finally:
+            self.logger.removeFilter(quiet)
 
     async def shutdown(self) -> None:
         await super().shutdown()

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -292,3 +296,47 @@ def test_sigterm_disconnects_devices_and_exits_0(tmp_path: Path) -> None:
         assert device.disconnected.wait(5)
         device.close()
         assert "Traceback" not in running.log()
+
+
+@pytest.mark.parametrize("log_level", ["INFO", "WARNING"])
+def test_mqtt_port_in_use_is_one_line_without_traceback(tmp_path: Path, log_level: str) -> None:
+    """DESIGN.md: a port already in use is a one-line error naming the port and the flag."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "IOTBIZ_CONFIG"}
+    db = tmp_path / "p.db"
+    migrated = run_cli("customer", "add", "abc123", "--limit", "1", "--db", str(db))
+    assert migrated.returncode == 0  # no schema migration lines in the output below
+    try:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "iotbiz.broker",
+                "--mqtt-port",
+                str(port),
+                "--http-port",
+                "0",
+                "--db",
+                str(db),
+                "--log-level",
+                log_level,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+            cwd=tmp_path,
+            check=False,
+        )
+    finally:
+        held.close()
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if " INFO " not in line]
+    assert len(errors) == 1, output
+    assert str(port) in errors[0]
+    assert "--mqtt-port" in errors[0]
