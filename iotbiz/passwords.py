@@ -24,7 +24,9 @@ class PasswordHasher:
     """Runs bcrypt in its own small thread pool (bcrypt releases the GIL), never on the loop.
 
     `busy` tells callers when more jobs are waiting than `max_queued`, so that a flood of requests
-    is answered with 429 instead of growing an unbounded queue.
+    is answered with 429 instead of growing an unbounded queue. One hasher serves the registrar
+    and MQTT logins; `busy_at(share)` lets a caller stop at a share of that bound and leave the
+    rest to the others (MQTT logins stop at half, so a login flood cannot starve enrollment).
     """
 
     def __init__(self, cost: int, *, threads: int = 0, max_queued: int = 256) -> None:
@@ -40,6 +42,20 @@ class PasswordHasher:
     @property
     def busy(self) -> bool:
         return self._jobs >= self._max_jobs
+
+    @property
+    def jobs(self) -> int:
+        """bcrypt jobs running or waiting for a thread."""
+        return self._jobs
+
+    @property
+    def max_jobs(self) -> int:
+        """The bound on `jobs` (threads + max_queued) at which `busy` turns true."""
+        return self._max_jobs
+
+    def busy_at(self, share: float) -> bool:
+        """True when running and waiting jobs fill `share` (0..1] of the bound."""
+        return self._jobs >= max(1, int(self._max_jobs * share))
 
     async def hash(self, password: str) -> bytes:
         salt = bcrypt.gensalt(rounds=self.cost)

@@ -9,9 +9,17 @@ Principals:
   - superuser accounts: any client id, any topic.
 
 Verified credentials are cached (a SHA-256 of the password, in memory) so that reconnects do not
-pay bcrypt again. The cache forgets a name when the store's change feed (its audit log) says the
-device was revoked, reset or registered again, or the account removed, whichever process made the
-change; the broker then disconnects that name's sessions.
+pay bcrypt again. Checking an uncached login runs bcrypt on the hasher the registrar uses; MQTT
+logins may fill only `LOGIN_HASH_SHARE` of its queue bound, so a flood of wrong passwords cannot
+starve enrollment: beyond that share a login is refused as `Refusal.UNAVAILABLE` (CONNACK 3,
+"server unavailable": the credentials may be right), counted in `busy_refusals` and logged at
+most once per `BUSY_LOG_PERIOD_S`. Failed logins are not cached: a negative entry would lock out
+a device that connects right after it is activated (the change feed arrives up to a poll later),
+and a flood with a new password per attempt would bypass it anyway; the share is the bound.
+
+The cache forgets a name when the store's change feed (its audit log) says the device was revoked,
+reset or registered again, or the account removed, whichever process made the change; the broker
+then disconnects that name's sessions.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import enum
 import hashlib
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -38,6 +47,19 @@ _REVOKING_ACTIONS = frozenset(
     {"device.revoke", "device.reset", "device.register_again", "account.remove"}
 )
 CHANGE_POLL_S = 0.25
+LOGIN_HASH_SHARE = 0.5  # MQTT logins may fill this share of the bcrypt queue bound
+BUSY_LOG_PERIOD_S = 10.0
+
+
+class Refusal(enum.Enum):
+    """Why `Authority.authenticate` refused a login."""
+
+    DENIED = "denied"  # bad credentials, not active, client id not allowed (CONNACK 5)
+    UNAVAILABLE = "unavailable"  # bcrypt queue at its share, or the store failed (CONNACK 3)
+
+
+class _HasherBusy(Exception):
+    """MQTT logins already fill their share of the bcrypt queue."""
 
 
 class Role(enum.StrEnum):
@@ -77,21 +99,29 @@ class Authority:
         self._verified: dict[str, tuple[bytes, Principal]] = {}
         self._epoch = 0  # bumped whenever the cache forgets something
         self.denied_publishes = 0
-        self.refused_logins = 0
+        self.refused_logins = 0  # refused as DENIED
+        self.busy_refusals = 0  # refused as UNAVAILABLE because bcrypt was at its share
+        self._busy_logged_at = -BUSY_LOG_PERIOD_S
+
+    @property
+    def hasher(self) -> PasswordHasher:
+        return self._hasher
 
     # -- authentication ------------------------------------------------------------------------
 
     async def authenticate(
         self, username: str | None, password: str | None, client_id: str | None
-    ) -> Principal | None:
-        """The principal for these credentials, or None (refused). Never raises."""
+    ) -> Principal | Refusal:
+        """The principal for these credentials, or why they are refused. Never raises."""
         if not username or password is None or not client_id:
             return self._refuse(username, "no username, password or client id")
         try:
             principal = await self._authenticate(username, password)
+        except _HasherBusy:
+            return self._refuse_busy()
         except IotbizError as exc:
             log.warning("login of %s refused: store failure: %s", username, exc)
-            return self._refuse(username, "store unavailable")
+            return Refusal.UNAVAILABLE
         if principal is None:
             return self._refuse(username, "bad credentials or not active")
         if not _client_id_allowed(principal, client_id):
@@ -107,6 +137,7 @@ class Authority:
         cached = self._verified.get(username)
         if cached is not None:
             return cached[1] if hmac.compare_digest(digest, cached[0]) else None
+        self._check_hasher()  # before the store read too: a refused flood costs nothing
         epoch = self._epoch
         principal = await self._verify(username, password)
         if principal is None:
@@ -128,18 +159,39 @@ class Authority:
                 return None
             if device.password_hash is None:
                 return None
+            self._check_hasher()
             if not await self._hasher.check(password, device.password_hash):
                 return None
             return device_principal(name)
         account = await self._store.get_account(username)
-        if account is None or not await self._hasher.check(password, account.password_hash):
+        if account is None:
+            return None
+        self._check_hasher()
+        if not await self._hasher.check(password, account.password_hash):
             return None
         return Principal(username, Role.SUPERUSER if account.superuser else Role.SERVICE)
 
-    def _refuse(self, username: str | None, reason: str) -> Principal | None:
+    def _check_hasher(self) -> None:
+        if self._hasher.busy_at(LOGIN_HASH_SHARE):
+            raise _HasherBusy
+
+    def _refuse(self, username: str | None, reason: str) -> Refusal:
         self.refused_logins += 1
         log.info("MQTT login of %s refused: %s", username, reason)
-        return None
+        return Refusal.DENIED
+
+    def _refuse_busy(self) -> Refusal:
+        self.busy_refusals += 1
+        now = time.monotonic()
+        if now - self._busy_logged_at >= BUSY_LOG_PERIOD_S:
+            self._busy_logged_at = now
+            log.warning(
+                "MQTT logins refused with CONNACK 3: bcrypt queue at MQTT's share "
+                "(%d refused so far; logged at most every %.0f s)",
+                self.busy_refusals,
+                BUSY_LOG_PERIOD_S,
+            )
+        return Refusal.UNAVAILABLE
 
     def forget(self, username: str) -> None:
         """Drop cached credentials of `username` (after a revoke, reset, ...)."""

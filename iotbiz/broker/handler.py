@@ -13,6 +13,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from amqtt.errors import AMQTTError
+from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
@@ -74,6 +75,11 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
         """
         handler, session = await lean_init_from_connect(cls, reader, writer, plugins_manager, loop)
         return handler, session
+
+    async def mqtt_connack_refuse(self, return_code: int) -> None:
+        """CONNACK with a refusal code of the caller's choice (amqtt's
+        `mqtt_connack_authorize(False)` always sends 5, not authorised)."""
+        await self._send_packet(ConnackPacket.build(0, return_code))
 
     # -- lifecycle ---------------------------------------------------------------------------
 

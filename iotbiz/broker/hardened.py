@@ -59,6 +59,10 @@ published QoS passed on by `_handle_message_delivery`); the broadcast loop runs 
 inline, without amqtt's per-filter log formatting or a task per message; TCP listeners use a
 listen backlog of `LISTEN_BACKLOG`; sessions and their queues are lean (`iotbiz.broker.sessions`).
 
+Refusal codes: amqtt answers every refused CONNECT with CONNACK 5 (not authorised); an auth plugin
+may instead set the session attribute `REFUSAL_CODE` (e.g. to 3, server unavailable, when it could
+not check the credentials), which `_handle_client_session` sends.
+
 Public additions: `HardenedBroker.listener_port()`, `is_connected()`,
 `connected_client_ids()` and `disconnect_client()` (see their docstrings).
 """
@@ -79,6 +83,7 @@ from amqtt.broker import Broker
 from amqtt.contexts import Action, ListenerType
 from amqtt.errors import AMQTTError, BrokerError, CodecError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
+from amqtt.mqtt.connack import NOT_AUTHORIZED
 from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.session import Session
@@ -101,6 +106,7 @@ if amqtt.__version__ != AMQTT_VERSION:
 
 __all__ = [
     "AMQTT_VERSION",
+    "REFUSAL_CODE",
     "ConnectionGuardError",
     "GuardedReader",
     "GuardedWriter",
@@ -114,6 +120,9 @@ log = logging.getLogger(__name__)
 _PUBLISHED_QOS: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "published_qos", default=None
 )
+
+# Session attribute an auth plugin may set to the CONNACK return code of its refusal (default 5).
+REFUSAL_CODE = "hardened.refusal_code"
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_MAX_PACKET_SIZE = 256 * 1024
@@ -346,21 +355,24 @@ class HardenedBroker(Broker):
         """Authenticate, take over, register and serve one connection.
 
         A copy of amqtt's method with these changes: authentication comes first and a refused
-        client never touches the session table (defect 1); the take-over of a live connection
+        client never touches the session table (defect 1), and is answered with the plugin's
+        `REFUSAL_CODE` if it set one; the take-over of a live connection
         waits for that connection to finish; retained messages are sent only for the client's
         own subscriptions (defect 2); the connection is always finished as a disconnect.
         """
         if not await self._authenticate(client_session, self.listeners_config[listener_name]):
+            code = client_session.attributes.get(REFUSAL_CODE, NOT_AUTHORIZED)
             log.info(
-                "refused CONNECT of client id %r (user %r) from %s:%s: not authorized",
+                "refused CONNECT of client id %r (user %r) from %s:%s: CONNACK %s",
                 client_session.client_id,
                 client_session.username,
                 client_session.remote_address,
                 client_session.remote_port,
+                code,
             )
             client_session.parent = 0
             handler.attach(client_session, reader, writer)
-            await handler.mqtt_connack_authorize(False)
+            await handler.mqtt_connack_refuse(code)
             await writer.close()
             return
 

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from amqtt.contexts import Action
+from amqtt.mqtt.connack import SERVER_UNAVAILABLE
 from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
 from amqtt.session import Session
 
-from iotbiz.broker.authority import Authority, Principal, Role
+from iotbiz.broker.authority import Authority, Principal, Refusal, Role
+from iotbiz.broker.hardened import REFUSAL_CODE
 from iotbiz.names import parse_device_name
 from iotbiz.presence import PresenceRecorder
 
@@ -33,7 +35,12 @@ def principal_of(session: Session | None) -> Principal | None:
 
 
 class AuthPlugin(BaseAuthPlugin):
-    """Authenticates devices and accounts through the `Authority`."""
+    """Authenticates devices and accounts through the `Authority`.
+
+    A login the authority could not check (`Refusal.UNAVAILABLE`: bcrypt queue at its share, or
+    the store failing) is refused with CONNACK 3, server unavailable, through the hardened
+    broker's `REFUSAL_CODE`; any other refusal is CONNACK 5, not authorised.
+    """
 
     authority: Authority | None = None
 
@@ -43,6 +50,7 @@ class AuthPlugin(BaseAuthPlugin):
 
     async def authenticate(self, *, session: Session) -> bool:
         session.attributes.pop(PRINCIPAL, None)
+        session.attributes.pop(REFUSAL_CODE, None)
         if self.authority is None:
             log.error("MQTT login refused: authentication plugin not bound")
             return False
@@ -53,7 +61,9 @@ class AuthPlugin(BaseAuthPlugin):
         except Exception:  # never raise into amqtt
             log.exception("MQTT login of %s refused: unexpected error", session.username)
             return False
-        if principal is None:
+        if principal is Refusal.UNAVAILABLE:
+            session.attributes[REFUSAL_CODE] = SERVER_UNAVAILABLE
+        if not isinstance(principal, Principal):
             return False
         session.attributes[PRINCIPAL] = principal
         return True

@@ -1,0 +1,105 @@
+"""What one device can make the embedded broker consume (issue 8, fault 7), through real parts.
+
+The platform runs in-process (real broker on port 0, real registrar, SQLite in tmp_path); devices
+are raw sockets (tests/mqtt_wire) where they must misbehave, paho where they are ordinary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import pytest_asyncio
+
+from iotbiz.broker.authority import Authority
+from iotbiz.platform import Platform
+from iotbiz.settings import Settings
+from tests.mqtt_wire import connect_packet
+
+CONNACK_SERVER_UNAVAILABLE = 3
+CONNACK_NOT_AUTHORIZED = 5
+
+
+@pytest_asyncio.fixture
+async def slow_bcrypt_platform(make_settings: Callable[..., Settings]) -> AsyncIterator[Platform]:
+    """A platform whose bcrypt is slow (cost 8, one thread) and whose queue is short (16)."""
+    settings = make_settings(
+        http={"host": "127.0.0.1"},
+        registrar={"bcrypt_cost": 8, "hash_threads": 1, "max_queued_hashes": 16},
+    )
+    running = Platform(settings)
+    await running.start()
+    await running.store.add_customer("abc123", 20, actor="test")
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+async def enroll(http: aiohttp.ClientSession, device_id: str) -> str:
+    body: dict[str, Any] = {"customer_id": "abc123", "mac_address": device_id}
+    async with http.post("/api/v1/register", json=body) as response:
+        assert response.status == 201, await response.text()
+        body["password"] = (await response.json())["password"]
+    async with http.post("/api/v1/activate", json=body) as response:
+        assert response.status == 200, await response.text()
+    return str(body["password"])
+
+
+async def connack_code(port: int, packet: bytes) -> int | None:
+    """Send one CONNECT on a new socket; the CONNACK return code (None: closed without one)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(packet)
+        await writer.drain()
+        async with asyncio.timeout(30):
+            connack = await reader.read(4)
+        return connack[3] if len(connack) == 4 else None
+    finally:
+        writer.close()
+
+
+def authority_of(platform: Platform) -> Authority:
+    assert platform.authority is not None
+    return platform.authority
+
+
+async def test_login_flood_leaves_room_for_enrollment(slow_bcrypt_platform: Platform) -> None:
+    """Hundreds of wrong-password CONNECTs for enrolled but uncached devices run bcrypt; they
+    may fill only MQTT's share of the bcrypt queue, the rest are refused with CONNACK 3 (server
+    unavailable: the credentials may be right), and an enrollment meanwhile still succeeds."""
+    platform = slow_bcrypt_platform
+    authority = authority_of(platform)
+    hasher = authority.hasher
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{platform.http_port}") as http:
+        victims = [f"victim-{index}" for index in range(5)]
+        for victim in victims:
+            await enroll(http, victim)
+        flood = [
+            asyncio.create_task(
+                connack_code(
+                    platform.mqtt_port,
+                    connect_packet(name, name, "wrong-password", keepalive=60),
+                )
+            )
+            for index in range(400)
+            for name in [f"abc123/{victims[index % len(victims)]}"]
+        ]
+        deadline = time.monotonic() + 10
+        while hasher.jobs < hasher.max_jobs // 2:  # the flood has reached bcrypt
+            assert time.monotonic() < deadline, "the flood never reached bcrypt"
+            await asyncio.sleep(0.005)
+
+        started = time.monotonic()
+        await enroll(http, "newcomer")
+        enrolled_in = time.monotonic() - started
+
+        codes = await asyncio.gather(*flood)
+    assert enrolled_in < 5.0
+    assert set(codes) <= {CONNACK_SERVER_UNAVAILABLE, CONNACK_NOT_AUTHORIZED}, set(codes)
+    busy = codes.count(CONNACK_SERVER_UNAVAILABLE)
+    assert busy > 0
+    assert authority.busy_refusals == busy
