@@ -62,6 +62,21 @@ class MQTTSettings:
     session_expiry_s: int = setting(
         7 * 86400, "seconds a disconnected persistent session (and its queue) is kept", min=1
     )
+    max_queued_messages: int = setting(
+        1000,
+        "QoS 1/2 messages queued per client: offline, the oldest are dropped; online, the newest",
+        min=1,
+    )
+    max_inflight_in: int = setting(
+        100,
+        "messages of one connection not yet processed; while full it is not read (backpressure)",
+        min=1,
+    )
+    max_broadcast_queue: int = setting(
+        10000,
+        "accepted messages waiting for delivery, all clients; while full publishers are not read",
+        min=1,
+    )
 
 
 @dataclass(frozen=True, slots=True)

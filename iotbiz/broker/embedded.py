@@ -86,6 +86,7 @@ class EmbeddedBroker:
             keepalive_grace=settings.keepalive_grace,
             connect_timeout=settings.connect_timeout_s,
             max_packet_size=settings.max_packet_bytes,
+            max_queued_messages=settings.max_queued_messages,
         )
         for plugin in self._broker.plugins_manager.plugins:
             if isinstance(plugin, AuthPlugin | TopicPlugin):

@@ -73,6 +73,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+import time
 from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -128,6 +129,8 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_MAX_PACKET_SIZE = 256 * 1024
 DEFAULT_WRITE_TIMEOUT = 30.0
 DEFAULT_TAKEOVER_TIMEOUT = 5.0
+DEFAULT_MAX_QUEUED_MESSAGES = 1000  # mosquitto's max_queued_messages default
+DROP_LOG_PERIOD_S = 10.0  # dropped messages are logged at most this often (and always counted)
 # asyncio's default listen backlog is 100: in a reconnect storm of 2,000 devices the kernel dropped
 # thousands of SYNs (ListenOverflows), and each dropped client waited for its SYN to be re-sent
 # after 1, 3, 7 s... (a 2,000-device warm storm took 12.3 s, its median client 0.8 s). The kernel
@@ -146,6 +149,23 @@ _CONNECT_ERRORS = (
     EOFError,
     OSError,
 )
+
+
+class _Throttle:
+    """`ready()` is true at most once per `period` seconds (for log lines about counted events)."""
+
+    __slots__ = ("_last", "_period")
+
+    def __init__(self, period: float) -> None:
+        self._period = period
+        self._last = -period
+
+    def ready(self) -> bool:
+        now = time.monotonic()
+        if now - self._last < self._period:
+            return False
+        self._last = now
+        return True
 
 
 class _StartupFailureFilter(logging.Filter):
@@ -193,6 +213,9 @@ class HardenedBroker(Broker):
         max_packet_size: largest accepted remaining length of any packet, in bytes.
         write_timeout: seconds a peer may refuse to read before its connection is aborted.
         takeover_timeout: seconds to wait for a replaced or kicked connection to finish.
+        max_queued_messages: QoS 1/2 messages kept for one offline persistent session; when it
+            is full the oldest is dropped and counted (`dropped_queued_messages`), as mosquitto
+            does with its max_queued_messages.
     """
 
     def __init__(
@@ -207,6 +230,7 @@ class HardenedBroker(Broker):
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
         write_timeout: float = DEFAULT_WRITE_TIMEOUT,
         takeover_timeout: float = DEFAULT_TAKEOVER_TIMEOUT,
+        max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES,
     ) -> None:
         limits = {
             "ack_timeout": ack_timeout,
@@ -215,6 +239,7 @@ class HardenedBroker(Broker):
             "max_packet_size": max_packet_size,
             "write_timeout": write_timeout,
             "takeover_timeout": takeover_timeout,
+            "max_queued_messages": max_queued_messages,
         }
         for name, value in limits.items():
             if value <= 0:
@@ -228,6 +253,9 @@ class HardenedBroker(Broker):
         self.max_packet_size = max_packet_size
         self.write_timeout = write_timeout
         self.takeover_timeout = takeover_timeout
+        self.max_queued_messages = max_queued_messages
+        self.dropped_queued_messages = 0  # oldest messages dropped from full offline queues
+        self._queue_drops_logged = _Throttle(DROP_LOG_PERIOD_S)
         self._connections: dict[str, _Connection] = {}
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -679,6 +707,32 @@ class HardenedBroker(Broker):
                         handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)
                     )
                 )
+
+    async def _retain_broadcast_message(
+        self, broadcast: dict[str, Any], qos: int, target_session: Session
+    ) -> None:
+        """amqtt's method (queue a message for an offline persistent session), with a cap.
+
+        amqtt queued without limit for as long as the session lived (7 days by default): a
+        device that stays away while commands keep coming held them all in memory. Now at most
+        `max_queued_messages` wait; when full, the oldest is dropped and counted (the newest
+        commands matter most to a device coming back), and the drops are logged at most every
+        `DROP_LOG_PERIOD_S`.
+        """
+        queue = target_session.retained_messages
+        while queue.qsize() >= self.max_queued_messages:
+            queue.get_nowait()
+            self.dropped_queued_messages += 1
+            if self._queue_drops_logged.ready():
+                log.warning(
+                    "queue of offline client %s full (%d): dropped its oldest message "
+                    "(%d dropped in all; logged at most every %.0f s)",
+                    target_session.client_id,
+                    self.max_queued_messages,
+                    self.dropped_queued_messages,
+                    DROP_LOG_PERIOD_S,
+                )
+        await super()._retain_broadcast_message(broadcast, qos, target_session)
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session

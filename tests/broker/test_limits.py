@@ -7,6 +7,7 @@ are raw sockets (tests/mqtt_wire) where they must misbehave, paho where they are
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -17,10 +18,14 @@ import pytest_asyncio
 from iotbiz.broker.authority import Authority
 from iotbiz.platform import Platform
 from iotbiz.settings import Settings
+from tests.mqtt_device import PahoDevice
 from tests.mqtt_wire import connect_packet
+from tests.processes import run_cli
 
 CONNACK_SERVER_UNAVAILABLE = 3
 CONNACK_NOT_AUTHORIZED = 5
+DEV = "abc123/dev-1"
+CMD = "devices/abc123/dev-1/cmd"
 
 
 @pytest_asyncio.fixture
@@ -103,3 +108,72 @@ async def test_login_flood_leaves_room_for_enrollment(slow_bcrypt_platform: Plat
     busy = codes.count(CONNACK_SERVER_UNAVAILABLE)
     assert busy > 0
     assert authority.busy_refusals == busy
+
+
+@pytest_asyncio.fixture
+async def small_queue_platform(make_settings: Callable[..., Settings]) -> AsyncIterator[Platform]:
+    """A platform that keeps at most 5 queued messages per client."""
+    settings = make_settings(http={"host": "127.0.0.1"}, mqtt={"max_queued_messages": 5})
+    running = Platform(settings)
+    await running.start()
+    await running.store.add_customer("abc123", 20, actor="test")
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+async def add_operator(platform: Platform, name: str = "ops") -> str:
+    """An operator account (service role), made with the CLI as an operator would; its password."""
+    args = ["account", "add", name, "--db", str(platform.store.path), "--json"]
+    result = await asyncio.to_thread(run_cli, *args)
+    assert result.returncode == 0, result.stderr
+    return str(json.loads(result.stdout)["password"])
+
+
+async def until(predicate: Callable[[], bool], what: str, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {within}s waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def test_offline_session_keeps_only_the_newest_messages(
+    small_queue_platform: Platform,
+) -> None:
+    """An offline persistent session keeps at most `max_queued_messages` (5 here): publishing 8
+    commands drops the 3 oldest, counted; on reconnect the device gets exactly the newest 5."""
+    platform = small_queue_platform
+    assert platform.broker is not None
+    broker = platform.broker.broker
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{platform.http_port}") as http:
+        password = await enroll(http, "dev-1")
+    device = PahoDevice(platform.mqtt_port, DEV, password, clean_session=False)
+    assert await device.connect() == 0
+    assert await device.subscribe(CMD, qos=1) == [1]
+    device.close()
+    await until(lambda: not broker.is_connected(DEV), "the device offline")
+
+    service = PahoDevice(platform.mqtt_port, "ops", await add_operator(platform))
+    assert await service.connect() == 0
+    for index in range(8):
+        await service.publish(CMD, f"command {index}", qos=1)
+    queue = broker.sessions[DEV][0].retained_messages
+    await until(
+        lambda: queue.qsize() + getattr(broker, "dropped_queued_messages", 0) == 8,
+        "8 commands handled",
+    )
+
+    device = PahoDevice(platform.mqtt_port, DEV, password, clean_session=False)
+    assert await device.connect() == 0
+    received = [await device.next_message() for _ in range(5)]
+    await service.publish(CMD, "marker", qos=1)  # queued ones come first, then new ones
+    marker = await device.next_message()
+    assert [m.payload.decode() for m in received if m is not None] == [
+        f"command {index}" for index in range(3, 8)
+    ]
+    assert marker is not None
+    assert marker.payload == b"marker"
+    assert broker.dropped_queued_messages == 3
+    device.close()
+    service.close()
