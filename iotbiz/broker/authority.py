@@ -19,7 +19,8 @@ and a flood with a new password per attempt would bypass it anyway; the share is
 
 The cache forgets a name when the store's change feed (its audit log) says the device was revoked,
 reset or registered again, or the account removed, whichever process made the change; the broker
-then disconnects that name's sessions.
+then disconnects that name's sessions, and for a revoked or reset device also drops the retained
+messages on its topics (a new subscriber must not see the status of a device that is gone).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Protocol
 
 from iotbiz import topics
 from iotbiz.errors import IotbizError
@@ -46,6 +48,8 @@ log = logging.getLogger(__name__)
 _REVOKING_ACTIONS = frozenset(
     {"device.revoke", "device.reset", "device.register_again", "account.remove"}
 )
+# ... and after which the device's retained messages must go too.
+_RETAINED_DROPPING_ACTIONS = frozenset({"device.revoke", "device.reset"})
 CHANGE_POLL_S = 0.25
 LOGIN_HASH_SHARE = 0.5  # MQTT logins may fill this share of the bcrypt queue bound
 BUSY_LOG_PERIOD_S = 10.0
@@ -80,7 +84,11 @@ class Principal:
     device: DeviceName | None = None  # set for a device
 
 
-Kick = Callable[[str], Awaitable[None]]
+class Kick(Protocol):
+    """Disconnect every session of `username`; with `drop_retained`, also remove the retained
+    messages on that device's topics."""
+
+    def __call__(self, username: str, *, drop_retained: bool) -> Awaitable[None]: ...
 
 
 class Authority:
@@ -199,7 +207,8 @@ class Authority:
         self._verified.pop(username, None)
 
     async def follow_changes(self, kick: Kick, *, poll_s: float = CHANGE_POLL_S) -> None:
-        """Follow the store's change feed for ever: forget and disconnect revoked names.
+        """Follow the store's change feed for ever: forget and disconnect revoked names (and
+        drop the retained messages of revoked and reset devices).
 
         Runs as a task owned by the broker; changes made by the CLI in another process arrive
         within `poll_s`.
@@ -216,7 +225,8 @@ class Authority:
                 cursor = change.entry_id
                 if change.action in _REVOKING_ACTIONS:
                     self.forget(change.subject)
-                    await kick(change.subject)
+                    drop_retained = change.action in _RETAINED_DROPPING_ACTIONS
+                    await kick(change.subject, drop_retained=drop_retained)
 
     # -- authorisation -------------------------------------------------------------------------
 

@@ -8,10 +8,12 @@ from typing import Any
 
 from amqtt.errors import BrokerError
 
+from iotbiz import topics
 from iotbiz.broker.authority import Authority
 from iotbiz.broker.hardened import HardenedBroker
 from iotbiz.broker.plugins import AuthPlugin, PresencePlugin, TopicPlugin, principal_of
 from iotbiz.errors import BrokerUnavailable, ConfigError
+from iotbiz.names import parse_device_name
 from iotbiz.presence import PresenceRecorder
 from iotbiz.settings import MQTTSettings
 
@@ -118,8 +120,13 @@ class EmbeddedBroker:
         self._started = True
         log.info("MQTT broker listening on mqtt://%s:%d", self._settings.host, self.port)
 
-    async def kick(self, username: str) -> None:
-        """Disconnect every session of `username` and discard it (after a revoke or reset)."""
+    async def kick(self, username: str, *, drop_retained: bool = False) -> None:
+        """Disconnect every session of `username` and discard it (after a revoke or reset).
+
+        With `drop_retained`, and if `username` is a device, the retained messages on that
+        device's topics are removed afterwards (after: a message it published just before the
+        disconnect is still processed during it).
+        """
         client_ids = [
             client_id
             for client_id, (session, _) in list(self._broker.sessions.items())
@@ -132,6 +139,12 @@ class EmbeddedBroker:
                 log.info(
                     "disconnected %s (client id %s): credentials withdrawn", username, client_id
                 )
+        name = parse_device_name(username)
+        if drop_retained and name is not None and str(name) == username:
+            prefix = topics.device_topic(name, "")
+            dropped = await self._broker.drop_retained(lambda topic: topic.startswith(prefix))
+            if dropped:
+                log.info("dropped %d retained message(s) of %s", dropped, username)
 
     async def health(self) -> tuple[str, str]:
         if not self._started:

@@ -64,7 +64,7 @@ may instead set the session attribute `REFUSAL_CODE` (e.g. to 3, server unavaila
 not check the credentials), which `_handle_client_session` sends.
 
 Public additions: `HardenedBroker.listener_port()`, `is_connected()`,
-`connected_client_ids()` and `disconnect_client()` (see their docstrings).
+`connected_client_ids()`, `disconnect_client()` and `drop_retained()` (see their docstrings).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -328,6 +328,17 @@ class HardenedBroker(Broker):
             await super().start()
         finally:
             self.logger.removeFilter(quiet)
+
+    async def drop_retained(self, matches: Callable[[str], bool]) -> int:
+        """Remove the retained messages whose topic `matches`; return how many.
+
+        Each goes through amqtt's own clearing path (`retain_message` with an empty payload,
+        [MQTT-3.3.1-10]), which also fires the RETAINED_MESSAGE event.
+        """
+        doomed = [topic for topic in self._retained_messages if matches(topic)]
+        for topic in doomed:
+            await self.retain_message(None, topic, b"")
+        return len(doomed)
 
     async def shutdown(self) -> None:
         await super().shutdown()

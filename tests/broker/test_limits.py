@@ -13,9 +13,11 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
+import pytest
 import pytest_asyncio
 
 from iotbiz.broker.authority import Authority
+from iotbiz.names import DeviceName
 from iotbiz.platform import Platform
 from iotbiz.settings import Settings
 from tests.mqtt_device import PahoDevice
@@ -25,7 +27,8 @@ from tests.processes import run_cli
 CONNACK_SERVER_UNAVAILABLE = 3
 CONNACK_NOT_AUTHORIZED = 5
 DEV = "abc123/dev-1"
-CMD = "devices/abc123/dev-1/cmd"
+PREFIX = "devices/abc123/dev-1/"
+CMD = PREFIX + "cmd"
 
 
 @pytest_asyncio.fixture
@@ -177,3 +180,48 @@ async def test_offline_session_keeps_only_the_newest_messages(
     assert broker.dropped_queued_messages == 3
     device.close()
     service.close()
+
+
+@pytest.mark.parametrize("action", ["revoke", "reset"])
+async def test_revoked_or_reset_device_leaves_no_retained_messages(
+    small_queue_platform: Platform, action: str
+) -> None:
+    """A device's retained status goes when the device is revoked or reset (through the store,
+    as the CLI does it); another device's stays."""
+    platform = small_queue_platform
+    assert platform.broker is not None
+    broker = platform.broker.broker
+    passwords = {}
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{platform.http_port}") as http:
+        for device_id in ("dev-1", "dev-2"):
+            passwords[device_id] = await enroll(http, device_id)
+    devices = {}
+    for device_id, password in passwords.items():
+        devices[device_id] = PahoDevice(platform.mqtt_port, f"abc123/{device_id}", password)
+        assert await devices[device_id].connect() == 0
+        topic = f"devices/abc123/{device_id}/status"
+        await devices[device_id].publish(topic, b'{"state": "online"}', qos=1, retain=True)
+    await until(lambda: len(broker.retained_messages) == 2, "both statuses retained")
+
+    name = DeviceName("abc123", "dev-1")
+    if action == "revoke":
+        await platform.store.revoke_device(name, actor="operator")
+    else:
+        await platform.store.reset_device(name, actor="operator")
+    assert await devices["dev-1"].wait_disconnected(timeout=5)
+    await until(
+        lambda: not any(t.startswith(PREFIX) for t in broker.retained_messages),
+        "dev-1's retained status removed",
+    )
+
+    service = PahoDevice(platform.mqtt_port, "ops", await add_operator(platform))
+    assert await service.connect() == 0
+    assert await service.subscribe("devices/#") == [1]
+    await service.publish("devices/abc123/dev-2/cmd", b"marker", qos=1)
+    topics = []
+    while (message := await service.next_message()) is not None and message.payload != b"marker":
+        topics.append(message.topic)
+    assert message is not None, "marker not received"
+    assert topics == ["devices/abc123/dev-2/status"]
+    for client in (*devices.values(), service):
+        client.close()
