@@ -318,6 +318,14 @@ class AppSettings:
     start_s: float = setting(
         1.0, "seconds an app must run to count as started; a quicker exit is a failed start", min=0
     )
+    start_retries: int = setting(
+        3,
+        "failed starts in a row retried before the app is FATAL (0: none; -1: retry for ever)",
+        min=-1,
+    )
+    user: str | None = setting(
+        None, "run as this user (name or uid) with its groups; needs a root agent"
+    )
     health: HealthSettings | None = setting(None, "health check: {http = URL} or {command = [...]}")
 
 
@@ -403,9 +411,26 @@ def _load_apps(apps: Any, source: str) -> tuple[AppSettings, ...]:
             raise ConfigError(f"{prefix}command: required, a non-empty list of strings")
         if app.restart not in RESTART_POLICIES:
             raise ConfigError(f"{prefix}restart: must be one of {', '.join(RESTART_POLICIES)}")
+        if app.user is not None and not _is_user(app.user):
+            raise ConfigError(f"{prefix}user: no such user {app.user!r}")
         names.add(app.name)
         loaded.append(app)
     return tuple(loaded)
+
+
+def _is_user(user: str) -> bool:
+    """Whether `user` (a name, or a uid in digits as supervisord reads it) is in the passwd
+    database."""
+    import pwd
+
+    try:
+        if user.isdigit():
+            pwd.getpwuid(int(user))
+        else:
+            pwd.getpwnam(user)
+    except (KeyError, OverflowError):
+        return False
+    return True
 
 
 def _check_agent(settings: AgentSettings) -> None:

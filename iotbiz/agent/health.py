@@ -2,8 +2,8 @@
 
 `watch_health` checks every `interval_s` (after `grace_s`) and returns once `failures` checks in
 a row have failed; the supervisor then restarts the app. `check_health` is one check: None when
-healthy, else what was wrong. A check command runs like the app (its cwd and env, its own session,
-killed with the agent) and is killed, with its group, when it outlives `timeout_s`.
+healthy, else what was wrong. A check command runs like the app (its cwd, env and user, its own
+session, killed with the agent) and is killed, with its group, when it outlives `timeout_s`.
 """
 
 from __future__ import annotations
@@ -13,13 +13,7 @@ import logging
 import signal
 import subprocess
 
-from iotbiz.agent.processes import (
-    KILL_WAIT_S,
-    child_env,
-    describe_exit,
-    die_with_agent,
-    signal_group,
-)
+from iotbiz.agent.processes import KILL_WAIT_S, describe_exit, signal_group, spawn
 from iotbiz.settings import AppSettings, HealthSettings
 
 log = logging.getLogger(__name__)
@@ -59,17 +53,14 @@ async def check_health(settings: AppSettings, health: HealthSettings) -> str | N
     if health.command is None:
         return None
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *health.command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        proc = await spawn(
+            health.command,
             cwd=settings.cwd,
-            env=child_env(settings.env),
-            start_new_session=True,
-            preexec_fn=die_with_agent(),
+            env=settings.env,
+            user=settings.user,
+            output=subprocess.DEVNULL,
         )
-    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+    except (OSError, LookupError, ValueError, subprocess.SubprocessError) as exc:
         return f"cannot run {health.command[0]}: {exc}"
     exited = asyncio.create_task(proc.wait())
     try:

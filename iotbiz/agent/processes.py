@@ -7,21 +7,30 @@
   `reap_orphans` reaps those of them that have exited.
 - `signal_group` signals a whole process group (each app leads its own session and group).
 - `ProcessUsage` measures the CPU and memory of process trees with psutil.
+- `resolve_user` and `spawn`: an app's process (or its health check's) runs as the app's `user`
+  (uid, primary group, supplementary groups as initgroups(3) gives them, and HOME, USER and
+  LOGNAME from its passwd entry, as systemd's User= does; supervisord changes only the uid and
+  gid), in its own session, stdin from /dev/null, killed with the agent.
 
 Where there is no prctl(2) (not Linux) the first two do nothing and `reap_orphans` finds nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import functools
 import logging
 import os
+import pwd
 import signal
+import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -33,9 +42,76 @@ _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 
 
-def child_env(extra: dict[str, str] | None) -> dict[str, str] | None:
-    """The app's environment: the agent's own (passed through, not read) plus the app's `env`."""
-    return None if extra is None else {**os.environ, **extra}
+@dataclass(frozen=True, slots=True)
+class RunAs:
+    """The user an app runs as, from the passwd and group databases."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]  # supplementary groups, the primary one included (initgroups)
+    home: str
+
+
+class UserSwitchRefused(PermissionError):
+    """The agent is not root and the app's user is not the agent's: it can never start."""
+
+
+def resolve_user(user: str) -> RunAs:
+    """The app's `user` (a name, or a uid in digits as supervisord reads it). LookupError when
+    there is no such user, UserSwitchRefused when the agent cannot become it. Blocking (the
+    databases may be remote, through NSS): call it in a thread."""
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except (KeyError, OverflowError) as exc:
+        raise LookupError(f"no such user {user!r}") from exc
+    euid = os.geteuid()
+    if euid not in (0, entry.pw_uid):
+        raise UserSwitchRefused(
+            f"cannot run as user {user!r} (uid {entry.pw_uid}): "
+            f"the agent runs as uid {euid}, not root"
+        )
+    groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
+    return RunAs(entry.pw_name, entry.pw_uid, entry.pw_gid, groups, entry.pw_dir)
+
+
+def child_env(extra: dict[str, str] | None, run_as: RunAs | None = None) -> dict[str, str] | None:
+    """The app's environment: the agent's own (passed through, not read), HOME, USER and LOGNAME
+    of the app's user when it has one, then the app's `env`. None: the agent's, unchanged."""
+    if run_as is None:
+        return None if extra is None else {**os.environ, **extra}
+    own = {"HOME": run_as.home, "USER": run_as.name, "LOGNAME": run_as.name}
+    return {**os.environ, **own, **(extra or {})}
+
+
+async def spawn(
+    command: Sequence[str],
+    *,
+    cwd: Path | None,
+    env: dict[str, str] | None,
+    user: str | None,
+    output: int,
+) -> asyncio.subprocess.Process:
+    """Start `command` in a session of its own, as `user` (`resolve_user`, in a thread), stdin
+    from /dev/null, stdout and stderr to `output` (a file descriptor or subprocess.DEVNULL),
+    killed with the agent. Raises LookupError (no such user), UserSwitchRefused, OSError,
+    ValueError or SubprocessError when it cannot be started."""
+    run_as = None if user is None else await asyncio.to_thread(resolve_user, user)
+    switch: dict[str, Any] = {}
+    if run_as is not None and os.geteuid() == 0:  # else resolve_user found the agent's own user
+        switch = {"user": run_as.uid, "group": run_as.gid, "extra_groups": list(run_as.groups)}
+    # subprocess runs preexec_fn after the user switch, which would clear PR_SET_PDEATHSIG.
+    return await asyncio.create_subprocess_exec(
+        *command,
+        stdin=subprocess.DEVNULL,
+        stdout=output,
+        stderr=output,
+        cwd=cwd,
+        env=child_env(env, run_as),
+        start_new_session=True,
+        preexec_fn=die_with_agent(),
+        **switch,
+    )
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -92,6 +168,45 @@ class ProcessUsage:
                 self._known[proc.pid] = proc
             result[leader] = (cpu if primed else None, rss)
         return result
+
+
+async def terminate_group(
+    name: str, pgid: int, exited: asyncio.Task[int], stop_timeout_s: float
+) -> None:
+    """SIGTERM the app `name`'s process group; SIGKILL it if the leader, whose exit `exited`
+    awaits, outlives `stop_timeout_s`."""
+    signal_group(pgid, signal.SIGTERM)
+    done, _ = await asyncio.wait({exited}, timeout=stop_timeout_s)
+    if done:
+        return
+    log.warning("%s: still running %g s after SIGTERM, killing it", name, stop_timeout_s)
+    signal_group(pgid, signal.SIGKILL)
+    done, _ = await asyncio.wait({exited}, timeout=KILL_WAIT_S)
+    if not done:
+        log.error("%s: pid %d survived SIGKILL for %g s", name, pgid, KILL_WAIT_S)
+
+
+async def wait_event(event: asyncio.Event, delay: float) -> bool:
+    """Wait up to `delay` seconds for `event`: whether it was set."""
+    try:
+        async with asyncio.timeout(delay):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
+async def cancel(*tasks: asyncio.Task[Any] | None) -> None:
+    """Cancel `tasks` and wait for them; log (do not raise) what they failed with."""
+    for task in tasks:
+        if task is None:
+            continue
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            try:
+                await task
+            except Exception:
+                log.exception("task %s failed", task.get_name())
 
 
 # -- prctl(2) ------------------------------------------------------------------------------------

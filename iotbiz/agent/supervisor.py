@@ -7,19 +7,28 @@ States (supervisord's) and every edge, all made by `Supervisor._transition` and 
     STARTING/RUNNING -> BACKOFF        it exited (before `start_s`: a failed start); the policy
                                        restarts it after a delay
     STARTING/RUNNING -> EXITED         it exited; the policy does not restart it
-    STARTING -> FATAL                  it could not be spawned and the policy is "never"
+    STARTING -> FATAL                  it could not be spawned and the policy is "never", or it
+                                       never can be (a user a non-root agent cannot become)
     STARTING/RUNNING -> STOPPING       stop requested, or (RUNNING) the health check failed
     STOPPING -> STOPPED                stopped by request: not restarted
     STOPPING -> BACKOFF                stopped because it was unhealthy: restarted
     BACKOFF -> STARTING                the delay is over (an automatic restart, counted)
+    BACKOFF -> FATAL                   more than `start_retries` failed starts in a row: given up
     BACKOFF/STARTING -> STOPPED        stop requested while no process runs
+    EXITED/FATAL -> STOPPED            an operator's stop of an app that is not running
 
 Restart policy: "always" restarts after any exit, "on-failure" after a non-zero exit, a death by
 signal or a failed spawn, "never" not at all; an unhealthy app is restarted whatever its policy.
-Backoff: the n-th consecutive restart waits min(backoff_s * 2**(n-1), backoff_max_s) times a random
-factor in [0.5, 1] (so delays still grow until the cap and a fleet does not restart in step). The
-count of consecutive restarts goes back to zero when a process had been up for
-max(start_s, RESET_AFTER_S) seconds.
+Start retries (supervisord's startretries): a failed start is an exit before `start_s` or a failed
+spawn; once `start_retries` retries in a row have failed too (-1: never), the app is FATAL until
+an operator starts it. Reaching RUNNING resets that count, so an app that crashes after it started
+is restarted by its policy for ever, with the backoff. The n-th consecutive restart waits
+min(backoff_s * 2**(n-1), backoff_max_s) times a random factor in [0.5, 1] (so delays still grow
+until the cap and a fleet does not restart in step). The count of consecutive restarts goes back
+to zero when a process had been up for max(start_s, RESET_AFTER_S) seconds.
+
+Operator stops outlive the agent: `stop` writes the app's name to `state_file` (atomically, first),
+`start` and `restart` take it out, `start_all` leaves the apps it names STOPPED.
 
 Processes: each app runs in its own session and process group, stdin from /dev/null, stdout and
 stderr into one pipe read by `applog.AppLog`. On Linux the app's process gets SIGKILL when the
@@ -27,13 +36,13 @@ agent dies and `become_subreaper` makes orphaned grandchildren the agent's, whic
 (`processes`). An app with a health check is watched by `health.watch_health` while RUNNING. A
 stop sends SIGTERM to the group, then SIGKILL after `stop_timeout_s`; once the leader is gone,
 whatever is left of its group is SIGKILLed, also when it exits by itself (an app must not
-daemonize). Every process is awaited: no zombies.
+daemonize). Every process is awaited: no zombies. An app with a `user` runs as that user
+(`processes.spawn`); its output log is still written by the agent.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import os
@@ -47,15 +56,19 @@ from pathlib import Path
 from typing import Any
 
 from iotbiz.agent.applog import AppLog
+from iotbiz.agent.files import read_json, write_json
 from iotbiz.agent.health import watch_health
 from iotbiz.agent.processes import (
     KILL_WAIT_S,
     ProcessUsage,
-    child_env,
+    UserSwitchRefused,
+    cancel,
     describe_exit,
-    die_with_agent,
     reap_orphans,
     signal_group,
+    spawn,
+    terminate_group,
+    wait_event,
 )
 from iotbiz.agent.processes import become_subreaper as become_subreaper  # re-exported
 from iotbiz.settings import AppSettings
@@ -80,14 +93,14 @@ class AppState(enum.StrEnum):
 _S = AppState
 EDGES: dict[AppState, frozenset[AppState]] = {
     _S.STOPPED: frozenset({_S.STARTING}),  # STOPPED -> STARTING
-    _S.EXITED: frozenset({_S.STARTING}),  # EXITED -> STARTING
-    _S.FATAL: frozenset({_S.STARTING}),  # FATAL -> STARTING
+    _S.EXITED: frozenset({_S.STARTING, _S.STOPPED}),  # EXITED -> STARTING, -> STOPPED (operator)
+    _S.FATAL: frozenset({_S.STARTING, _S.STOPPED}),  # FATAL -> STARTING, -> STOPPED (operator)
     _S.STARTING: frozenset(
         {
             _S.RUNNING,  # STARTING -> RUNNING: up for start_s
             _S.BACKOFF,  # STARTING -> BACKOFF: failed start, to be retried
             _S.EXITED,  # STARTING -> EXITED: exited, not to be restarted
-            _S.FATAL,  # STARTING -> FATAL: cannot be spawned, policy never
+            _S.FATAL,  # STARTING -> FATAL: cannot be spawned, policy never; or never can be
             _S.STOPPING,  # STARTING -> STOPPING: stop requested
             _S.STOPPED,  # STARTING -> STOPPED: stop requested, the spawn had failed
         }
@@ -99,7 +112,13 @@ EDGES: dict[AppState, frozenset[AppState]] = {
             _S.STOPPING,  # RUNNING -> STOPPING: stop requested or unhealthy
         }
     ),
-    _S.BACKOFF: frozenset({_S.STARTING, _S.STOPPED}),  # BACKOFF -> STARTING, BACKOFF -> STOPPED
+    _S.BACKOFF: frozenset(
+        {
+            _S.STARTING,  # BACKOFF -> STARTING: the delay is over
+            _S.FATAL,  # BACKOFF -> FATAL: more than start_retries failed starts in a row
+            _S.STOPPED,  # BACKOFF -> STOPPED: stop requested
+        }
+    ),
     _S.STOPPING: frozenset({_S.STOPPED, _S.BACKOFF}),  # STOPPING -> STOPPED, -> BACKOFF (unhealthy)
 }
 
@@ -108,7 +127,8 @@ EDGES: dict[AppState, frozenset[AppState]] = {
 class AppStatus:
     """One app as the operator sees it. `exit_code` is the last exit status, negative when the
     process was killed by a signal; `cpu_percent` (100 = one core) and `rss_bytes` cover the app's
-    process tree and are only set by `Supervisor.sample`."""
+    process tree and are only set by `Supervisor.sample`; `reason` says why the app is in its state
+    ("gave up after 4 failed starts, last: exit 1", "stopped by operator")."""
 
     name: str
     state: AppState
@@ -119,19 +139,12 @@ class AppStatus:
     cpu_percent: float | None
     rss_bytes: int | None
     version: str | None
+    reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "state": self.state.value,
-            "pid": self.pid,
-            "restarts": self.restarts,
-            "exit_code": self.exit_code,
-            "started_at": self.started_at,
-            "cpu_percent": self.cpu_percent,
-            "rss_bytes": self.rss_bytes,
-            "version": self.version,
-        }
+        """Every field, in order, under its own name; the state as its name."""
+        fields = {name: getattr(self, name) for name in self.__slots__}
+        return {**fields, "state": self.state.value}
 
 
 EventSink = Callable[[dict[str, Any]], None]
@@ -146,6 +159,8 @@ class _Outcome:
     spawned: bool
     ran_s: float
     unhealthy: bool = False
+    started: bool = False  # it reached RUNNING: not a failed start
+    hopeless: bool = False  # it can never be spawned (a user the agent cannot become)
 
 
 class _App:
@@ -160,13 +175,17 @@ class _App:
         self.exit_code: int | None = None
         self.restarts = 0  # automatic restarts since the agent started
         self.failures = 0  # consecutive restarts, for the backoff
+        self.failed_starts = 0  # consecutive failed starts, for start_retries
+        self.reason: str | None = None  # that of the last transition
+        self.stop_reason = "stopped"  # the STOPPED transition's, once a stop is requested
         self.runner: asyncio.Task[None] | None = None
         self.stop_requested = asyncio.Event()
         self.lock = asyncio.Lock()  # one operator action (start, stop, restart) at a time
 
 
 class Supervisor:
-    """Runs `apps`, writing their output under `log_dir`, reporting state changes to `on_event`."""
+    """Runs `apps`, writing their output under `log_dir`, reporting state changes to `on_event`,
+    remembering operator stops in `state_file` (none: not remembered)."""
 
     def __init__(
         self,
@@ -177,6 +196,7 @@ class Supervisor:
         log_backups: int,
         tail_lines: int,
         on_event: EventSink | None = None,
+        state_file: Path | None = None,
     ) -> None:
         self._apps: dict[str, _App] = {}
         for settings in apps:
@@ -190,6 +210,9 @@ class Supervisor:
             )
             self._apps[settings.name] = _App(settings, output)
         self._on_event = on_event
+        self._state_file = state_file
+        self._held: set[str] = set()  # apps stopped by an operator
+        self._state_lock = asyncio.Lock()  # one write of state_file at a time, in order
         self._usage = ProcessUsage()
         self._sample_lock = asyncio.Lock()
         self._reaper: asyncio.Task[None] | None = None
@@ -220,39 +243,57 @@ class Supervisor:
         return self._app(name).output.tail(lines)
 
     async def start_all(self) -> None:
+        """Start every app but those an operator stopped (before the agent last went down)."""
         if self._reaper is None:
             self._reaper = asyncio.create_task(self._reap_periodically(), name="orphan reaper")
-        for app in self._apps.values():
+        if self._state_file is not None:
+            held = await asyncio.to_thread(_read_held, self._state_file)
+            self._held = held & self._apps.keys()
+        for name, app in self._apps.items():
             async with app.lock:
-                self._start(app)
+                if name not in self._held:
+                    self._start(app)
+                elif app.state is AppState.STOPPED:
+                    app.reason = "stopped by operator"
+                    log.info("%s: left STOPPED (stopped by operator)", name)
 
     async def stop_all(self) -> None:
+        """Stop every app because the agent is going down (not remembered as a stop)."""
         results = await asyncio.gather(
-            *(self.stop(name) for name in self._apps), return_exceptions=True
+            *(self._stop_locked(app, "agent stopping") for app in self._apps.values()),
+            return_exceptions=True,
         )
         for name, result in zip(self._apps, results, strict=True):
             if isinstance(result, Exception):
                 log.error("%s: stop failed", name, exc_info=result)
-        await _cancel(self._reaper)
+        await cancel(self._reaper)
         self._reaper = None
         await asyncio.to_thread(reap_orphans)
 
     async def start(self, name: str) -> AppStatus:
+        """The operator's start: also of a FATAL app, with its start retries renewed."""
         app = self._app(name)
         async with app.lock:
+            await self._hold(name, held=False)
             self._start(app)
         return self._status(app)
 
     async def stop(self, name: str) -> AppStatus:
+        """The operator's stop, remembered (first) until the operator's next start or restart."""
         app = self._app(name)
         async with app.lock:
-            await self._stop(app)
+            await self._hold(name, held=True)
+            await self._stop(app, "stopped by operator")
+            if app.state in (AppState.EXITED, AppState.FATAL):
+                # EXITED/FATAL -> STOPPED
+                self._transition(app, AppState.STOPPED, "stopped by operator")
         return self._status(app)
 
     async def restart(self, name: str) -> AppStatus:
         app = self._app(name)
         async with app.lock:
-            await self._stop(app)
+            await self._hold(name, held=False)
+            await self._stop(app, "restart requested")
             self._start(app)
         return self._status(app)
 
@@ -262,7 +303,7 @@ class Supervisor:
         old, name = app.state, app.settings.name
         if new not in EDGES[old]:
             log.error("%s: unexpected transition %s -> %s", name, old, new)
-        app.state = new
+        app.state, app.reason = new, reason
         log.info("%s: %s -> %s (%s)", name, old, new, reason)
         self._emit(
             {
@@ -281,15 +322,20 @@ class Supervisor:
         if app.runner is not None and not app.runner.done():
             return  # STARTING, RUNNING, BACKOFF or STOPPING: already being run
         app.stop_requested.clear()
-        app.failures = 0
+        app.failures = app.failed_starts = 0
         # STOPPED/EXITED/FATAL -> STARTING
         self._transition(app, AppState.STARTING, "start requested")
         app.runner = asyncio.create_task(self._run(app), name=f"app {app.settings.name}")
 
-    async def _stop(self, app: _App) -> None:
+    async def _stop_locked(self, app: _App, reason: str) -> None:
+        async with app.lock:
+            await self._stop(app, reason)
+
+    async def _stop(self, app: _App, reason: str) -> None:
         runner = app.runner
         if runner is None or runner.done():
             return
+        app.stop_reason = reason
         app.stop_requested.set()
         # The runner's own waits are bounded; this bound is a backstop against a bug.
         limit = app.settings.stop_timeout_s + 2 * KILL_WAIT_S + OUTPUT_DRAIN_S + 1.0
@@ -307,19 +353,29 @@ class Supervisor:
                 outcome = await self._run_once(app)
                 if app.stop_requested.is_set():
                     # STOPPING -> STOPPED; STARTING -> STOPPED when the spawn had failed
-                    self._transition(app, AppState.STOPPED, "stopped")
+                    self._transition(app, AppState.STOPPED, app.stop_reason)
                     return
-                if not self._wants_restart(app.settings, outcome):
+                if outcome.hopeless or not self._wants_restart(app.settings, outcome):
                     # STARTING/RUNNING -> EXITED; STARTING -> FATAL (could not be spawned)
                     final = AppState.EXITED if outcome.spawned else AppState.FATAL
                     self._transition(app, final, outcome.reason)
                     return
+                if not outcome.started:
+                    app.failed_starts += 1
                 delay = self._next_delay(app, outcome)
                 # STARTING/RUNNING -> BACKOFF; STOPPING -> BACKOFF (unhealthy)
                 self._transition(app, AppState.BACKOFF, outcome.reason)
+                retries = app.settings.start_retries
+                if 0 <= retries < app.failed_starts:
+                    count = app.failed_starts
+                    starts = "start" if count == 1 else "starts"
+                    reason = f"gave up after {count} failed {starts}, last: {outcome.reason}"
+                    self._transition(app, AppState.FATAL, reason)  # BACKOFF -> FATAL
+                    return
                 log.info("%s: restarting in %.1f s", name, delay)
-                if await _wait_event(app.stop_requested, delay):
-                    self._transition(app, AppState.STOPPED, "stopped")  # BACKOFF -> STOPPED
+                if await wait_event(app.stop_requested, delay):
+                    # BACKOFF -> STOPPED
+                    self._transition(app, AppState.STOPPED, app.stop_reason)
                     return
                 app.restarts += 1
                 # BACKOFF -> STARTING
@@ -349,19 +405,18 @@ class Supervisor:
         began = time.monotonic()
         read_fd, write_fd = os.pipe()
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *settings.command,
-                stdin=subprocess.DEVNULL,
-                stdout=write_fd,
-                stderr=write_fd,
+            proc = await spawn(
+                settings.command,
                 cwd=settings.cwd,
-                env=child_env(settings.env),
-                start_new_session=True,
-                preexec_fn=die_with_agent(),
+                env=settings.env,
+                user=settings.user,
+                output=write_fd,
             )
-        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        except (OSError, LookupError, ValueError, subprocess.SubprocessError) as exc:
             os.close(read_fd)
-            return _Outcome(f"cannot start: {exc}", failed=True, spawned=False, ran_s=0.0)
+            hopeless = isinstance(exc, UserSwitchRefused)
+            reason = f"cannot start: {exc}"
+            return _Outcome(reason, failed=True, spawned=False, ran_s=0.0, hopeless=hopeless)
         except BaseException:
             os.close(read_fd)
             raise
@@ -373,11 +428,12 @@ class Supervisor:
         exited = asyncio.create_task(proc.wait())
         stop = asyncio.create_task(app.stop_requested.wait())
         health: asyncio.Task[str] | None = None
-        unhealthy = False
+        unhealthy = started = False
         done: set[asyncio.Task[Any]]
         try:
             done, _ = await asyncio.wait({exited, stop}, timeout=settings.start_s)
             if not done:
+                started, app.failed_starts = True, 0
                 # STARTING -> RUNNING
                 self._transition(app, AppState.RUNNING, f"up {settings.start_s:g} s")
                 watched: set[asyncio.Task[Any]] = {exited, stop}
@@ -388,7 +444,7 @@ class Supervisor:
             if app.stop_requested.is_set():
                 # STARTING/RUNNING -> STOPPING
                 self._transition(app, AppState.STOPPING, "stop requested")
-                await self._terminate(app, proc.pid, exited)
+                await terminate_group(settings.name, proc.pid, exited, settings.stop_timeout_s)
             elif health is not None and health in done:
                 unhealthy = True
                 reason = health.result()
@@ -396,15 +452,15 @@ class Supervisor:
                 self._emit({**event, "ts": time.time()})
                 # RUNNING -> STOPPING
                 self._transition(app, AppState.STOPPING, f"unhealthy: {reason}")
-                await self._terminate(app, proc.pid, exited)
+                await terminate_group(settings.name, proc.pid, exited, settings.stop_timeout_s)
         finally:
-            await _cancel(stop, health)
+            await cancel(stop, health)
             if not exited.done():  # only when this task is cancelled
                 signal_group(proc.pid, signal.SIGKILL)
                 await asyncio.wait({exited}, timeout=KILL_WAIT_S)
             signal_group(proc.pid, signal.SIGKILL)  # what the leader left behind in its group
             await asyncio.wait({capture}, timeout=OUTPUT_DRAIN_S)
-            await _cancel(capture)
+            await cancel(capture)
             app.pid = app.started_at = None
         returncode = exited.result() if exited.done() else None
         app.exit_code = returncode
@@ -414,20 +470,8 @@ class Supervisor:
             spawned=True,
             ran_s=time.monotonic() - began,
             unhealthy=unhealthy,
+            started=started,
         )
-
-    async def _terminate(self, app: _App, pgid: int, exited: asyncio.Task[int]) -> None:
-        """SIGTERM the app's process group; SIGKILL it if the leader outlives stop_timeout_s."""
-        timeout = app.settings.stop_timeout_s
-        signal_group(pgid, signal.SIGTERM)
-        done, _ = await asyncio.wait({exited}, timeout=timeout)
-        if done:
-            return
-        log.warning("%s: still running %g s after SIGTERM, killing it", app.settings.name, timeout)
-        signal_group(pgid, signal.SIGKILL)
-        done, _ = await asyncio.wait({exited}, timeout=KILL_WAIT_S)
-        if not done:
-            log.error("%s: pid %d survived SIGKILL for %g s", app.settings.name, pgid, KILL_WAIT_S)
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -449,6 +493,7 @@ class Supervisor:
             cpu_percent=None,
             rss_bytes=None,
             version=None,
+            reason=app.reason,
         )
 
     def _emit(self, event: dict[str, Any]) -> None:
@@ -459,6 +504,23 @@ class Supervisor:
         except Exception:  # a broken sink must not stop supervision
             log.exception("event sink failed on %s", event.get("event"))
 
+    async def _hold(self, name: str, *, held: bool) -> None:
+        """Remember (or forget) the operator's stop of `name` in the state file. A failed write
+        is logged: the operator's action still happens, it is only not remembered."""
+        if self._state_file is None or (name in self._held) == held:
+            return
+        if held:
+            self._held.add(name)
+        else:
+            self._held.discard(name)
+        async with self._state_lock:
+            content = {"stopped": sorted(self._held)}
+            try:
+                await asyncio.to_thread(write_json, self._state_file, content)
+            except OSError as exc:
+                what = "stop" if held else "start"
+                log.error("cannot remember %s's %s in %s: %s", name, what, self._state_file, exc)
+
     async def _reap_periodically(self) -> None:
         while True:
             await asyncio.sleep(REAP_INTERVAL_S)
@@ -467,24 +529,13 @@ class Supervisor:
                 log.debug("reaped %d orphaned processes", reaped)
 
 
-async def _wait_event(event: asyncio.Event, delay: float) -> bool:
-    """Wait up to `delay` seconds for `event`: whether it was set."""
-    try:
-        async with asyncio.timeout(delay):
-            await event.wait()
-    except TimeoutError:
-        return False
-    return True
-
-
-async def _cancel(*tasks: asyncio.Task[Any] | None) -> None:
-    """Cancel `tasks` and wait for them; log (do not raise) what they failed with."""
-    for task in tasks:
-        if task is None:
-            continue
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            try:
-                await task
-            except Exception:
-                log.exception("task %s failed", task.get_name())
+def _read_held(path: Path) -> set[str]:
+    """The apps an operator stopped, from `path` (in a thread); none if it is missing or bad."""
+    if not path.exists():
+        return set()
+    content = read_json(path)
+    stopped = content.get("stopped") if isinstance(content, dict) else None
+    if not isinstance(stopped, list) or not all(isinstance(name, str) for name in stopped):
+        log.warning("ignoring %s: not a list of stopped apps", path)
+        return set()
+    return set(stopped)

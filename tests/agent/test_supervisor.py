@@ -11,7 +11,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,14 +89,15 @@ async def make_supervisor(
     """Supervisors over tmp_path/logs reporting to `events`; all stopped after the test."""
     made: list[Supervisor] = []
 
-    def make(*apps: AppSettings, log_max_bytes: int = 1 << 20) -> Supervisor:
+    def make(*apps: AppSettings, log_max_bytes: int = 1 << 20, **options: Any) -> Supervisor:
         supervisor = Supervisor(
             apps,
             log_dir,
             log_max_bytes=log_max_bytes,
             log_backups=2,
             tail_lines=50,
-            on_event=events,
+            on_event=options.pop("on_event", events),
+            **options,
         )
         made.append(supervisor)
         return supervisor
@@ -185,7 +186,7 @@ async def test_state_events_carry_each_transition(
     assert last["restarts"] == 0
     assert abs(last["ts"] - time.time()) < 5
     assert "web: STARTING -> RUNNING (up 0.3 s)" in caplog.messages
-    assert "web: STOPPING -> STOPPED (stopped)" in caplog.messages
+    assert "web: STOPPING -> STOPPED (stopped by operator)" in caplog.messages
 
 
 @pytest.mark.parametrize("policy", ["always", "on-failure"])
@@ -196,7 +197,9 @@ async def test_crash_on_start_is_retried_with_growing_backoff(
     policy: str,
 ) -> None:
     caplog.set_level(logging.INFO, logger="iotbiz.agent.supervisor")
-    supervisor = make_supervisor(app("bad", program("crashes"), restart=policy, start_s=0.5))
+    supervisor = make_supervisor(
+        app("bad", program("crashes"), restart=policy, start_s=0.5, start_retries=-1)
+    )
     await supervisor.start_all()
     await until(lambda: supervisor.status("bad").restarts >= 5, "5 restarts", timeout_s=10)
 
@@ -231,10 +234,15 @@ async def test_crash_on_start_is_retried_with_growing_backoff(
 async def test_crash_with_policy_never_exits(
     make_supervisor: Callable[..., Supervisor], events: Events
 ) -> None:
-    supervisor = make_supervisor(app("bad", program("crashes", "3"), restart="never"))
+    supervisor = make_supervisor(
+        app("bad", program("crashes", "3"), restart="never"),
+        # Crashes alike, on the same backoff, but is restarted: its restarts show that "bad"
+        # would have been restarted by now.
+        app("witness", program("crashes", "3"), restart="always", start_retries=-1),
+    )
     await supervisor.start_all()
     await until(in_state(supervisor, "bad", AppState.EXITED), "EXITED")
-    await asyncio.sleep(0.6)  # longer than the first backoff: nothing restarts it
+    await until(lambda: supervisor.status("witness").restarts >= 2, "the witness's restarts")
 
     status = supervisor.status("bad")
     assert status.state is AppState.EXITED
@@ -248,14 +256,18 @@ async def test_crash_with_policy_never_exits(
 async def test_clean_exit_restarts_only_with_policy_always(
     make_supervisor: Callable[..., Supervisor], events: Events, policy: str, restarted: bool
 ) -> None:
-    supervisor = make_supervisor(app("job", program("runs", "3"), restart=policy, start_s=0.1))
+    supervisor = make_supervisor(
+        app("job", program("runs", "3"), restart=policy, start_s=0.1),
+        # Exits alike, on the same backoff, with policy always: see test_crash_with_policy_never
+        app("witness", program("runs", "3"), restart="always", start_s=0.1),
+    )
     await supervisor.start_all()
     if restarted:
         await until(lambda: supervisor.status("job").restarts >= 1, "a restart")
         assert ("RUNNING", "BACKOFF") in events.states("job")
     else:
         await until(in_state(supervisor, "job", AppState.EXITED), "EXITED")
-        await asyncio.sleep(0.5)
+        await until(lambda: supervisor.status("witness").restarts >= 2, "the witness's restarts")
         assert supervisor.status("job").restarts == 0
         assert events.states("job")[-1] == ("RUNNING", "EXITED")
     assert supervisor.status("job").exit_code == 0
@@ -334,7 +346,7 @@ async def test_stop_all_stops_everything_even_a_stubborn_app(
         app("web", program("runs")),
         app("stubborn", program("ignores_term"), stop_timeout_s=1.0),
         app("parent", program("spawns_grandchild")),
-        app("bad", program("crashes")),
+        app("bad", program("crashes"), start_retries=-1),
     )
     await supervisor.start_all()
     await until(in_state(supervisor, "stubborn", AppState.RUNNING), "RUNNING")
@@ -369,31 +381,48 @@ async def test_operator_restart_is_not_counted(
     assert (await supervisor.start("web")).pid == restarted.pid  # already running: no-op
 
 
-def free_port() -> int:
+@pytest.fixture
+def reserved_port() -> Iterator[int]:
+    """A port of 127.0.0.1 held for the whole test: bound (SO_REUSEPORT) but not listening, so
+    that connections go only to the program that binds it too (health_server.py) and nothing
+    else can take it meanwhile."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        yield sock.getsockname()[1]
 
 
 @pytest.mark.parametrize("kind", ["http", "command"])
 async def test_unhealthy_app_is_restarted(
-    make_supervisor: Callable[..., Supervisor], events: Events, tmp_path: Path, kind: str
+    make_supervisor: Callable[..., Supervisor],
+    events: Events,
+    tmp_path: Path,
+    reserved_port: int,
+    kind: str,
 ) -> None:
-    port, sick = free_port(), tmp_path / "sick"
+    sick, checked = tmp_path / "sick", tmp_path / "checked"
     checks: dict[str, Any] = {"interval_s": 0.2, "timeout_s": 1.0, "failures": 2, "grace_s": 0.2}
     if kind == "http":
-        health = HealthSettings(http=f"http://127.0.0.1:{port}/", **checks)
+        health = HealthSettings(http=f"http://127.0.0.1:{reserved_port}/", **checks)
     else:
-        probe = f"import os, sys; sys.exit(os.path.exists({str(sick)!r}))"
+        probe = (  # counts its healthy answers in `checked`
+            f"import os, sys; sick = os.path.exists({str(sick)!r}); "
+            f"sick or open({str(checked)!r}, 'a').write('healthy\\n'); sys.exit(sick)"
+        )
         health = HealthSettings(command=(sys.executable, "-c", probe), **checks)
     supervisor = make_supervisor(
-        app("svc", program("health_server", str(port), str(sick)), health=health)
+        app("svc", program("health_server", str(reserved_port), str(sick)), health=health)
     )
     await supervisor.start_all()
     await until(in_state(supervisor, "svc", AppState.RUNNING), "RUNNING")
     first = supervisor.status("svc").pid
-    await asyncio.sleep(1.0)  # several healthy checks
+
+    def healthy_checks() -> int:
+        if kind == "http":  # the server logs each request
+            return sum('"GET / HTTP/1.1" 200' in line for line in supervisor.tail("svc", 50))
+        return checked.read_text().count("healthy") if checked.exists() else 0
+
+    await until(lambda: healthy_checks() >= 3, "three healthy checks")
     assert supervisor.status("svc").restarts == 0
     assert not events.named("app.unhealthy")
 
@@ -445,7 +474,8 @@ async def test_sample_measures_running_apps(make_supervisor: Callable[..., Super
     await until(in_state(supervisor, "web", AppState.RUNNING), "RUNNING")
 
     first = await supervisor.sample()
-    await asyncio.sleep(0.3)
+    printed = len(supervisor.tail("web", 50))
+    await until(lambda: len(supervisor.tail("web", 50)) >= printed + 2, "the app to run on")
     second = {status.name: status for status in await supervisor.sample()}
 
     assert [status.name for status in first] == ["web", "idle"]
@@ -468,6 +498,7 @@ async def test_sample_measures_running_apps(make_supervisor: Callable[..., Super
         "cpu_percent": web.cpu_percent,
         "rss_bytes": web.rss_bytes,
         "version": None,
+        "reason": "up 0.3 s",
     }
 
 
@@ -517,6 +548,13 @@ class Driver:
         async with asyncio.timeout(10):
             return (await self.proc.stdout.readline()).decode().strip()
 
+    async def send(self, line: str) -> str:
+        """Send one command line ("stop", "start"): the driver's answer."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{line}\n".encode())
+        await self.proc.stdin.drain()
+        return await self.line()
+
 
 @pytest_asyncio.fixture
 async def start_driver(log_dir: Path) -> AsyncIterator[Callable[..., Any]]:
@@ -528,6 +566,7 @@ async def start_driver(log_dir: Path) -> AsyncIterator[Callable[..., Any]]:
             str(PROGRAMS / "driver.py"),
             str(log_dir),
             *command,
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
         started.append(proc)

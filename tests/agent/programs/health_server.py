@@ -1,6 +1,8 @@
 """Serves GET / on 127.0.0.1:argv[1]: 200 while the file argv[2] does not exist, 503 once it
-does."""
+does; logs each request on stdout. Binds with SO_REUSEPORT: the test holds the port (bound, not
+listening) so that it is never free between the test picking it and this program binding it."""
 
+import socket
 import sys
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -20,4 +22,10 @@ class Handler(BaseHTTPRequestHandler):
         print(format % args, flush=True)
 
 
-HTTPServer(("127.0.0.1", PORT), Handler).serve_forever()
+class SharedPortServer(HTTPServer):
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+SharedPortServer(("127.0.0.1", PORT), Handler).serve_forever()
