@@ -343,6 +343,14 @@ class AgentSettings:
     outbox_max_messages: int = setting(
         1000, "telemetry kept on disk while offline; the oldest are dropped first", min=1
     )
+    replies_max_messages: int = setting(
+        256, "command replies kept on disk while offline; the oldest are dropped first", min=1
+    )
+    max_message_bytes: int = setting(
+        128 * 1024,
+        "largest MQTT message the agent sends; longer app.logs replies are cut, others dropped",
+        min=4096,
+    )
     log_max_bytes: int = setting(1024 * 1024, "size of an app's log file before rotation", min=1024)
     log_backups: int = setting(3, "rotated log files kept per app", min=0)
     log_tail_lines: int = setting(200, "recent output lines kept in memory per app", min=1)

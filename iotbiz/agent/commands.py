@@ -5,6 +5,11 @@ A command is `{"id", "action", "args", "expires_at"}`. The reply is `{"id", "ok"
 `REMEMBERED` of them, on disk too), so a re-delivered command gets the same reply again and is
 not run twice, even across an agent restart. Unknown actions and bad arguments are answered with
 an error, never a crash.
+
+Every reply fits in one MQTT message of `max_message_bytes` (the broker closes the connection on
+a bigger packet): an `app.logs` reply that would not fit loses its oldest lines and says
+`"truncated": true`; any other reply that would not fit becomes the error "reply too large".
+`config.get` never shows the apps' environment values (secrets live there), only their names.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ log = logging.getLogger(__name__)
 
 REMEMBERED = 256
 MAX_LOG_LINES = 1000
+REPLY_TOPIC_ALLOWANCE = 512  # the reply topic and the PUBLISH header, within max_message_bytes
 
 Reply = dict[str, Any]
 SendReply = Callable[[Reply], Awaitable[None]]
@@ -50,6 +56,8 @@ class CommandHandler:
         self._send_reply = send_reply
         self._status_report = status_report
         self._path: Path = settings.state_dir / "replies.json"
+        self._max_reply_bytes = settings.max_message_bytes - REPLY_TOPIC_ALLOWANCE
+        self._write_lock = asyncio.Lock()
         self._replies: OrderedDict[str, Reply] = OrderedDict()
         self._running: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -101,9 +109,9 @@ class CommandHandler:
             return  # the same command is being carried out; its reply comes once
         self._running.add(command_id)
         try:
-            reply = await self._run(command_id, command)
+            reply = self._fit(await self._run(command_id, command))
             self._remember(reply)
-            await asyncio.to_thread(write_json, self._path, list(self._replies.values()))
+            await self._save()
             await self._send_reply(reply)
         finally:
             self._running.discard(command_id)
@@ -129,6 +137,36 @@ class CommandHandler:
             return {"id": command_id, "ok": False, "error": "internal error in the agent"}
         log.info("command %s (%s) done", command_id, action)
         return {"id": command_id, "ok": True, "result": result}
+
+    async def _save(self) -> None:
+        """Write the remembered replies; one write at a time, each of the latest state, so that
+        concurrent commands never leave an older list on disk."""
+        async with self._write_lock:
+            await asyncio.to_thread(write_json, self._path, list(self._replies.values()))
+
+    def _fit(self, reply: Reply) -> Reply:
+        """`reply`, made to fit in one MQTT message (see the module docstring)."""
+        if _size(reply) <= self._max_reply_bytes:
+            return reply
+        result = reply.get("result")
+        if isinstance(result, dict) and isinstance(result.get("lines"), list):
+            lines: list[Any] = result["lines"]
+            room = self._max_reply_bytes - _size({**reply, "result": {**result, "lines": []}})
+            kept = 0
+            for line in reversed(lines):
+                room -= _size(line) + 1  # the line and its comma
+                if room < 0:
+                    break
+                kept += 1
+            trimmed = {**reply, "result": {**result, "lines": lines[len(lines) - kept :]}}
+            trimmed["result"]["truncated"] = True
+            log.info(
+                "command %s: reply cut to its last %d of %d lines", reply["id"], kept, len(lines)
+            )
+            if _size(trimmed) <= self._max_reply_bytes:
+                return trimmed
+        log.warning("command %s: reply of %d bytes too large", reply["id"], _size(reply))
+        return {"id": reply["id"], "ok": False, "error": "reply too large"}
 
     def _remember(self, reply: Reply) -> None:
         self._replies[reply["id"]] = reply
@@ -157,7 +195,7 @@ class CommandHandler:
         lines = args.get("lines", 100)
         if not isinstance(lines, int) or isinstance(lines, bool) or not 1 <= lines <= MAX_LOG_LINES:
             raise CommandError(f"args.lines must be a whole number from 1 to {MAX_LOG_LINES}")
-        return {"app": name, "lines": self._supervisor.tail(name, lines)}
+        return {"app": name, "lines": self._supervisor.tail(name, lines), "truncated": False}
 
     async def _config_get(self, args: dict[str, Any]) -> Any:
         return settings_to_json(self._settings)
@@ -171,8 +209,13 @@ class CommandHandler:
         return name
 
 
+def _size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":")).encode())
+
+
 def settings_to_json(settings: AgentSettings) -> dict[str, Any]:
-    """The agent's settings as JSON (they hold no secrets: the password is in state_dir)."""
+    """The agent's settings as JSON, without secrets: the password is in state_dir, and of the
+    apps' `env` only the names are shown, never the values."""
 
     def plain(value: Any) -> Any:
         if isinstance(value, Path):
@@ -183,4 +226,7 @@ def settings_to_json(settings: AgentSettings) -> dict[str, Any]:
             return {key: plain(item) for key, item in value.items()}
         return value
 
-    return {key: plain(value) for key, value in dataclasses.asdict(settings).items()}
+    config = {key: plain(value) for key, value in dataclasses.asdict(settings).items()}
+    for app in config["apps"]:
+        app["env"] = sorted(app["env"]) if app.get("env") else []
+    return config

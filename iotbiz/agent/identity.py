@@ -8,22 +8,33 @@ point recovers on its next start:
                            activate 403 (lost/expired)    -> register again (device still pending)
     activated           -> done; a restarted agent never registers again
 
-Network errors and 5xx are retried with capped exponential backoff and jitter; 429 waits for
-Retry-After; a 403 on register (unknown customer, limit reached, already activated with the
-credentials lost) is logged clearly and retried slowly, since only an operator can fix it.
+Network errors and 5xx are retried with capped exponential backoff and jitter: every error that
+urllib and http.client can raise for a request (OSError, which covers URLError, timeouts, refused
+or reset connections and ssl.SSLError; http.client.HTTPException, which covers BadStatusLine,
+IncompleteRead and RemoteDisconnected; ValueError from a malformed response), so enrollment never
+gives up. 429 waits for Retry-After. A 403 on register (unknown customer, limit reached, already
+activated with the credentials lost, revoked) is logged with what the operator must do and
+retried slowly, since only an operator can fix it.
+
+The HTTP request runs in a daemon thread, not the default executor: a registrar that accepts
+the connection and never answers must not keep a stopping agent waiting for the thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.client
 import json
 import logging
 import random
+import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -39,6 +50,7 @@ HTTP_TIMEOUT_S = 15.0
 BACKOFF_START_S = 1.0
 BACKOFF_CAP_S = 60.0
 REFUSED_RETRY_S = 300.0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,14 +174,11 @@ class Enrollment:
                 continue
             except _Refused as exc:
                 log.error(
-                    "registration of %s/%s refused by the platform: %s. An operator must fix "
-                    "this (e.g. `iotbiz device reset %s/%s` after a hardware swap); retrying "
-                    "in %.0f s",
+                    "registration of %s/%s refused by the platform: %s. %s; retrying in %.0f s",
                     self._settings.customer_id,
                     self._device_id,
                     exc,
-                    self._settings.customer_id,
-                    self._device_id,
+                    refusal_hint(str(exc), DeviceName(self._settings.customer_id, self._device_id)),
                     self._refused_retry_s,
                 )
                 await asyncio.sleep(self._refused_retry_s)
@@ -248,7 +257,56 @@ class Enrollment:
 
     async def _post(self, path: str, body: dict[str, str]) -> tuple[int, Any]:
         url = self._settings.registrar_url.rstrip("/") + path
-        return await asyncio.to_thread(_post_json, url, body)
+        return await _in_daemon_thread(_post_json, url, body)
+
+
+def refusal_hint(reason: str, name: DeviceName) -> str:
+    """What an operator can do about a refused registration, by the registrar's reason."""
+    if reason == "unknown customer":
+        return (
+            f"The customer {name.customer_id} does not exist: an operator must create it "
+            f"(`iotbiz customer add {name.customer_id} --limit N`)"
+        )
+    if reason == "device limit reached":
+        return (
+            f"The customer {name.customer_id} has all the devices it may have: an operator "
+            f"must raise its limit (`iotbiz customer set-limit {name.customer_id} N`)"
+        )
+    if reason == "device already activated":
+        return (
+            f"{name} was activated before and its credentials are lost (a reinstall or a "
+            f"hardware swap): an operator must reset it (`iotbiz device reset {name}`)"
+        )
+    if reason == "device revoked":
+        return f"{name} is revoked: it may not enroll unless an operator resets it"
+    return "An operator must look into it"
+
+
+async def _in_daemon_thread(function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)` in a daemon thread; cancelling the await leaves the thread to finish
+    (its result is dropped) without holding up the process's exit."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def run() -> None:
+        try:
+            result, error = function(*args), None
+        except BaseException as exc:  # handed over to the awaiting task, as to_thread does
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(_settle, future, result, error)
+
+    threading.Thread(target=run, name="registrar-http", daemon=True).start()
+    return await future
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # the awaiting task was cancelled
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 class _Refused(Exception):
@@ -270,16 +328,20 @@ def _post_json(url: str, body: dict[str, str]) -> tuple[int, Any]:
         headers={"Content-Type": "application/json"},
     )
     try:
-        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:  # noqa: S310
-            return response.status, _parse(response.read())
-    except urllib.error.HTTPError as exc:
-        retry_after = exc.headers.get("Retry-After")
-        answer = _parse(exc.read())
-        if exc.code == 429 and isinstance(answer, dict):
-            answer["retry_after"] = retry_after
-        return exc.code, answer
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-        raise _RetryLater(f"registrar unreachable ({exc})") from exc
+        try:
+            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:  # noqa: S310
+                return response.status, _parse(response.read())
+        except urllib.error.HTTPError as exc:
+            retry_after = exc.headers.get("Retry-After")
+            answer = _parse(exc.read())
+            if exc.code == 429 and isinstance(answer, dict):
+                answer["retry_after"] = retry_after
+            return exc.code, answer
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        # OSError: URLError, timeouts, refused/reset connections, ssl.SSLError;
+        # HTTPException: BadStatusLine, IncompleteRead, RemoteDisconnected, LineTooLong...;
+        # ValueError: a malformed response (e.g. a bad chunk size)
+        raise _RetryLater(f"registrar unreachable ({type(exc).__name__}: {exc})") from exc
 
 
 def _parse(data: bytes) -> Any:

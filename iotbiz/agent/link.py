@@ -1,10 +1,14 @@
 """The agent's MQTT link (aiomqtt, on paho-mqtt): connected for ever, or trying to be.
 
 On every connection: the will is a retained `offline` status, the first message a retained
-`online` status, then the `cmd` subscription (again after every reconnect) and the outbox is
-drained in order with QoS 1. Reconnects back off exponentially with jitter, capped, so that a
-fleet does not stampede a restarted platform. A refused login (CONNACK "not authorised") ends
-`run` with `NotAuthorized`, for the agent to check its enrollment.
+`online` status, then the `cmd` subscription (again after every reconnect) and the queues are
+drained in order with QoS 1, the first queue (replies) before the others (telemetry). A session
+is two tasks, the sender and the command reader: when either ends (a publish that failed or
+timed out, a lost connection) the session ends and the link reconnects. Reconnects back off
+exponentially with jitter, capped, so that a fleet does not stampede a restarted platform. A
+refused login (CONNACK "not authorised") ends `run` with `NotAuthorized`, for the agent to check
+its enrollment. Anything else that goes wrong (a disk error while acknowledging) ends `run`
+with that error: the agent treats it as fatal.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from urllib.parse import urlsplit
 
 import aiomqtt
@@ -31,11 +35,17 @@ log = logging.getLogger(__name__)
 BACKOFF_START_S = 1.0
 BACKOFF_CAP_S = 60.0
 SEND_BATCH = 50
+PUBLISH_TIMEOUT_S = 30.0  # also the CONNACK and SUBACK timeout
+CLOSE_TIMEOUT_S = 2.0  # the goodbye `offline` status at shutdown
 NOT_AUTHORIZED = (4, 5, 134, 135)  # bad credentials / not authorised (3.1.1 and 5 numbering)
 
 
 class NotAuthorized(Exception):
     """The broker refused the credentials."""
+
+
+class SessionEnded(Exception):
+    """The session's connection ended without an error from aiomqtt."""
 
 
 def status_payload(state: str) -> bytes:
@@ -48,8 +58,10 @@ class Link:
         self,
         settings: AgentSettings,
         credentials: Credentials,
-        outbox: Outbox,
+        queues: Sequence[Outbox],
         on_command: Callable[[bytes], Awaitable[None]],
+        *,
+        publish_timeout_s: float = PUBLISH_TIMEOUT_S,
     ) -> None:
         url = urlsplit(settings.broker_url)
         self._tls = url.scheme == "mqtts"
@@ -57,8 +69,9 @@ class Link:
         self._port = url.port or (8883 if self._tls else 1883)
         self._keepalive = settings.keepalive_s
         self._credentials = credentials
-        self._outbox = outbox
+        self._queues = tuple(queues)
         self._on_command = on_command
+        self._publish_timeout_s = publish_timeout_s
         self._status_topic = topics.device_topic(credentials.name, topics.STATUS)
         self._command_topic = topics.device_topic(credentials.name, topics.CMD)
         self._client: aiomqtt.Client | None = None
@@ -71,14 +84,7 @@ class Link:
         while True:
             before = self.connections
             try:
-                await self._session()
-                reason = "connection closed"
-            except aiomqtt.MqttCodeError as exc:
-                if _code(exc) in NOT_AUTHORIZED:
-                    raise NotAuthorized(str(exc)) from exc
-                reason = str(exc)
-            except aiomqtt.MqttError as exc:
-                reason = str(exc)
+                reason = await self._session_until_lost()
             finally:
                 self.connected.clear()
                 self._client = None
@@ -88,6 +94,18 @@ class Link:
             log.warning("MQTT link down (%s); reconnecting in %.1f s", reason, delay)
             await asyncio.sleep(delay)
             backoff = min(backoff * 2, BACKOFF_CAP_S)
+
+    async def _session_until_lost(self) -> str:
+        """Run one session; return why it ended (the errors that mean "reconnect")."""
+        try:
+            await self._session()
+        except aiomqtt.MqttCodeError as exc:
+            if _code(exc) in NOT_AUTHORIZED:
+                raise NotAuthorized(str(exc)) from exc
+            return str(exc)
+        except (aiomqtt.MqttError, SessionEnded) as exc:
+            return str(exc)
+        return "connection closed"
 
     async def _session(self) -> None:
         name = str(self._credentials.name)
@@ -101,7 +119,7 @@ class Link:
             clean_session=False,  # commands sent while the link was down still arrive
             will=aiomqtt.Will(self._status_topic, status_payload("offline"), qos=1, retain=True),
             tls_context=ssl.create_default_context() if self._tls else None,
-            timeout=30,
+            timeout=self._publish_timeout_s,
         ) as client:
             self._client = client
             await client.publish(self._status_topic, status_payload("online"), qos=1, retain=True)
@@ -109,27 +127,34 @@ class Link:
             self.connections += 1
             self.connected.set()
             log.info("connected to mqtt://%s:%d as %s", self._host, self._port, name)
-            sender = asyncio.create_task(self._drain_outbox(client), name="outbox")
-            try:
-                async for message in client.messages:
-                    if isinstance(message.payload, bytes | bytearray):
-                        await self._on_command(bytes(message.payload))
-            finally:
-                sender.cancel()
-                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                    await sender
+            # One session, two tasks: whichever ends first (a publish that timed out, a lost
+            # connection) ends the session with its error, so that `run` reconnects.
+            await _first_to_end(
+                asyncio.create_task(self._drain_outbox(client), name="outbox"),
+                asyncio.create_task(self._read_commands(client), name="commands"),
+            )
+
+    async def _read_commands(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            if isinstance(message.payload, bytes | bytearray):
+                await self._on_command(bytes(message.payload))
+        raise SessionEnded("the broker closed the connection")
 
     async def _drain_outbox(self, client: aiomqtt.Client) -> None:
-        """Send the outbox in order; each batch leaves the disk once the broker acked it."""
+        """Send the queues in order, the first queue before the others; each batch leaves the
+        disk once the broker acked it. A publish that fails or times out ends the session."""
         while True:
-            await self._outbox.available.wait()
-            batch = self._outbox.head(SEND_BATCH)
-            if not batch:
-                self._outbox.available.clear()
+            queue = next((q for q in self._queues if len(q)), None)
+            if queue is None:
+                await _wait_any([q.available for q in self._queues])
                 continue
-            for message in batch:
-                await client.publish(message.topic, message.payload, qos=message.qos, timeout=30)
-            await self._outbox.done(len(batch))
+            batch = queue.head(SEND_BATCH)
+            for entry in batch:
+                message = entry.message
+                await client.publish(
+                    message.topic, message.payload, qos=message.qos, timeout=self._publish_timeout_s
+                )
+            await queue.done([entry.id for entry in batch])
 
     async def close(self) -> None:
         """Say goodbye: a retained `offline` status, then a clean disconnect."""
@@ -138,7 +163,11 @@ class Link:
             return
         with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
             await client.publish(
-                self._status_topic, status_payload("offline"), qos=1, retain=True, timeout=5
+                self._status_topic,
+                status_payload("offline"),
+                qos=1,
+                retain=True,
+                timeout=CLOSE_TIMEOUT_S,
             )
 
 
@@ -150,3 +179,33 @@ def _code(exc: aiomqtt.MqttCodeError) -> int | None:
 
 def _jitter(delay: float) -> float:
     return random.uniform(delay / 2, delay)  # noqa: S311 - jitter, not cryptography
+
+
+async def _first_to_end(*tasks: asyncio.Task[None]) -> None:
+    """Wait until one of `tasks` ends, cancel and await the others, and raise the first one's
+    error. Not a TaskGroup: Python 3.11's leaves the parent task marked as cancelling after a
+    child's error. A cancellation of the calling task is never swallowed: `asyncio.wait` does not
+    raise the tasks' own CancelledError, only the caller's."""
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+    errors = [
+        error
+        for task in sorted(tasks, key=lambda task: task not in done)  # the first to end first
+        if not task.cancelled() and (error := task.exception()) is not None
+    ]
+    if errors:
+        raise errors[0]
+
+
+async def _wait_any(events: Sequence[asyncio.Event]) -> None:
+    """Until one of `events` is set (cancellable: the waiters go with it)."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 
 from iotbiz.settings import systemd_notify_settings
 
@@ -28,12 +29,20 @@ def notify(message: str) -> bool:
     return True
 
 
-async def keep_watchdog_fed() -> None:
-    """Ping systemd's watchdog at half its interval while the event loop runs (until cancelled).
-    A stuck loop stops the pings and systemd restarts the agent."""
-    _, interval_s = systemd_notify_settings()
+def watchdog_interval_s() -> float:
+    """systemd's watchdog interval (WatchdogSec), 0 when there is none."""
+    return systemd_notify_settings()[1]
+
+
+async def keep_watchdog_fed(healthy: Callable[[], bool]) -> None:
+    """Ping systemd's watchdog at half its interval while `healthy()` (until cancelled). A stuck
+    loop, or an agent whose essential tasks died, stops the pings and systemd restarts it."""
+    interval_s = watchdog_interval_s()
     if interval_s <= 0:
         return
     while True:
-        notify("WATCHDOG=1")
+        if healthy():
+            notify("WATCHDOG=1")
+        else:
+            log.error("not healthy: the systemd watchdog is no longer fed")
         await asyncio.sleep(interval_s / 2)
