@@ -186,6 +186,20 @@ async def terminate_group(
         log.error("%s: pid %d survived SIGKILL for %g s", name, pgid, KILL_WAIT_S)
 
 
+async def clear_group(
+    pgid: int, exited: asyncio.Task[int], output: asyncio.Task[None], drain_s: float
+) -> None:
+    """After a run of the app that leads group `pgid`: SIGKILL the group (the leader too when
+    `exited` has not seen it exit, i.e. the run was cancelled), so that nothing it started
+    outlives it, then give its `output` task `drain_s` seconds to read the pipe to its end."""
+    if not exited.done():
+        signal_group(pgid, signal.SIGKILL)
+        await asyncio.wait({exited}, timeout=KILL_WAIT_S)
+    signal_group(pgid, signal.SIGKILL)  # what the leader left behind in its group
+    await asyncio.wait({output}, timeout=drain_s)
+    await cancel(output)
+
+
 async def wait_event(event: asyncio.Event, delay: float) -> bool:
     """Wait up to `delay` seconds for `event`: whether it was set."""
     try:

@@ -19,16 +19,14 @@ States (supervisord's) and every edge, all made by `Supervisor._transition` and 
 
 Restart policy: "always" restarts after any exit, "on-failure" after a non-zero exit, a death by
 signal or a failed spawn, "never" not at all; an unhealthy app is restarted whatever its policy.
-Start retries (supervisord's startretries): a failed start is an exit before `start_s` or a failed
-spawn; once `start_retries` retries in a row have failed too (-1: never), the app is FATAL until
-an operator starts it. Reaching RUNNING resets that count, so an app that crashes after it started
-is restarted by its policy for ever, with the backoff. The n-th consecutive restart waits
-min(backoff_s * 2**(n-1), backoff_max_s) times a random factor in [0.5, 1] (so delays still grow
-until the cap and a fleet does not restart in step). The count of consecutive restarts goes back
-to zero when a process had been up for max(start_s, RESET_AFTER_S) seconds.
-
-Operator stops outlive the agent: `stop` writes the app's name to `state_file` (atomically, first),
-`start` and `restart` take it out, `start_all` leaves the apps it names STOPPED.
+Start retries (supervisord's startretries): after a failed start (an exit before `start_s`, or a
+failed spawn) and `start_retries` failed retries in a row (-1: no limit), the app is FATAL until
+an operator starts it; reaching RUNNING resets the count. The n-th consecutive restart waits
+min(backoff_s * 2**(n-1), backoff_max_s) times a random factor in [0.5, 1] (so delays grow until
+the cap and a fleet does not restart in step); that count goes back to zero when a process had
+been up for max(start_s, RESET_AFTER_S) seconds. Operator stops outlive the agent: `stop` writes
+the app's name to `state_file` (atomically, first), `start` and `restart` take it out, and
+`start_all` leaves the apps it names STOPPED.
 
 Processes: each app runs in its own session and process group, stdin from /dev/null, stdout and
 stderr into one pipe read by `applog.AppLog`. On Linux the app's process gets SIGKILL when the
@@ -47,7 +45,6 @@ import enum
 import logging
 import os
 import random
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -63,9 +60,9 @@ from iotbiz.agent.processes import (
     ProcessUsage,
     UserSwitchRefused,
     cancel,
+    clear_group,
     describe_exit,
     reap_orphans,
-    signal_group,
     spawn,
     terminate_group,
     wait_event,
@@ -455,12 +452,7 @@ class Supervisor:
                 await terminate_group(settings.name, proc.pid, exited, settings.stop_timeout_s)
         finally:
             await cancel(stop, health)
-            if not exited.done():  # only when this task is cancelled
-                signal_group(proc.pid, signal.SIGKILL)
-                await asyncio.wait({exited}, timeout=KILL_WAIT_S)
-            signal_group(proc.pid, signal.SIGKILL)  # what the leader left behind in its group
-            await asyncio.wait({capture}, timeout=OUTPUT_DRAIN_S)
-            await cancel(capture)
+            await clear_group(proc.pid, exited, capture, OUTPUT_DRAIN_S)
             app.pid = app.started_at = None
         returncode = exited.result() if exited.done() else None
         app.exit_code = returncode

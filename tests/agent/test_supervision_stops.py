@@ -4,9 +4,11 @@ operator starts or restarts it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -157,3 +159,49 @@ async def test_a_stop_outlives_a_killed_agent_process(
     assert await again.line() == "subreaper True"
     assert await again.line() == "app STOPPED stopped by operator"
     assert await again.send("start") == "app STARTING start requested"
+
+
+async def test_the_agent_process_passes_its_state_folder(tmp_path: Path) -> None:
+    # The real agent (python -m iotbiz.agent), with no platform to reach: it starts its apps
+    # first, and leaves alone the one its state folder says an operator stopped.
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o700)
+    (state_dir / "supervisor.json").write_text('{"stopped": ["held"]}')
+    runs = json.dumps([*program("runs")])
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        'customer_id = "abc123"\ndevice_id = "stops-1"\n'
+        'registrar_url = "http://127.0.0.1:9"\nbroker_url = "mqtt://127.0.0.1:9"\n'
+        f'state_dir = "{state_dir}"\n'
+        f'[[apps]]\nname = "held"\ncommand = {runs}\nstart_s = 0.2\n'
+        f'[[apps]]\nname = "other"\ncommand = {runs}\nstart_s = 0.2\n'
+    )
+    agent = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "iotbiz.agent",
+        "--config",
+        str(config),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=tmp_path,
+    )
+    assert agent.stderr is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(20):
+            while not any("other: STARTING -> RUNNING" in line for line in lines):
+                line = (await agent.stderr.readline()).decode()
+                assert line, f"the agent exited: {lines}"
+                lines.append(line)
+        assert any(line.endswith("held: left STOPPED (stopped by operator)\n") for line in lines)
+        assert not any("held: STOPPED -> STARTING" in line for line in lines)
+        agent.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            await agent.communicate()
+        assert agent.returncode == 0
+    finally:
+        if agent.returncode is None:
+            agent.kill()
+            await agent.wait()
