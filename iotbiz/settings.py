@@ -64,7 +64,7 @@ class MQTTSettings:
     )
     max_queued_messages: int = setting(
         1000,
-        "QoS 1/2 messages queued per client: offline, the oldest are dropped; online, the newest",
+        "messages queued per client: offline (QoS 1/2) the oldest are dropped, online the newest",
         min=1,
     )
     max_inflight_in: int = setting(

@@ -89,6 +89,8 @@ class EmbeddedBroker:
             connect_timeout=settings.connect_timeout_s,
             max_packet_size=settings.max_packet_bytes,
             max_queued_messages=settings.max_queued_messages,
+            max_inflight_in=settings.max_inflight_in,
+            max_broadcast_queue=settings.max_broadcast_queue,
         )
         for plugin in self._broker.plugins_manager.plugins:
             if isinstance(plugin, AuthPlugin | TopicPlugin):

@@ -1,9 +1,10 @@
 """Connection guards: amqtt's stream adapters with limits (part of `iotbiz.broker.hardened`).
 
 `GuardedReader` follows the MQTT framing to refuse packets larger than `max_packet_size` before
-buffering them and times the last complete packet (for the keep-alive watch); `GuardedWriter`
-aborts a peer that stops reading for `write_timeout` seconds. Fits amqtt==0.12.1, which
-`iotbiz.broker.hardened` checks on import.
+buffering them, times the last complete packet (for the keep-alive watch) and, with an
+`InflowGate`, stops reading while the broker holds too many of the connection's messages
+unprocessed; `GuardedWriter` aborts a peer that stops reading for `write_timeout` seconds.
+Fits amqtt==0.12.1, which `iotbiz.broker.hardened` checks on import.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from amqtt.adapters import ReaderAdapter, StreamWriterAdapter, WebSocketsWriter, WriterAdapter
@@ -31,6 +33,59 @@ class ConnectionGuardError(AMQTTError):
 _EXPECT_TYPE = 0
 _EXPECT_LENGTH = 1
 _EXPECT_BODY = 2
+_PUBLISH = 3  # MQTT control packet type
+
+
+class InflowGate:
+    """Holds a connection's reader while the broker holds `limit` of its messages unprocessed.
+
+    amqtt's reader loop reads packets as fast as they come and starts a task for each; nothing
+    stopped a client that publishes faster than the broker delivers from filling memory with
+    those tasks and the session's queue of received messages. With this gate the reader waits,
+    before the first byte of the next packet, while `held()` (the protocol handler's count of
+    received messages not yet taken by the broker) is at `limit`: the client's packets then wait
+    in the kernel's buffers and TCP slows the client down. Nothing is dropped.
+
+    The reader loop starts the task of a packet it read only later, so PUBLISH packets read
+    since the loop last yielded are counted too (`publish_read`); once the count reaches the
+    limit, one yield lets those tasks start and count themselves in `held()`.
+    """
+
+    def __init__(self, limit: int, held: Callable[[], int]) -> None:
+        self.limit = limit
+        self._held = held
+        self._unseen = 0  # PUBLISH packets read whose handler task may not have started yet
+        self._space: asyncio.Future[None] | None = None
+        self.paused = False
+        self.pauses = 0  # how often the reader waited (for tests and metrics)
+
+    def publish_read(self) -> None:
+        self._unseen += 1
+
+    def wake(self) -> None:
+        """The handler took or finished a message: let a waiting reader check again."""
+        space = self._space
+        if space is not None and not space.done() and self._held() < self.limit:
+            space.set_result(None)
+
+    async def wait(self) -> bool:
+        """Return once the broker holds fewer than `limit` messages; True if it had to wait."""
+        if self._unseen + self._held() < self.limit:
+            return False
+        await asyncio.sleep(0)  # the tasks of the packets just read start and count themselves
+        self._unseen = 0
+        if self._held() < self.limit:
+            return False
+        self.paused = True
+        self.pauses += 1
+        try:
+            while self._held() >= self.limit:
+                self._space = asyncio.get_running_loop().create_future()
+                await self._space
+        finally:
+            self._space = None
+            self.paused = False
+        return True
 
 
 class GuardedReader(ReaderAdapter):
@@ -38,7 +93,10 @@ class GuardedReader(ReaderAdapter):
 
     It refuses a packet whose remaining length exceeds `max_packet_size` as soon as the length is
     known (before its body is buffered), and records when the last complete control packet
-    arrived (`last_packet_at`, `time.monotonic()`), which the keep-alive watchdog reads.
+    arrived (`last_packet_at`, `time.monotonic()`), which the keep-alive watchdog reads. With an
+    `inflow` gate (set by the protocol handler once the connection is accepted), it waits at the
+    start of each packet while the gate is closed; the time it waited does not count as the
+    client's silence.
     """
 
     def __init__(self, inner: ReaderAdapter, max_packet_size: int) -> None:
@@ -50,11 +108,20 @@ class GuardedReader(ReaderAdapter):
         self._length_bytes = 0
         self._body_left = 0
         self._error: ConnectionGuardError | None = None
+        self._type = 0
         self.last_packet_at = time.monotonic()
+        self.inflow: InflowGate | None = None
+
+    @property
+    def paused(self) -> bool:
+        """True while the inflow gate holds this reader."""
+        return self.inflow is not None and self.inflow.paused
 
     async def read(self, n: int = -1) -> bytes:
         if self._error is not None:
             raise self._error
+        if self.inflow is not None and self._state == _EXPECT_TYPE and await self.inflow.wait():
+            self.last_packet_at = time.monotonic()  # we did not read; the client was not silent
         try:
             data: bytes = await self._inner.read(n)
         except (EOFError, OSError):
@@ -88,6 +155,7 @@ class GuardedReader(ReaderAdapter):
             byte = data[index]
             index += 1
             if self._state == _EXPECT_TYPE:
+                self._type = byte >> 4
                 self._state = _EXPECT_LENGTH
                 self._length, self._multiplier, self._length_bytes = 0, 1, 0
                 continue
@@ -112,6 +180,8 @@ class GuardedReader(ReaderAdapter):
     def _packet_complete(self) -> None:
         self._state = _EXPECT_TYPE
         self.last_packet_at = time.monotonic()
+        if self._type == _PUBLISH and self.inflow is not None:
+            self.inflow.publish_read()
 
     def _fail(self, reason: str) -> None:
         self._error = ConnectionGuardError(reason)

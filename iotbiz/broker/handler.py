@@ -1,5 +1,8 @@
 """`HardenedProtocolHandler`: amqtt's per-connection protocol handler with keep-alive enforced
-and durable outgoing QoS 1/2 flows (defects 5, 6 and 7; see `iotbiz.broker.hardened`).
+and durable outgoing QoS 1/2 flows (defects 5, 6 and 7; see `iotbiz.broker.hardened`), and with
+bounds on what one connection makes the broker hold: received messages not yet processed
+(`max_inflight_in`, enforced by stopping the reader: `iotbiz.broker.guards.InflowGate`) and
+deliveries waiting for this client (`max_queued_out`, beyond which a new one is refused).
 
 Fits amqtt==0.12.1, which `iotbiz.broker.hardened` checks on import.
 """
@@ -22,13 +25,15 @@ from amqtt.mqtt.pubrec import PubrecPacket
 from amqtt.mqtt.pubrel import PubrelPacket
 from amqtt.session import OUTGOING, Session
 
-from iotbiz.broker.guards import GuardedReader
+from iotbiz.broker.guards import GuardedReader, InflowGate
 from iotbiz.broker.sessions import LeanQueue, lean_init_from_connect
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ACK_TIMEOUT = 60.0
 DEFAULT_KEEPALIVE_GRACE = 1.5
+DEFAULT_MAX_INFLIGHT_IN = 100
+DEFAULT_MAX_QUEUED_OUT = 1000
 
 
 def log_task_failure(task: asyncio.Task[Any]) -> None:
@@ -39,7 +44,8 @@ def log_task_failure(task: asyncio.Task[Any]) -> None:
 class HardenedProtocolHandler(BrokerProtocolHandler):
     """Per-connection protocol handler: keep-alive watchdog and durable outgoing QoS 1/2 flows.
 
-    The broker sets `ack_timeout` and `keepalive_grace` right after creating it.
+    The broker sets `ack_timeout`, `keepalive_grace`, `max_inflight_in` and `max_queued_out`
+    right after creating it.
     """
 
     def __init__(
@@ -54,6 +60,14 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
         self._pending_unsubscriptions: Any = LeanQueue[Any]()
         self.ack_timeout = DEFAULT_ACK_TIMEOUT
         self.keepalive_grace = DEFAULT_KEEPALIVE_GRACE
+        self.max_inflight_in = DEFAULT_MAX_INFLIGHT_IN
+        self.max_queued_out = DEFAULT_MAX_QUEUED_OUT
+        self._publishes_running = 0  # QoS 0/1 handle_publish calls not finished (PUBACK sent)
+        self._inflow: InflowGate | None = None
+        # Deliveries to this client not finished (written, and acknowledged for QoS 1/2). Not
+        # cancelled by stop(): a QoS 1/2 one must get as far as session.inflight_out (it then
+        # stays there for the next connection); on a closed connection they end at once.
+        self._deliveries: set[asyncio.Task[Any]] = set()
         self._ended = False  # handle_disconnect() was called (DISCONNECT, EOF, or a close)
         self._ended_with: Any = None
         self._watchdog: asyncio.TimerHandle | None = None  # keep-alive check (defect 5)
@@ -96,8 +110,10 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
     async def start(self) -> None:
         session = self._current_session()
         keep_alive: int = session.keep_alive
-        if keep_alive > 0 and isinstance(self.reader, GuardedReader):  # defect 5
-            self._watch_keepalive(self.reader, keep_alive * self.keepalive_grace)
+        if isinstance(self.reader, GuardedReader):
+            self._inflow = self.reader.inflow = InflowGate(self.max_inflight_in, self._held)
+            if keep_alive > 0:  # defect 5
+                self._watch_keepalive(self.reader, keep_alive * self.keepalive_grace)
         await super().start()
         if self._ended:
             # amqtt drops a disconnect that happens before start() created the disconnect waiter
@@ -140,7 +156,7 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
 
         A timer, not a task sleeping in a loop: a task and its coroutine cost every connected
         client about 2 KB more."""
-        idle = time.monotonic() - reader.last_packet_at
+        idle = 0.0 if reader.paused else time.monotonic() - reader.last_packet_at
         if idle < limit:
             loop = asyncio.get_running_loop()
             self._watchdog = loop.call_later(limit - idle, self._watch_keepalive, reader, limit)
@@ -153,6 +169,60 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
             self.keepalive_grace,
         )
         self._spawn(self.request_close())
+
+    # -- inflow: received messages the broker has not taken yet --------------------------------
+
+    def _held(self) -> int:
+        """Messages of this connection received and not yet taken by the broker's message loop
+        (the one the loop is processing is not counted: the bound is max_inflight_in + 1)."""
+        session = self.session
+        queued: int = session.delivered_message_queue.qsize() if session is not None else 0
+        return self._publishes_running + queued
+
+    def _wake_reader(self) -> None:
+        if self._inflow is not None:
+            self._inflow.wake()
+
+    async def handle_publish(self, publish_packet: Any) -> None:
+        """amqtt's, counted for the inflow gate until it is done (queued, PUBACK sent).
+
+        A QoS 2 PUBLISH is not counted while it waits for its PUBREL (which the stopped reader
+        could not read: the client would wait for ever); the queue it then joins is, and the
+        messages waiting for PUBREL are bounded by the 65,535 packet ids.
+        """
+        if publish_packet.qos == QOS_2:
+            await super().handle_publish(publish_packet)
+            return
+        self._publishes_running += 1
+        try:
+            await super().handle_publish(publish_packet)
+        finally:
+            self._publishes_running -= 1
+            self._wake_reader()
+
+    async def mqtt_deliver_next_message(self) -> Any:
+        """amqtt's; taking a message frees room for the reader."""
+        message = await super().mqtt_deliver_next_message()
+        self._wake_reader()
+        return message
+
+    # -- outgoing deliveries -----------------------------------------------------------------
+
+    def deliver(self, topic: str, data: bytes, qos: int) -> asyncio.Task[Any] | None:
+        """Start delivering a broadcast message to this client; None if `max_queued_out`
+        deliveries are already unfinished (the caller counts the drop).
+
+        amqtt started a task per message per subscriber without limit: a subscriber that stopped
+        reading collected one for every message until its write timeout.
+        """
+        if len(self._deliveries) >= self.max_queued_out:
+            return None
+        task: asyncio.Task[Any] = asyncio.ensure_future(
+            self.mqtt_publish(topic, data, qos, retain=False)
+        )
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+        return task
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

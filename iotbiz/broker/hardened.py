@@ -59,6 +59,15 @@ published QoS passed on by `_handle_message_delivery`); the broadcast loop runs 
 inline, without amqtt's per-filter log formatting or a task per message; TCP listeners use a
 listen backlog of `LISTEN_BACKLOG`; sessions and their queues are lean (`iotbiz.broker.sessions`).
 
+Bounds on what one client can make the broker hold (amqtt bounded none of them): a connection's
+received-but-unprocessed messages (`max_inflight_in`; beyond it the reader stops, so TCP slows
+the client: `iotbiz.broker.guards.InflowGate`); accepted messages waiting for the broadcast loop
+(`max_broadcast_queue`; while full, publishers' message loops wait, and so their readers); the
+deliveries one connected client has unfinished (`max_queued_messages`; a new one beyond it is
+dropped and counted in `dropped_deliveries`); the messages queued for one offline persistent
+session (`max_queued_messages` too; the oldest is dropped and counted in
+`dropped_queued_messages`). Drops are logged at most every `DROP_LOG_PERIOD_S`.
+
 Refusal codes: amqtt answers every refused CONNECT with CONNACK 5 (not authorised); an auth plugin
 may instead set the session attribute `REFUSAL_CODE` (e.g. to 3, server unavailable, when it could
 not check the credentials), which `_handle_client_session` sends.
@@ -94,6 +103,7 @@ from iotbiz.broker.guards import ConnectionGuardError, GuardedReader, GuardedWri
 from iotbiz.broker.handler import (
     DEFAULT_ACK_TIMEOUT,
     DEFAULT_KEEPALIVE_GRACE,
+    DEFAULT_MAX_INFLIGHT_IN,
     HardenedProtocolHandler,
     log_task_failure,
 )
@@ -130,6 +140,7 @@ DEFAULT_MAX_PACKET_SIZE = 256 * 1024
 DEFAULT_WRITE_TIMEOUT = 30.0
 DEFAULT_TAKEOVER_TIMEOUT = 5.0
 DEFAULT_MAX_QUEUED_MESSAGES = 1000  # mosquitto's max_queued_messages default
+DEFAULT_MAX_BROADCAST_QUEUE = 10_000
 DROP_LOG_PERIOD_S = 10.0  # dropped messages are logged at most this often (and always counted)
 # asyncio's default listen backlog is 100: in a reconnect storm of 2,000 devices the kernel dropped
 # thousands of SYNs (ListenOverflows), and each dropped client waited for its SYN to be re-sent
@@ -215,7 +226,14 @@ class HardenedBroker(Broker):
         takeover_timeout: seconds to wait for a replaced or kicked connection to finish.
         max_queued_messages: QoS 1/2 messages kept for one offline persistent session; when it
             is full the oldest is dropped and counted (`dropped_queued_messages`), as mosquitto
-            does with its max_queued_messages.
+            does with its max_queued_messages. Also the deliveries one connected client may
+            have unfinished (being written or waiting for their ack); beyond that a new message
+            for it is dropped and counted (`dropped_deliveries`): a subscriber that stops reading
+            cannot make the broker hold every message until its write timeout.
+        max_inflight_in: messages of one connection received and not yet processed; while that
+            many are held the broker stops reading the connection (TCP backpressure).
+        max_broadcast_queue: accepted messages waiting for the broadcast loop; while it is full,
+            the message loops wait, so their connections' readers stop too. Nothing is dropped.
     """
 
     def __init__(
@@ -231,6 +249,8 @@ class HardenedBroker(Broker):
         write_timeout: float = DEFAULT_WRITE_TIMEOUT,
         takeover_timeout: float = DEFAULT_TAKEOVER_TIMEOUT,
         max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES,
+        max_inflight_in: int = DEFAULT_MAX_INFLIGHT_IN,
+        max_broadcast_queue: int = DEFAULT_MAX_BROADCAST_QUEUE,
     ) -> None:
         limits = {
             "ack_timeout": ack_timeout,
@@ -240,6 +260,8 @@ class HardenedBroker(Broker):
             "write_timeout": write_timeout,
             "takeover_timeout": takeover_timeout,
             "max_queued_messages": max_queued_messages,
+            "max_inflight_in": max_inflight_in,
+            "max_broadcast_queue": max_broadcast_queue,
         }
         for name, value in limits.items():
             if value <= 0:
@@ -254,8 +276,15 @@ class HardenedBroker(Broker):
         self.write_timeout = write_timeout
         self.takeover_timeout = takeover_timeout
         self.max_queued_messages = max_queued_messages
+        self.max_inflight_in = max_inflight_in
+        # amqtt's queue was unbounded; a full one makes publishers' message loops wait.
+        self._broadcast_queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(
+            maxsize=max_broadcast_queue
+        )
         self.dropped_queued_messages = 0  # oldest messages dropped from full offline queues
+        self.dropped_deliveries = 0  # messages not sent to a connected client that is behind
         self._queue_drops_logged = _Throttle(DROP_LOG_PERIOD_S)
+        self._delivery_drops_logged = _Throttle(DROP_LOG_PERIOD_S)
         self._connections: dict[str, _Connection] = {}
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -380,6 +409,8 @@ class HardenedBroker(Broker):
             raise MQTTError(f"bad CONNECT from {peer}: {exc!r}") from exc
         handler.ack_timeout = self.ack_timeout
         handler.keepalive_grace = self.keepalive_grace
+        handler.max_inflight_in = self.max_inflight_in
+        handler.max_queued_out = self.max_queued_messages
         return handler, session
 
     async def _handle_client_session(
@@ -686,7 +717,8 @@ class HardenedBroker(Broker):
         Replaces amqtt's method, changed: a message goes out at the lower of its own QoS and
         the subscription's [MQTT-3.8.4-6] (amqtt used the subscription's, so a QoS 0 message
         reached a QoS 2 subscriber at QoS 2 and was queued for offline sessions, and a QoS 2
-        will reached a QoS 0 subscriber at QoS 2); and no log text is built per subscription
+        will reached a QoS 0 subscriber at QoS 2); each delivery is started by `_deliver`
+        (bounded per client, not kept in `running_tasks`); and no log text is built per subscription
         (amqtt formatted several f-strings for every filter of every session, matching or not,
         for every message, whatever the log level). Filters are matched before anything is
         awaited, so subscriptions changing meanwhile cannot break the iteration.
@@ -713,11 +745,31 @@ class HardenedBroker(Broker):
                 continue
             handler = self._get_handler(target)
             if handler is not None:
-                running_tasks.append(
-                    asyncio.ensure_future(
-                        handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)
-                    )
+                self._deliver(handler, target, topic, broadcast["data"], qos)
+
+    def _deliver(self, handler: Any, target: Session, topic: str, data: Any, qos: int) -> None:
+        """Start one delivery, owned by the client's handler (and cancelled at shutdown).
+
+        amqtt kept every delivery task in `running_tasks`, reaped only from its head: one
+        subscriber that stopped reading held back the reaping of every later delivery.
+        """
+        delivery = handler.deliver(topic, data, qos)
+        if delivery is None:
+            self.dropped_deliveries += 1
+            if self._delivery_drops_logged.ready():
+                log.warning(
+                    "client %s is %d deliveries behind: message on %r dropped "
+                    "(%d dropped in all; logged at most every %.0f s)",
+                    target.client_id,
+                    self.max_queued_messages,
+                    topic,
+                    self.dropped_deliveries,
+                    DROP_LOG_PERIOD_S,
                 )
+            return
+        self._background.add(delivery)
+        delivery.add_done_callback(self._background.discard)
+        delivery.add_done_callback(log_task_failure)
 
     async def _retain_broadcast_message(
         self, broadcast: dict[str, Any], qos: int, target_session: Session

@@ -1,10 +1,11 @@
 """Test-only amqtt 0.12.1 plugins: fixed users, a prefix ACL and an event recorder.
 
-Users: `alice`, `bob` and `root` (passwords in `PASSWORDS`); a client must use its username as
-client id. ACL: `alice` may publish and receive only under `a/`, `bob` only under `b/`, `root`
-anything. Subscribing is allowed to filters under the own prefix and to filters whose first level
-is `+` (e.g. `+/status`); what such a filter may deliver is decided per message by the RECEIVE
-check, the way a real deployment lets devices use wildcards without leaking other users' topics.
+Users: `alice`, `bob`, `carol` and `root` (passwords in `PASSWORDS`); a client must use its
+username as client id. ACL: `alice` and `carol` may publish and receive only under `a/`, `bob`
+only under `b/`, `root` anything. Subscribing is allowed to filters under the own prefix and to
+filters whose first level is `+` (e.g. `+/status`); what such a filter may deliver is decided per
+message by the RECEIVE check, the way a real deployment lets devices use wildcards without
+leaking other users' topics.
 """
 
 from __future__ import annotations
@@ -17,8 +18,13 @@ from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
 from amqtt.session import Session
 
-PASSWORDS = {"alice": "alice-secret", "bob": "bob-secret", "root": "root-secret"}
-PREFIXES = {"alice": "a", "bob": "b"}
+PASSWORDS = {
+    "alice": "alice-secret",
+    "bob": "bob-secret",
+    "carol": "carol-secret",
+    "root": "root-secret",
+}
+PREFIXES = {"alice": "a", "bob": "b", "carol": "a"}
 SUPERUSER = "root"
 
 # (event, client id) for every CLIENT_CONNECTED / CLIENT_DISCONNECTED, in order.

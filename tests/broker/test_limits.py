@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -17,11 +19,14 @@ import pytest
 import pytest_asyncio
 
 from iotbiz.broker.authority import Authority
+from iotbiz.broker.hardened import HardenedBroker
 from iotbiz.names import DeviceName
 from iotbiz.platform import Platform
 from iotbiz.settings import Settings
+from tests.broker import acl_plugins
+from tests.broker.acl_plugins import PASSWORDS
 from tests.mqtt_device import PahoDevice
-from tests.mqtt_wire import connect_packet
+from tests.mqtt_wire import connect_packet, publish_packet, subscribe_packet
 from tests.processes import run_cli
 
 CONNACK_SERVER_UNAVAILABLE = 3
@@ -225,3 +230,118 @@ async def test_revoked_or_reset_device_leaves_no_retained_messages(
     assert topics == ["devices/abc123/dev-2/status"]
     for client in (*devices.values(), service):
         client.close()
+
+
+# --- inflow: a fast publisher and a subscriber that does not read -----------------------------
+
+FLOOD = 3000
+INFLIGHT_IN, BROADCAST_QUEUE, QUEUED = 10, 20, 200
+
+
+async def raw_login(
+    port: int, username: str, topic_filter: str, qos: int, *, receive_buffer: int = 0
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw client logged in as an acl_plugins user and subscribed to `topic_filter`."""
+    sock = socket.socket()
+    if receive_buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(connect_packet(username, username, PASSWORDS[username], keepalive=0))
+    writer.write(subscribe_packet(topic_filter, qos))
+    await writer.drain()
+    async with asyncio.timeout(5):
+        assert (await reader.readexactly(4))[3] == 0  # CONNACK accepted
+        assert (await reader.readexactly(5))[4] == qos  # SUBACK granted
+    return reader, writer
+
+
+async def read_packets(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, acked: set[int], got: set[bytes]
+) -> None:
+    """Collect PUBACKs (packet ids) and QoS 1 PUBLISHes (payloads, acknowledged) until EOF."""
+    while True:
+        first = (await reader.readexactly(1))[0]
+        length, multiplier = 0, 1
+        while True:
+            byte = (await reader.readexactly(1))[0]
+            length += (byte & 0x7F) * multiplier
+            multiplier *= 128
+            if not byte & 0x80:
+                break
+        body = await reader.readexactly(length)
+        if first >> 4 == 4:  # PUBACK
+            acked.add(struct.unpack("!H", body[:2])[0])
+        elif first >> 4 == 3:  # PUBLISH, QoS 1 here
+            (topic_length,) = struct.unpack("!H", body[:2])
+            packet_id = body[2 + topic_length : 4 + topic_length]
+            got.add(body[4 + topic_length :])
+            writer.write(b"\x40\x02" + packet_id)
+
+
+async def test_a_fast_publisher_cannot_grow_the_broker_s_queues() -> None:
+    """A client publishes 3,000 QoS 1 messages of 4 KB as fast as it can while one subscriber
+    of them stops reading. The broker stops reading the publisher while it holds
+    `max_inflight_in` of its messages unprocessed, its broadcast queue stays within
+    `max_broadcast_queue`, the deliveries waiting for the stuck subscriber within
+    `max_queued_messages` (the rest are dropped and counted); and every message the publisher
+    got a PUBACK for reaches the subscriber that reads."""
+    broker = HardenedBroker(
+        acl_plugins.broker_config(),
+        write_timeout=60.0,
+        max_inflight_in=INFLIGHT_IN,
+        max_broadcast_queue=BROADCAST_QUEUE,
+        max_queued_messages=QUEUED,
+    )
+    await broker.start()
+    port = broker.listener_port()
+    try:
+        _, stuck = await raw_login(port, "carol", "a/#", 0, receive_buffer=4096)
+        root_reader, root_writer = await raw_login(port, "root", "a/#", 1)
+        reader, writer = await raw_login(port, "alice", "a/nothing", 0)
+        acked: set[int] = set()
+        got: set[bytes] = set()
+        collectors = [
+            asyncio.create_task(read_packets(reader, writer, acked, set())),
+            asyncio.create_task(read_packets(root_reader, root_writer, set(), got)),
+        ]
+        peaks = {"held": 0, "broadcast": 0, "deliveries": 0, "tasks": 0}
+
+        async def sample() -> None:
+            alice, _ = broker.sessions["alice"]
+            _, carol = broker.sessions["carol"]
+            while True:
+                peaks["held"] = max(peaks["held"], alice.delivered_message_queue.qsize())
+                peaks["broadcast"] = max(peaks["broadcast"], broker._broadcast_queue.qsize())
+                peaks["deliveries"] = max(
+                    peaks["deliveries"], len(getattr(carol, "_deliveries", ()))
+                )
+                peaks["tasks"] = max(peaks["tasks"], len(asyncio.all_tasks()))
+                await asyncio.sleep(0.001)
+
+        sampler = asyncio.create_task(sample())
+        padding = b"." * 4096
+        for index in range(FLOOD):
+            payload = b"%d:" % index + padding
+            writer.write(publish_packet("a/flood", payload, qos=1, packet_id=index + 1))
+            if index % 100 == 99:
+                await writer.drain()
+        await writer.drain()
+        await until(lambda: len(acked) == FLOOD, "every message acknowledged", within=60)
+        await until(lambda: len(got) == FLOOD, "every message delivered to root", within=30)
+        sampler.cancel()
+        for task in collectors:
+            task.cancel()
+        stuck.close()
+        writer.close()
+        root_writer.close()
+    finally:
+        await broker.shutdown()
+    assert got == {b"%d:" % index + padding for index in range(FLOOD)}
+    assert peaks["held"] <= INFLIGHT_IN, peaks
+    assert peaks["broadcast"] <= BROADCAST_QUEUE, peaks
+    assert peaks["deliveries"] <= QUEUED, peaks
+    # no task per message in flight: the publisher's packets, the deliveries to both subscribers
+    assert peaks["tasks"] <= 2 * (INFLIGHT_IN + QUEUED + BROADCAST_QUEUE), peaks
+    assert broker.dropped_deliveries > 0, peaks
