@@ -6,6 +6,12 @@ devices sending telemetry do not cost 2,000 transactions. Updates to one device 
 merged, the later value of each field winning. A killed platform loses at most `flush_s` of
 presence, which is a cache of the devices' own state, and marks every device offline at start.
 
+When the store fails (a full disk, a locked or broken file), the batch stays pending, merged with
+the updates that arrive meanwhile, so it holds at most one update per device (devices are the
+only names that reach presence: the broker has authenticated them); it is tried again after
+`RETRY_START_S`, the wait doubling up to `RETRY_CAP_S` while the failure lasts. One warning when
+an outage starts and one line when it ends, not one per flush.
+
 Telemetry, the one high-rate message, is kept as the bytes the device sent and parsed at the next
 flush, only the latest message of each device: a device sending many messages between two flushes
 costs one JSON parse, and the broker's message path (which hands telemetry over directly, see
@@ -23,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from iotbiz import topics
-from iotbiz.errors import IotbizError
+from iotbiz.errors import StoreError
 from iotbiz.models import PresenceUpdate
 from iotbiz.names import DeviceName
 from iotbiz.store import Store
@@ -31,19 +37,34 @@ from iotbiz.store import Store
 log = logging.getLogger(__name__)
 
 FLUSH_S = 0.2
+RETRY_START_S = 0.5
+RETRY_CAP_S = 10.0
 
 
 class PresenceRecorder:
     def __init__(
-        self, store: Store, *, flush_s: float = FLUSH_S, clock: Callable[[], float] = time.time
+        self,
+        store: Store,
+        *,
+        flush_s: float = FLUSH_S,
+        retry_s: tuple[float, float] = (RETRY_START_S, RETRY_CAP_S),
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._flush_s = flush_s
+        self._retry_start_s, self._retry_cap_s = retry_s
         self._clock = clock
         self._pending: dict[DeviceName, PresenceUpdate] = {}
         self._telemetry: dict[DeviceName, tuple[float, bytes]] = {}  # raw, parsed at flush
         self._wakeup = asyncio.Event()
+        self._retry_s = 0.0  # 0: the store is writing; else the wait before the next try
         self.malformed_messages = 0  # status and telemetry payloads that are not a JSON object
+        self.failed_flushes = 0  # batches the store could not write (kept and tried again)
+
+    @property
+    def pending_devices(self) -> int:
+        """Devices whose updates wait for the next flush (at most one entry per device)."""
+        return len(self._pending.keys() | self._telemetry.keys())
 
     def connected(self, name: DeviceName) -> None:
         self._note(PresenceUpdate(name, self._clock(), online=True))
@@ -103,25 +124,47 @@ class PresenceRecorder:
         self._pending[update.name] = update
         self._wakeup.set()
 
-    async def flush(self) -> None:
-        """Write what is pending now (also called on shutdown)."""
+    async def flush(self) -> bool:
+        """Write what is pending now (also called on shutdown). Returns False when the store
+        failed: the batch is then kept, to be merged with newer updates and written later."""
         telemetry, self._telemetry = self._telemetry, {}
         for name, (seen_at, payload) in telemetry.items():
             body = self._parse(name, topics.TELEMETRY, payload)
             if body is not None:  # a malformed message is ignored, as a malformed status is
                 self._note(PresenceUpdate(name, seen_at, telemetry=body))
         if not self._pending:
-            return
-        batch, self._pending = list(self._pending.values()), {}
+            return True
+        batch, self._pending = self._pending, {}
         try:
-            await self._store.record_presence(batch)
-        except IotbizError as exc:
-            log.warning("presence of %d devices not recorded: %s", len(batch), exc)
+            await self._store.record_presence(batch.values())
+        except StoreError as exc:
+            self._keep(batch)
+            self.failed_flushes += 1
+            if not self._retry_s:  # healthy -> failing: once per outage, not once per flush
+                log.warning(
+                    "presence not recorded, kept and retried until the store works: %s", exc
+                )
+            else:
+                log.debug("presence still not recorded: %s", exc)
+            self._retry_s = min(max(self._retry_s * 2, self._retry_start_s), self._retry_cap_s)
+            return False
+        if self._retry_s:  # failing -> healthy
+            log.info("presence recorded again (%d failed flushes so far)", self.failed_flushes)
+            self._retry_s = 0.0
+        return True
+
+    def _keep(self, batch: dict[DeviceName, PresenceUpdate]) -> None:
+        """Put a batch the store refused back under the updates that arrived since."""
+        newer, self._pending = self._pending, batch
+        for update in newer.values():
+            self._note(update)
 
     async def run(self) -> None:
-        """Flush every `flush_s` while there is something to write; runs until cancelled."""
+        """Flush every `flush_s` while there is something to write (after a failure, again
+        after the retry wait, even if nothing new arrived); runs until cancelled."""
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            await asyncio.sleep(self._flush_s)
-            await self.flush()
+            await asyncio.sleep(self._retry_s or self._flush_s)
+            if not await self.flush():
+                self._wakeup.set()

@@ -3,13 +3,26 @@ transaction open behind it."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
 import sqlite3
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from iotbiz.errors import StoreError
+from iotbiz.models import PresenceUpdate
+from iotbiz.names import DeviceName
+from iotbiz.presence import PresenceRecorder
 from iotbiz.store import Store
+
+NAME = DeviceName("abc123", "dev-1")
 
 
 async def test_a_failed_commit_rolls_back(store: Store) -> None:
@@ -44,3 +57,119 @@ async def test_a_closed_store_raises_store_error(db_path: Path) -> None:
     await store.close()  # again: nothing happens
     with pytest.raises(StoreError, match="is closed"):
         await store.list_customers()
+
+
+# -- a full disk ------------------------------------------------------------------------------
+
+
+class SmallDisk:
+    """A real 2 MiB filesystem (tmpfs) that the test fills up and empties again."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._filler = folder / "filler"
+
+    def fill(self) -> None:
+        """Write a file until the filesystem has not one byte left."""
+        fd = os.open(self._filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            for size in (65536, 4096, 1):
+                with contextlib.suppress(OSError):
+                    while os.write(fd, b"\0" * size):
+                        pass
+            with pytest.raises(OSError) as full:
+                os.write(fd, b"\0")
+            assert full.value.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+
+    def make_room(self) -> None:
+        self._filler.unlink()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mount = subprocess.run(  # noqa: S603 - fixed arguments
+        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(folder)],  # noqa: S607
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=10,
+    )
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mount.stderr.strip()}")
+    try:
+        yield SmallDisk(folder)
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False, timeout=10)  # noqa: S603, S607
+
+
+async def active_device(store: Store) -> None:
+    await store.add_customer("abc123", 5, actor="test")
+    await store.register_device(NAME, b"$2b$06$x", ttl_s=60, actor="test")
+    assert await store.activate_device(NAME, b"$2b$06$x", actor="test")
+
+
+def big_telemetry(n: int) -> bytes:
+    """Telemetry large enough that writing it needs new pages of the full disk."""
+    return json.dumps({"n": n, "padding": "x" * 300_000}).encode()
+
+
+async def test_a_full_disk_is_a_store_error(small_disk: SmallDisk) -> None:
+    store = await Store.open(small_disk.folder / "iotbiz.db")
+    try:
+        await active_device(store)
+        small_disk.fill()
+        update = PresenceUpdate(NAME, 1.0, telemetry={"padding": "x" * 300_000})
+        with pytest.raises(StoreError, match="full") as raised:
+            await store.record_presence([update])
+        assert isinstance(raised.value.__cause__, sqlite3.Error)
+        assert (await store.get_device(NAME)) is not None  # reads still work
+        small_disk.make_room()
+        await store.record_presence([update])  # and writes once there is room again
+        await store.add_customer("xyz", 1, actor="test")
+    finally:
+        await store.close()
+
+
+async def test_presence_survives_a_full_disk_and_catches_up(
+    small_disk: SmallDisk, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Presence keeps running while the disk is full, keeps what it could not write (merged with
+    newer updates), warns once, and records it all once the disk has room again."""
+    caplog.set_level(logging.INFO, logger="iotbiz.presence")
+    store = await Store.open(small_disk.folder / "iotbiz.db")
+    presence = PresenceRecorder(store, flush_s=0.01, retry_s=(0.01, 0.05))
+    task = asyncio.create_task(presence.run())
+    try:
+        await active_device(store)
+        small_disk.fill()
+        presence.connected(NAME)
+        presence.telemetry_payload(NAME, big_telemetry(1))
+        async with asyncio.timeout(10):
+            while presence.failed_flushes < 3:  # it tried (and failed) again and again
+                await asyncio.sleep(0.01)
+        presence.telemetry_payload(NAME, big_telemetry(2))  # a newer update meanwhile
+        async with asyncio.timeout(10):
+            while presence.failed_flushes < 5:
+                await asyncio.sleep(0.01)
+        assert not task.done()
+        warnings = [r for r in caplog.records if r.name == "iotbiz.presence" and r.levelno >= 30]
+        assert len(warnings) == 1, [r.getMessage() for r in warnings]
+        assert presence.pending_devices == 1
+
+        small_disk.make_room()
+        async with asyncio.timeout(10):
+            while (device := await store.get_device(NAME)) is None or device.telemetry is None:
+                await asyncio.sleep(0.01)
+        assert device.online  # the first, failed batch was kept
+        assert device.telemetry["n"] == 2  # merged with the newer one, the later value winning
+        assert presence.pending_devices == 0
+        assert any("recorded again" in r.getMessage() for r in caplog.records)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await store.close()
