@@ -5,7 +5,8 @@
   descendants.
 - `become_subreaper` (PR_SET_CHILD_SUBREAPER) makes orphaned grandchildren the agent's, and
   `reap_orphans` reaps those of them that have exited.
-- `signal_group` signals a whole process group (each app leads its own session and group).
+- `signal_group` signals a whole process group (each app leads its own session and group);
+  `terminate_group` stops one (SIGTERM, then SIGKILL), `clear_group` kills what an app left.
 - `ProcessUsage` measures the CPU and memory of process trees with psutil.
 - `resolve_user` and `spawn`: an app's process (or its health check's) runs as the app's `user`
   (uid, primary group, supplementary groups as initgroups(3) gives them, and HOME, USER and

@@ -24,6 +24,7 @@ from tests.agent.test_supervisor import make_supervisor as make_supervisor
 pytestmark = pytest.mark.timeout(30)
 
 FAILED_START = [("STARTING", "BACKOFF"), ("BACKOFF", "STARTING")]
+# The crashing programs exit at once; start_s = 1 s leaves a loaded machine room to start Python.
 
 
 async def test_a_crash_loop_gives_up_after_start_retries(
@@ -33,10 +34,10 @@ async def test_a_crash_loop_gives_up_after_start_retries(
 ) -> None:
     caplog.set_level(logging.INFO, logger="iotbiz.agent.supervisor")
     supervisor = make_supervisor(
-        app("bad", program("crashes"), start_retries=2),
+        app("bad", program("crashes"), start_retries=2, start_s=1.0),
         # The witness crashes the same way on the same backoff but retries for ever: its
         # restarts show that time passes in which "bad" would have been restarted.
-        app("witness", program("crashes"), start_retries=-1),
+        app("witness", program("crashes"), start_retries=-1, start_s=1.0),
     )
     await supervisor.start_all()
     await until(in_state(supervisor, "bad", AppState.FATAL), "FATAL", timeout_s=10)
@@ -74,7 +75,7 @@ async def test_a_crash_loop_gives_up_after_start_retries(
 async def test_an_operator_start_gives_a_fatal_app_its_retries_again(
     make_supervisor: Callable[..., Supervisor], events: Events
 ) -> None:
-    supervisor = make_supervisor(app("bad", program("crashes"), start_retries=1))
+    supervisor = make_supervisor(app("bad", program("crashes"), start_retries=1, start_s=1.0))
     await supervisor.start_all()
     await until(in_state(supervisor, "bad", AppState.FATAL), "FATAL")
     assert len(events.states("bad")) == 1 + 2 + 2
@@ -97,7 +98,7 @@ async def test_start_retries_zero_gives_up_after_the_first_failed_start(
     make_supervisor: Callable[..., Supervisor], events: Events, tmp_path: Path
 ) -> None:
     supervisor = make_supervisor(
-        app("bad", program("crashes", "7"), start_retries=0),
+        app("bad", program("crashes", "7"), start_retries=0, start_s=1.0),
         app("missing", (str(tmp_path / "no-such-program"),), start_retries=0),
     )
     await supervisor.start_all()

@@ -8,8 +8,11 @@ import grp
 import os
 import pwd
 import re
+import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +25,7 @@ from tests.agent.test_supervisor import Events, app, gone, in_state, until
 from tests.agent.test_supervisor import events as events
 from tests.agent.test_supervisor import log_dir as log_dir
 from tests.agent.test_supervisor import make_supervisor as make_supervisor
+from tests.agent.test_supervisor import start_driver as start_driver
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -132,6 +136,23 @@ async def test_the_health_command_runs_as_the_apps_user(
     assert events.named("app.unhealthy")[0]["reason"] == (
         "1 failed health checks, last: command exit 1"
     )
+
+
+@needs_root
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux only")
+async def test_an_app_switched_to_its_user_still_dies_with_a_killed_agent(
+    start_driver: Callable[..., Any],
+) -> None:
+    # Changing a process's uid clears its parent-death signal: it must be set after the switch.
+    driver = await start_driver("--user", "nobody", "/bin/sleep", "600")
+    assert await driver.line() == "subreaper True"
+    app_pid = int((await driver.line()).split()[1])
+    assert proc_ids(app_pid)["Uid"][0] == pwd.getpwnam("nobody").pw_uid
+
+    driver.proc.send_signal(signal.SIGKILL)
+    await driver.proc.wait()
+
+    await until(lambda: gone(app_pid), "the app to die with its agent", timeout_s=5)
 
 
 async def test_an_agent_that_is_not_root_cannot_switch_users(

@@ -1,10 +1,10 @@
 """Runs a Supervisor in a process of its own, for tests that kill or restart the agent itself.
 
-argv: LOG_DIR [--state FILE] COMMAND...  Becomes a child subreaper (printing "subreaper True"),
-looks for orphans every 0.2 s, starts COMMAND as the app "app" (remembering operator stops in
-FILE when given), prints "app PID" once it is RUNNING (or "app STATE REASON" when start_all left
-it alone), then obeys lines on stdin: "stop" and "start" (answering "app STATE REASON") until it
-is killed."""
+argv: LOG_DIR [--state FILE] [--user USER] COMMAND...  Becomes a child subreaper (printing
+"subreaper True"), looks for orphans every 0.2 s, starts COMMAND as the app "app" (as USER;
+remembering operator stops in FILE), prints "app PID" once it is RUNNING (or "app STATE REASON"
+when start_all left it alone), then obeys lines on stdin: "stop" and "start" (answering
+"app STATE REASON") until it is killed."""
 
 import asyncio
 import logging
@@ -24,10 +24,12 @@ def describe(status: AppStatus) -> str:
 async def main() -> None:
     supervisor.REAP_INTERVAL_S = 0.2
     args = sys.argv[2:]
-    state_file = None
+    state_file = user = None
     if args[0] == "--state":
         state_file, args = Path(args[1]), args[2:]
-    app = AppSettings(name="app", command=tuple(args), start_s=0.2)
+    if args[0] == "--user":
+        user, args = args[1], args[2:]
+    app = AppSettings(name="app", command=tuple(args), start_s=0.2, user=user)
     running = asyncio.Event()
 
     def on_event(event: dict[str, Any]) -> None:
