@@ -504,10 +504,15 @@ async def test_silent_client_is_disconnected_after_one_and_a_half_keepalives(
 
 @pytest.mark.asyncio
 async def test_keepalive_zero_means_no_timeout() -> None:
+    """Two silent clients: keep-alive 1 is dropped after 1.5 s; by then keep-alive 0 would
+    have been too if 0 meant any timeout at all, and it still answers PINGREQ."""
     async with harness(HardenedBroker) as test:
         client = await test.raw()
         assert (await client.connect("alice", keepalive=0))[1] == 0
-        assert not await client.closed_by_peer(within=2.0)
+        timed = await test.raw()
+        assert (await timed.connect("bob", keepalive=1))[1] == 0
+        assert await timed.closed_by_peer(within=4.0)
+        assert test.session_connected("alice")
         await client.send(_packet(PINGREQ, 0, b""))
         assert (await client.read_packet()).type == PINGRESP
 
@@ -775,8 +780,8 @@ async def test_delivery_qos_is_the_lower_of_message_and_subscription(
         await root.publish("a/later0", b"m", qos=0)
         await root.publish("a/later1", b"m", qos=1)
         queued = test.session("alice").retained_messages
+        # Broadcast in order: by the time "a/later1" is queued, "a/later0" was handled.
         await until(lambda: queued.qsize() >= 1, "a message queued for alice")
-        await asyncio.sleep(0.2)
         waiting = queued.items() if hasattr(queued, "items") else list(queued._queue)
         assert [(m.topic, m.qos) for m in waiting] == [("a/later1", 1)]
 
