@@ -8,6 +8,8 @@ IotbizError                  base of everything below
 |   +-- NotFoundError        the customer or device named does not exist
 |   +-- ConflictError        the thing to create exists already
 +-- RegistrationRefused      register/activate refused by a rule (limit, activated, revoked...)
++-- BrokerUnavailable        the embedded MQTT broker is not listening
++-- PlatformFailed           a long-lived task of the running platform died (the process exits 1)
 +-- HTTPError                an error with an HTTP status; the registrar turns it into
     +-- BadRequest  (400)    {"error": "..."} with that status
     +-- Forbidden   (403)
@@ -48,6 +50,10 @@ class RegistrationRefused(IotbizError):
 
 class BrokerUnavailable(IotbizError):
     """The embedded MQTT broker is not listening."""
+
+
+class PlatformFailed(IotbizError):
+    """A long-lived task of the running platform died; it was stopped, and exits with code 1."""
 
 
 class HTTPError(IotbizError):

@@ -1,27 +1,37 @@
 """The platform process: the embedded MQTT broker and the registrar around one store.
 
 Start order: store -> broker (devices can connect) -> registrar with its service MQTT client ->
-HTTP. Stop order is the reverse, so nothing is used after it is closed. Long-lived tasks (the
-presence writer, the store change follower) are owned here and cancelled on stop.
+HTTP. Stop order is the reverse, so nothing is used after it is closed.
+
+Every long-lived task (the presence writer, the store change follower, the registrar's service
+client) is owned here, started by `Platform._spawn`:
+
+    task RUNNING -> STOPPED    cancelled by `stop()`: the normal end
+    task RUNNING -> FAILED     raised, returned, or was cancelled by someone else: logged (with
+                               the traceback), and `Platform.failed` is set
+
+`serve()` waits for SIGTERM/SIGINT or `failed`, whichever comes first, then stops everything; after
+a failure it raises PlatformFailed, so the process exits 1 and systemd restarts it. `stop()` always
+runs every step (HTTP, tasks, broker, presence flush, store, hasher): a step that raises is logged
+and the next one runs, so the broker stops and the store closes whatever else went wrong.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import gc
 import logging
 import secrets
 import signal
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
 
 from iotbiz.broker.authority import Authority
 from iotbiz.broker.embedded import EmbeddedBroker
-from iotbiz.errors import ConfigError
+from iotbiz.errors import ConfigError, PlatformFailed
 from iotbiz.passwords import PasswordHasher
 from iotbiz.presence import PresenceRecorder
 from iotbiz.registrar import create_app
@@ -34,6 +44,9 @@ log = logging.getLogger(__name__)
 
 # The platform's own MQTT account; account names never contain '/', device names always do.
 SERVICE_USERNAME = "iotbiz-platform"
+# How long `stop()` waits for cancelled tasks, and the broker, before it goes on without them.
+TASK_STOP_TIMEOUT_S = 5.0
+BROKER_STOP_TIMEOUT_S = 10.0
 
 
 class Platform:
@@ -48,6 +61,9 @@ class Platform:
         self.broker: EmbeddedBroker | None = None
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.failed = asyncio.Event()  # a long-lived task died: the process must stop, exit 1
+        self.failures: list[str] = []  # what died, for the exit message
 
     @property
     def store(self) -> Store:
@@ -102,7 +118,9 @@ class Platform:
             service_password,
             follow_telemetry=False,  # the embedded broker hands telemetry to presence
         )
-        app = create_app(settings, store, hasher=hasher, service=service, presence=presence)
+        app = create_app(
+            settings, store, hasher=hasher, service=service, presence=presence, spawn=self._spawn
+        )
         app[HEALTH_CHECKS].append(self.broker.health)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
         await self._runner.setup()
@@ -114,40 +132,77 @@ class Platform:
             raise _listen_error("HTTP", http.host, http.port, "--http-port", exc) from exc
         log.info("registrar listening on http://%s:%d", http.host, self.http_port)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Start a long-lived task owned by the platform: `stop()` cancels it, and its death
+        before that sets `failed`."""
         task = asyncio.create_task(coro, name=name)
-        task.add_done_callback(_log_crash)
+        task.add_done_callback(self._task_done)
         self._tasks.append(task)
+        return task
 
-    async def stop(self) -> None:
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() and self._stopping:
+            log.debug("task %s: RUNNING -> STOPPED", task.get_name())
+            return
+        if task.cancelled():
+            reason = "cancelled"
+            log.error("task %s: RUNNING -> FAILED (%s)", task.get_name(), reason)
+        elif (exc := task.exception()) is not None:
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error("task %s: RUNNING -> FAILED (%s)", task.get_name(), reason, exc_info=exc)
+        else:
+            reason = "returned"  # these tasks run until cancelled
+            log.error("task %s: RUNNING -> FAILED (%s)", task.get_name(), reason)
+        self.failures.append(f"task {task.get_name()} died ({reason})")
+        self.failed.set()
+
+    async def stop(self) -> list[str]:
+        """Stop everything that was started, in reverse order, each step whatever the previous
+        ones raised; return what went wrong (already logged), empty after a clean stop."""
+        self._stopping = True
+        problems: list[str] = []
+
+        async def step(what: str, action: Callable[[], Awaitable[object]]) -> None:
+            try:
+                await action()
+            except Exception as exc:
+                log.exception("stopping: %s failed", what)
+                problems.append(f"{what} failed ({type(exc).__name__}: {exc})")
+
         if self._runner is not None:
-            await self._runner.cleanup()  # stops the service client first
-            self._runner = None
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+            runner, self._runner = self._runner, None
+            await step("HTTP shutdown", runner.cleanup)  # stops the service client first
+        await step("stopping tasks", self._stop_tasks)
         if self.broker is not None:
-            await self.broker.stop()  # disconnects every device
-            self.broker = None
+            broker, self.broker = self.broker, None
+            await step("broker shutdown", lambda: _bounded(broker.stop(), BROKER_STOP_TIMEOUT_S))
         if self._presence is not None:
-            await self._presence.flush()
-            self._presence = None
+            presence, self._presence = self._presence, None
+            await step("presence flush", presence.flush)
         if self._store is not None:
-            with contextlib.suppress(Exception):
-                await self._store.mark_all_offline()
-            await self._store.close()
-            self._store = None
+            store, self._store = self._store, None
+            await step("marking devices offline", store.mark_all_offline)
+            await step("closing the store", store.close)
         if self._hasher is not None:
-            self._hasher.close()
-            self._hasher = None
+            hasher, self._hasher = self._hasher, None
+            hasher.close()
+        return problems
+
+    async def _stop_tasks(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=TASK_STOP_TIMEOUT_S)
+        if pending:
+            names = ", ".join(sorted(task.get_name() for task in pending))
+            raise TimeoutError(f"tasks still running {TASK_STOP_TIMEOUT_S} s after cancel: {names}")
 
 
-def _log_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("task %s stopped", task.get_name(), exc_info=task.exception())
+async def _bounded(action: Awaitable[None], timeout_s: float) -> None:
+    async with asyncio.timeout(timeout_s):
+        await action
 
 
 def _connect_host(listen_host: str) -> str:
@@ -182,18 +237,36 @@ def run_platform(settings: Settings) -> None:
 
 
 async def serve(settings: Settings) -> None:
-    """Run the platform until SIGTERM or SIGINT, then shut it down cleanly."""
+    """Run the platform until SIGTERM or SIGINT, then shut it down cleanly; or until one of its
+    long-lived tasks dies, then shut it down and raise PlatformFailed (exit code 1)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     platform = Platform(settings)
+    problems: list[str] = []
     try:
         await platform.start()
-        await stop.wait()
-        log.info("shutting down")
+        await _first_set(stop, platform.failed)
+        if platform.failed.is_set():
+            log.error("platform: RUNNING -> STOPPING (%s)", "; ".join(platform.failures))
+        else:
+            log.info("shutting down")
     finally:
-        await platform.stop()
+        problems = await platform.stop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+    failures = [*platform.failures, *problems]
+    if failures:
+        log.error("platform: STOPPING -> STOPPED (exit 1)")
+        raise PlatformFailed("; ".join(failures))
     log.info("stopped")
+
+
+async def _first_set(*events: asyncio.Event) -> None:
+    waiters = [asyncio.create_task(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

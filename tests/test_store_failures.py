@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import inspect
 import json
 import logging
 import os
 import sqlite3
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,7 @@ class SmallDisk:
                 with contextlib.suppress(OSError):
                     while os.write(fd, b"\0" * size):
                         pass
-            with pytest.raises(OSError) as full:
+            with pytest.raises(OSError, match="No space left") as full:
                 os.write(fd, b"\0")
             assert full.value.errno == errno.ENOSPC
         finally:
@@ -91,8 +92,8 @@ class SmallDisk:
 def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
     folder = tmp_path / "disk"
     folder.mkdir()
-    mount = subprocess.run(  # noqa: S603 - fixed arguments
-        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(folder)],  # noqa: S607
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(folder)],
         capture_output=True,
         text=True,
         check=False,
@@ -103,7 +104,19 @@ def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
     try:
         yield SmallDisk(folder)
     finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False, timeout=10)  # noqa: S603, S607
+        subprocess.run(["umount", "-l", str(folder)], check=False, timeout=10)
+
+
+async def wait_until(
+    condition: Callable[[], bool | Awaitable[bool]], timeout_s: float = 10.0
+) -> None:
+    """Poll `condition` (a function, or a coroutine function) until it holds."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            result = condition()
+            if await result if inspect.isawaitable(result) else result:
+                return
+            await asyncio.sleep(0.01)
 
 
 async def active_device(store: Store) -> None:
@@ -148,22 +161,23 @@ async def test_presence_survives_a_full_disk_and_catches_up(
         small_disk.fill()
         presence.connected(NAME)
         presence.telemetry_payload(NAME, big_telemetry(1))
-        async with asyncio.timeout(10):
-            while presence.failed_flushes < 3:  # it tried (and failed) again and again
-                await asyncio.sleep(0.01)
+        await wait_until(lambda: presence.failed_flushes >= 3)  # it tried, again and again
         presence.telemetry_payload(NAME, big_telemetry(2))  # a newer update meanwhile
-        async with asyncio.timeout(10):
-            while presence.failed_flushes < 5:
-                await asyncio.sleep(0.01)
+        await wait_until(lambda: presence.failed_flushes >= 5)
         assert not task.done()
         warnings = [r for r in caplog.records if r.name == "iotbiz.presence" and r.levelno >= 30]
         assert len(warnings) == 1, [r.getMessage() for r in warnings]
         assert presence.pending_devices == 1
 
         small_disk.make_room()
-        async with asyncio.timeout(10):
-            while (device := await store.get_device(NAME)) is None or device.telemetry is None:
-                await asyncio.sleep(0.01)
+
+        async def recorded() -> bool:
+            device = await store.get_device(NAME)
+            return device is not None and device.telemetry is not None
+
+        await wait_until(recorded)
+        device = await store.get_device(NAME)
+        assert device is not None
         assert device.online  # the first, failed batch was kept
         assert device.telemetry["n"] == 2  # merged with the newer one, the later value winning
         assert presence.pending_devices == 0

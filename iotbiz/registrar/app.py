@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 from aiohttp import web
 
@@ -34,6 +35,22 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 4096
 SERVICE_CONNECT_TIMEOUT_S = 10.0
 
+# Starts a long-lived task on behalf of its owner, which notices when the task dies early.
+Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
+
+
+def _create_task(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    """The `spawn` of an app without an owner (tests, a registrar on its own): a task that dies
+    is logged."""
+    task = asyncio.create_task(coro, name=name)
+    task.add_done_callback(_log_death)
+    return task
+
+
+def _log_death(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("task %s died", task.get_name(), exc_info=exc)
+
 
 def create_app(
     settings: Settings,
@@ -42,10 +59,12 @@ def create_app(
     hasher: PasswordHasher | None = None,
     service: ServiceLink | None = None,
     presence: PresenceRecorder | None = None,
+    spawn: Spawn = _create_task,
 ) -> web.Application:
     """The registrar as an aiohttp application; the caller owns `store` (and `hasher`, when it
     passes one). With `service` and `presence`, the app runs the platform's service MQTT client,
-    which records every device's presence."""
+    which records every device's presence, as a task started with `spawn` (the platform passes
+    its own, which notices the task's death)."""
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
     app[STORE] = store
@@ -57,7 +76,7 @@ def create_app(
         app[HASHER] = hasher
     if service is not None and presence is not None:
         app[SERVICE_CLIENT] = ServiceClient(service, presence)
-        app.cleanup_ctx.append(_service_client)
+        app.cleanup_ctx.append(functools.partial(_service_client, spawn=spawn))
     app.router.add_post("/api/v1/register", device_api.register)
     app.router.add_post("/api/v1/activate", device_api.activate)
     app.router.add_get("/healthz", healthz)
@@ -76,9 +95,9 @@ async def _password_hasher(app: web.Application) -> AsyncIterator[None]:
     hasher.close()
 
 
-async def _service_client(app: web.Application) -> AsyncIterator[None]:
+async def _service_client(app: web.Application, *, spawn: Spawn) -> AsyncIterator[None]:
     client = app[SERVICE_CLIENT]
-    task = asyncio.create_task(client.run(), name="service-client")
+    task = spawn(client.run(), "service-client")
     try:
         async with asyncio.timeout(SERVICE_CONNECT_TIMEOUT_S):
             await client.connected.wait()
@@ -86,8 +105,7 @@ async def _service_client(app: web.Application) -> AsyncIterator[None]:
         log.warning("service client not connected after %s s; going on", SERVICE_CONNECT_TIMEOUT_S)
     yield
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await asyncio.wait([task])  # how it ended is for its owner (the spawner) to report
 
 
 def _check_store(store: Store) -> HealthCheck:
