@@ -232,8 +232,7 @@ async def run_agent(settings: AgentSettings, early_signals: Sequence[int] = ()) 
     if early_signals:
         log.info("signal %d during start-up: stopping", early_signals[0])
         stop.set()
-    with contextlib.suppress(asyncio.CancelledError):
-        code = await agent.run(stop)
+    code = await agent.run(stop)  # the top-level task: nobody above it cancels it
     if agent.stuck:
         # asyncio.run would wait for ever for a task that does not end: leave now
         logging.shutdown()

@@ -88,6 +88,12 @@ class Link:
             finally:
                 self.connected.clear()
                 self._client = None
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Cancelled, but the session ended with an error instead: aiomqtt's __aexit__
+                # raises MqttError when its disconnect times out, which replaces the
+                # CancelledError. The cancellation wins: never reconnect after it.
+                raise asyncio.CancelledError
             if self.connections > before:
                 backoff = BACKOFF_START_S  # it was up: a fresh loss starts the backoff again
             delay = _jitter(backoff)

@@ -8,7 +8,10 @@ from the head, publishes them with QoS 1 and `done(ids)` removes exactly those i
 whatever was put or dropped meanwhile is not touched.
 
 Policy when full: the OLDEST entries are dropped, counted (persisted in `<name>.dropped`) and
-reported in telemetry. A message bigger than `max_message_bytes` (as an MQTT PUBLISH packet) can
+reported in telemetry. For replies this is recoverable: the platform may send the command again
+and the agent answers it from the replies it remembers by id (`commands.REMEMBERED`), without
+running it twice; and telemetry, however much of it piles up offline, never pushes a reply out
+of its own queue. A message bigger than `max_message_bytes` (as an MQTT PUBLISH packet) can
 never be delivered (the broker would close the connection and the message would be resent after
 every reconnect, blocking the queue for ever): it is refused at `put`, logged and counted as
 dropped. File work runs in a thread, off the event loop.
@@ -110,8 +113,15 @@ class Outbox:
             entry_id = raw_id if isinstance(raw_id, int) and raw_id > last_id else last_id + 1
             entries.append(Queued(entry_id, message))
             last_id = entry_id
-        dropped = read_json(self._dropped_path)
-        return entries[-self._max :], dropped if isinstance(dropped, int) else 0
+        saved = read_json(self._dropped_path)
+        dropped = saved if isinstance(saved, int) else 0
+        fitting = [entry for entry in entries if entry.message.packet_bytes <= self._max_bytes]
+        if len(fitting) < len(entries):  # left by an agent with a higher limit
+            log.warning(
+                "%s: dropped %d messages too large to send", self.name, len(entries) - len(fitting)
+            )
+            dropped += len(entries) - len(fitting)
+        return fitting[-self._max :], dropped
 
     async def put(self, message: Message) -> None:
         if message.packet_bytes > self._max_bytes:
