@@ -65,7 +65,7 @@ def create_app(
     passes one). With `service` and `presence`, the app runs the platform's service MQTT client,
     which records every device's presence, as a task started with `spawn` (the platform passes
     its own, which notices the task's death)."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[error_middleware()], client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
     app[STORE] = store
     app[RATE_LIMITER] = RateLimiter(settings.registrar.rate_per_ip, settings.registrar.rate_burst)
