@@ -4,6 +4,12 @@
 file named by `--db` or by the settings (`--config`,
 `IOTBIZ_CONFIG`, `IOTBIZ_STORE_PATH`); a running platform may use the same file at the same time.
 Tables for people, `--json` for scripts; exit code 0 on success, 1 on failure, 2 on bad usage.
+
+Which commands create the store when it does not exist: `serve`, `customer add` and `account add`
+(a new user adds a customer before the platform ever ran, as the README shows). Every other
+command only reads or changes what is there already: a missing store is then an error, one line
+on stderr naming the path, and nothing is created (a mistyped `--db` must not show an empty
+fleet, nor leave a stray folder and database behind).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from iotbiz import __version__
-from iotbiz.errors import IotbizError
+from iotbiz.errors import IotbizError, StoreNotFound
 from iotbiz.models import Customer, Device, iso_time
 from iotbiz.names import DeviceName, is_account_name, is_customer_id, parse_device_name
 from iotbiz.passwords import PasswordHasher, generate_password
@@ -83,7 +89,14 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 async def _with_store(settings: Settings, run: Command, args: argparse.Namespace) -> None:
-    store = await Store.open(settings.store.path)
+    path = settings.store.path
+    try:
+        store = await Store.open(path, create=args.creates_store)
+    except StoreNotFound as exc:
+        raise StoreNotFound(
+            f"no store at {path} (created by `iotbiz serve` or `iotbiz customer add`;"
+            " check --db or --config)"
+        ) from exc
     try:
         await run(args, store)
     finally:
@@ -294,6 +307,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     store_opts.add_argument("--db", type=Path, help="SQLite store file (overrides store.path)")
     output = argparse.ArgumentParser(add_help=False)
     output.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.set_defaults(creates_store=False)  # see the module docstring
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve_cmd = commands.add_parser(
@@ -309,7 +323,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     add = customer_cmds.add_parser("add", parents=[store_opts, output], help="add a customer")
     add.add_argument("customer_id", metavar="ID", type=_customer_id)
     add.add_argument("--limit", type=_count, required=True, help="how many devices it may have")
-    add.set_defaults(run=_customer_add)
+    add.set_defaults(run=_customer_add, creates_store=True)
     listing = customer_cmds.add_parser("list", parents=[store_opts, output], help="list customers")
     listing.set_defaults(run=_customer_list)
     set_limit = customer_cmds.add_parser(
@@ -342,7 +356,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     acc_add.add_argument(
         "--superuser", action="store_true", help="any client id and topic (bridges, test suites)"
     )
-    acc_add.set_defaults(run=_account_add)
+    acc_add.set_defaults(run=_account_add, creates_store=True)
     acc_list = account_cmds.add_parser("list", parents=[store_opts, output], help="list accounts")
     acc_list.set_defaults(run=_account_list)
     acc_remove = account_cmds.add_parser(

@@ -141,8 +141,11 @@ def test_config_file_names_the_store(capsys: pytest.CaptureFixture[str], tmp_pat
 
 
 def test_the_console_script_runs(tmp_path: Path) -> None:
-    result = run_cli("customer", "list", "--db", str(tmp_path / "x.db"), "--json")
-    assert (result.returncode, json.loads(result.stdout), result.stderr) == (0, [], "")
+    db = str(tmp_path / "x.db")
+    assert run_cli("customer", "add", "abc123", "--limit", "1", "--db", db).returncode == 0
+    result = run_cli("customer", "list", "--db", db, "--json")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert [c["customer_id"] for c in json.loads(result.stdout)] == ["abc123"]
     result = run_cli("device", "show", "not a name", "--db", str(tmp_path / "x.db"))
     assert result.returncode == 2
     assert "not a device name" in result.stderr
@@ -178,3 +181,56 @@ def test_accounts(capsys: pytest.CaptureFixture[str], db_path: Path) -> None:
     assert cli(capsys, "account", "remove", "ops", "--db", db)[:2] == (0, "account ops removed\n")
     code, _, err = cli(capsys, "account", "remove", "ops", "--db", db)
     assert (code, err) == (1, "iotbiz: no account ops\n")
+
+
+# Commands that only read or change existing things must not create a store: a mistyped --db
+# would otherwise show an empty table, as if the fleet had vanished.
+NO_CREATE = [
+    ["customer", "list"],
+    ["customer", "set-limit", "abc123", "3"],
+    ["device", "list"],
+    ["device", "show", "abc123/dev-1"],
+    ["device", "revoke", "abc123/dev-1"],
+    ["device", "reset", "abc123/dev-1"],
+    ["account", "list"],
+    ["account", "remove", "ops"],
+]
+
+
+@pytest.mark.parametrize("command", NO_CREATE, ids=[" ".join(c[:2]) for c in NO_CREATE])
+def test_a_missing_store_is_an_error_and_nothing_is_created(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, command: list[str]
+) -> None:
+    db = tmp_path / "WRONG" / "PATH" / "iotbiz.db"
+    code, out, err = cli(capsys, *command, "--db", str(db))
+    assert (code, out) == (1, "")
+    assert err == (
+        f"iotbiz: no store at {db} (created by `iotbiz serve` or `iotbiz customer add`;"
+        " check --db or --config)\n"
+    )
+    assert not (tmp_path / "WRONG").exists()
+
+
+def test_a_missing_store_named_by_the_config_is_an_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    config = tmp_path / "platform.toml"
+    config.write_text(f"[store]\npath = '{tmp_path / 'typo' / 'iotbiz.db'}'\n")
+    code, _, err = cli(capsys, "device", "list", "--config", str(config))
+    assert code == 1
+    assert err.startswith(f"iotbiz: no store at {tmp_path / 'typo' / 'iotbiz.db'} ")
+    assert not (tmp_path / "typo").exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["customer", "add", "abc123", "--limit", "1"], ["account", "add", "ops"]],
+    ids=["customer add", "account add"],
+)
+def test_adding_creates_the_store_before_the_platform_ever_ran(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, command: list[str]
+) -> None:
+    db = tmp_path / "new" / "iotbiz.db"
+    assert cli(capsys, *command, "--db", str(db))[0] == 0
+    assert db.is_file()
+    assert cli(capsys, "customer", "list", "--db", str(db))[0] == 0
