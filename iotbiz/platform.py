@@ -162,9 +162,11 @@ class Platform:
         self._stopping = True
         problems: list[str] = []
 
-        async def step(what: str, action: Callable[[], Awaitable[object]]) -> None:
+        async def step(what: str, action: Callable[[], Awaitable[object] | None]) -> None:
             try:
-                await action()
+                result = action()
+                if result is not None:
+                    await result
             except Exception as exc:
                 log.exception("stopping: %s failed", what)
                 problems.append(f"{what} failed ({type(exc).__name__}: {exc})")
@@ -185,7 +187,7 @@ class Platform:
             await step("closing the store", store.close)
         if self._hasher is not None:
             hasher, self._hasher = self._hasher, None
-            hasher.close()
+            await step("stopping the password hasher", hasher.close)
         return problems
 
     async def _stop_tasks(self) -> None:
