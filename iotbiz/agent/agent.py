@@ -146,6 +146,10 @@ class Agent:
         run until the shutdown, stops the agent with exit code 1."""
         self._tasks.discard(task)
         if self._stopping:
+            if not task.cancelled() and task.exception() is not None:
+                log.warning(
+                    "task %s failed while stopping", task.get_name(), exc_info=task.exception()
+                )
             return
         if task.cancelled():
             error = "cancelled"
