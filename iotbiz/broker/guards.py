@@ -62,6 +62,10 @@ class InflowGate:
     def publish_read(self) -> None:
         self._unseen += 1
 
+    def may_be_full(self) -> bool:
+        """False when the reader may go on without awaiting `wait()` (the common case)."""
+        return self._unseen + self._held() >= self.limit
+
     def wake(self) -> None:
         """The handler took or finished a message: let a waiting reader check again."""
         space = self._space
@@ -70,7 +74,7 @@ class InflowGate:
 
     async def wait(self) -> bool:
         """Return once the broker holds fewer than `limit` messages; True if it had to wait."""
-        if self._unseen + self._held() < self.limit:
+        if not self.may_be_full():
             return False
         await asyncio.sleep(0)  # the tasks of the packets just read start and count themselves
         self._unseen = 0
@@ -120,7 +124,13 @@ class GuardedReader(ReaderAdapter):
     async def read(self, n: int = -1) -> bytes:
         if self._error is not None:
             raise self._error
-        if self.inflow is not None and self._state == _EXPECT_TYPE and await self.inflow.wait():
+        inflow = self.inflow
+        if (
+            inflow is not None
+            and self._state == _EXPECT_TYPE
+            and inflow.may_be_full()
+            and await inflow.wait()
+        ):
             self.last_packet_at = time.monotonic()  # we did not read; the client was not silent
         try:
             data: bytes = await self._inner.read(n)

@@ -337,7 +337,8 @@ async def test_a_fast_publisher_cannot_grow_the_broker_s_queues() -> None:
         writer.close()
         root_writer.close()
     finally:
-        await broker.shutdown()
+        async with asyncio.timeout(10):
+            await broker.shutdown()
     assert got == {b"%d:" % index + padding for index in range(FLOOD)}
     assert peaks["held"] <= INFLIGHT_IN, peaks
     assert peaks["broadcast"] <= BROADCAST_QUEUE, peaks
@@ -345,3 +346,57 @@ async def test_a_fast_publisher_cannot_grow_the_broker_s_queues() -> None:
     # no task per message in flight: the publisher's packets, the deliveries to both subscribers
     assert peaks["tasks"] <= 2 * (INFLIGHT_IN + QUEUED + BROADCAST_QUEUE), peaks
     assert broker.dropped_deliveries > 0, peaks
+
+
+async def test_a_publisher_that_never_reads_its_pubacks_is_paused_not_dropped() -> None:
+    """A client floods QoS 1 messages and never reads the PUBACKs. Its PUBACKs back up, so
+    the broker's handlers of its packets cannot finish: the reader stops at `max_inflight_in`
+    of them (no task per packet read), and the pause is not taken for keep-alive silence: a
+    silent client with the same keep-alive is dropped meanwhile, the paused one is not."""
+    broker = HardenedBroker(
+        acl_plugins.broker_config(), write_timeout=60.0, max_inflight_in=INFLIGHT_IN
+    )
+    await broker.start()
+    port = broker.listener_port()
+    try:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(connect_packet("alice", "alice", PASSWORDS["alice"], keepalive=1))
+        async with asyncio.timeout(5):
+            assert (await reader.readexactly(4))[3] == 0
+        _, handler = broker.sessions["alice"]
+
+        def paused() -> bool:
+            gate = getattr(handler.reader, "inflow", None)
+            return gate is not None and bool(gate.paused)
+
+        async def flood() -> None:
+            for index in range(200_000):
+                topic = "a/flood" + "x" * 200
+                writer.write(publish_packet(topic, b"", qos=1, packet_id=index % 65535 + 1))
+                if index % 100 == 99:
+                    await writer.drain()
+
+        flooding = asyncio.create_task(flood())
+        try:
+            await until(paused, "the broker to stop reading the flood", within=20)
+            tasks_while_paused = len(asyncio.all_tasks())
+            silent_reader, silent_writer = await asyncio.open_connection("127.0.0.1", port)
+            silent_writer.write(connect_packet("bob", "bob", PASSWORDS["bob"], keepalive=1))
+            async with asyncio.timeout(5):
+                assert (await silent_reader.readexactly(4))[3] == 0
+                assert await silent_reader.read() == b""  # dropped after 1.5 s of silence
+            silent_writer.close()
+            assert broker.is_connected("alice")
+            assert paused()
+            assert handler._publishes_running <= INFLIGHT_IN
+            assert tasks_while_paused <= 4 * INFLIGHT_IN
+        finally:
+            flooding.cancel()
+            writer.transport.abort()
+    finally:
+        async with asyncio.timeout(10):
+            await broker.shutdown()
