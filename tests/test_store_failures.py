@@ -12,6 +12,8 @@ import logging
 import os
 import sqlite3
 import subprocess
+import sys
+import textwrap
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -187,3 +189,64 @@ async def test_presence_survives_a_full_disk_and_catches_up(
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await store.close()
+
+
+# The same failure for any user: a file size limit (RLIMIT_FSIZE) in a child process makes every
+# write that grows a file fail with EFBIG, which SQLite reports as a disk I/O error.
+FILE_SIZE_LIMITED = textwrap.dedent(
+    """
+    import asyncio, json, resource, signal, sys
+    from pathlib import Path
+    from iotbiz.errors import StoreError
+    from iotbiz.names import DeviceName
+    from iotbiz.presence import PresenceRecorder
+    from iotbiz.store import Store
+
+    NAME = DeviceName("abc123", "dev-1")
+
+    async def main(folder):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a killed process
+        store = await Store.open(folder / "iotbiz.db")
+        await store.add_customer("abc123", 5, actor="test")
+        await store.register_device(NAME, b"$2b$06$x", ttl_s=60, actor="test")
+        assert await store.activate_device(NAME, b"$2b$06$x", actor="test")
+        presence = PresenceRecorder(store)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        largest = max(path.stat().st_size for path in folder.iterdir())
+        resource.setrlimit(resource.RLIMIT_FSIZE, (largest + 4096, hard))
+        presence.connected(NAME)
+        presence.telemetry_payload(NAME, json.dumps({"padding": "x" * 300_000}).encode())
+        report = {"first_flush": await presence.flush(), "pending": presence.pending_devices}
+        try:
+            await store.add_customer("xyz", 1, actor="test")
+        except StoreError as exc:
+            report["error"] = [type(exc.__cause__).__name__, str(exc)]
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        report["second_flush"] = await presence.flush()
+        device = await store.get_device(NAME)
+        report["recorded"] = [device.online, device.telemetry is not None]
+        await store.close()
+        print(json.dumps(report))
+
+    asyncio.run(main(Path(sys.argv[1])))
+    """
+)
+
+
+def test_a_file_size_limit_is_a_store_error_and_presence_catches_up(tmp_path: Path) -> None:
+    child = subprocess.run(
+        [sys.executable, "-c", FILE_SIZE_LIMITED, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr
+    report = json.loads(child.stdout)
+    assert (report["first_flush"], report["pending"]) == (False, 1)
+    assert report["error"] == [
+        "OperationalError",
+        f"store {tmp_path / 'iotbiz.db'} failed: disk I/O error",
+    ]
+    assert report["second_flush"] is True
+    assert report["recorded"] == [True, True]
