@@ -4,7 +4,12 @@ This is the only module that speaks SQL. One connection (aiosqlite runs it in it
 WAL mode, so the operator CLI and a running platform can use the same file at once; every write is
 one `BEGIN IMMEDIATE` transaction, serialised in-process by a lock and across processes by SQLite
 (with a busy timeout). The schema is versioned with `PRAGMA user_version` and migrated forward on
-open.
+open: the version is read and the missing migrations applied in one write transaction, so that
+processes opening a new file together migrate it once.
+
+Errors: every driver error (sqlite3.Error: a full disk, a locked or corrupt file) and every use of
+a closed store comes out as a StoreError whose message names the store, with the driver's error as
+its cause; a transaction whose statements or COMMIT fail is rolled back.
 
 Each operation is one plain function over the `sqlite3.Connection`, sent to aiosqlite's thread as
 a single call: the transaction and all its statements run there in one go. Going through
