@@ -9,6 +9,10 @@ exponentially with jitter, capped, so that a fleet does not stampede a restarted
 refused login (CONNACK "not authorised") ends `run` with `NotAuthorized`, for the agent to check
 its enrollment. Anything else that goes wrong (a disk error while acknowledging) ends `run`
 with that error: the agent treats it as fatal.
+
+A cancellation always ends `run` promptly: no await here suppresses CancelledError, and since
+Python 3.11's asyncio.wait_for (behind every aiomqtt wait) can swallow a cancellation that
+arrives with the awaited packet, the link and its sender check `Task.cancelling()` after each.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ BACKOFF_CAP_S = 60.0
 SEND_BATCH = 50
 PUBLISH_TIMEOUT_S = 30.0  # also the CONNACK and SUBACK timeout
 CLOSE_TIMEOUT_S = 2.0  # the goodbye `offline` status at shutdown
+CANCEL_WAIT_S = 5.0  # for the session's tasks to end once cancelled
 NOT_AUTHORIZED = (4, 5, 134, 135)  # bad credentials / not authorised (3.1.1 and 5 numbering)
 
 
@@ -88,12 +93,10 @@ class Link:
             finally:
                 self.connected.clear()
                 self._client = None
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # Cancelled, but the session ended with an error instead: aiomqtt's __aexit__
-                # raises MqttError when its disconnect times out, which replaces the
-                # CancelledError. The cancellation wins: never reconnect after it.
-                raise asyncio.CancelledError
+            # Cancelled, but the session ended with an error instead (aiomqtt's __aexit__
+            # raises MqttError when its disconnect times out, which replaces the
+            # CancelledError)? The cancellation wins: never reconnect after it.
+            _raise_if_cancelled()
             if self.connections > before:
                 backoff = BACKOFF_START_S  # it was up: a fresh loss starts the backoff again
             delay = _jitter(backoff)
@@ -127,9 +130,12 @@ class Link:
             tls_context=ssl.create_default_context() if self._tls else None,
             timeout=self._publish_timeout_s,
         ) as client:
+            _raise_if_cancelled()  # each aiomqtt wait may have swallowed it (see below)
             self._client = client
             await client.publish(self._status_topic, status_payload("online"), qos=1, retain=True)
+            _raise_if_cancelled()
             await client.subscribe(self._command_topic, qos=1)
+            _raise_if_cancelled()
             self.connections += 1
             self.connected.set()
             log.info("connected to mqtt://%s:%d as %s", self._host, self._port, name)
@@ -148,10 +154,17 @@ class Link:
 
     async def _drain_outbox(self, client: aiomqtt.Client) -> None:
         """Send the queues in order, the first queue before the others; each batch leaves the
-        disk once the broker acked it. A publish that fails or times out ends the session."""
+        disk once the broker acked it. A publish that fails or times out ends the session.
+
+        aiomqtt's publish waits with `asyncio.wait_for`, which in Python 3.11 swallows a
+        cancellation that arrives as the PUBACK does (it returns the result instead): this task
+        then went on to wait for the next message, "cancelling" for ever, and the link, which
+        awaits it, never ended (issue 8 fault 9). So the sender checks after every publish."""
         while True:
             queue = next((q for q in self._queues if len(q)), None)
             if queue is None:
+                for empty in self._queues:
+                    empty.available.clear()  # all empty: wait for the next put
                 await _wait_any([q.available for q in self._queues])
                 continue
             batch = queue.head(SEND_BATCH)
@@ -160,6 +173,7 @@ class Link:
                 await client.publish(
                     message.topic, message.payload, qos=message.qos, timeout=self._publish_timeout_s
                 )
+                _raise_if_cancelled()
             await queue.done([entry.id for entry in batch])
 
     async def close(self) -> None:
@@ -175,6 +189,15 @@ class Link:
                 retain=True,
                 timeout=CLOSE_TIMEOUT_S,
             )
+
+
+def _raise_if_cancelled() -> None:
+    """Raise CancelledError if this task was cancelled and the cancellation was swallowed on the
+    way (asyncio.wait_for in Python 3.11, used by every aiomqtt wait, returns a result that
+    arrived with the cancellation instead of raising)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _code(exc: aiomqtt.MqttCodeError) -> int | None:
@@ -197,11 +220,13 @@ async def _first_to_end(*tasks: asyncio.Task[None]) -> None:
     finally:
         for task in tasks:
             task.cancel()
-        await asyncio.wait(tasks)
+        _, pending = await asyncio.wait(tasks, timeout=CANCEL_WAIT_S)
+        for task in pending:  # a bug; better an orphan task than a link that never ends
+            log.error("task %s did not end when cancelled; left behind", task.get_name())
     errors = [
         error
         for task in sorted(tasks, key=lambda task: task not in done)  # the first to end first
-        if not task.cancelled() and (error := task.exception()) is not None
+        if task.done() and not task.cancelled() and (error := task.exception()) is not None
     ]
     if errors:
         raise errors[0]

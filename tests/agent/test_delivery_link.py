@@ -21,7 +21,7 @@ import pytest_asyncio
 from iotbiz import topics
 from iotbiz.agent.identity import Credentials, Enrollment
 from iotbiz.agent.link import Link
-from iotbiz.agent.outbox import Message, Outbox
+from iotbiz.agent.outbox import Message, Outbox, Queued
 from iotbiz.names import DeviceName
 from iotbiz.passwords import PasswordHasher
 from iotbiz.platform import Platform
@@ -67,11 +67,17 @@ class Proxy:
     def release(self) -> None:
         self._downstream.set()
 
+    def drop(self) -> None:
+        """Close every connection through the proxy (as a broker that goes away would); new
+        ones are still accepted."""
+        for writer in self._writers:
+            writer.close()
+        self._writers.clear()
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        for writer in self._writers:
-            writer.close()
+        self.drop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -294,3 +300,44 @@ async def test_replies_go_before_telemetry(
         await received.wait(REPLY, lambda p: len(p) == 1, 10)
         assert len(seqs(received.payloads.get(TELEMETRY, []))) < 120  # the reply came first
         await received.wait(TELEMETRY, lambda p: seqs(p)[-1:] == [119], 10)
+
+
+def cancel_at_puback(link: Link, task: asyncio.Task[None], count: int) -> None:
+    """Cancel `task` from paho's on_publish callback, right after aiomqtt's own, at the
+    `count`-th PUBACK: a timing hook on the library's callback, nothing replaced."""
+    assert link._client is not None
+    paho = link._client._client
+    on_publish: Any = paho.on_publish
+    assert on_publish is not None
+    acks = 0
+
+    def hook(*args: Any) -> None:
+        nonlocal acks
+        on_publish(*args)  # aiomqtt sets the publish's confirmation
+        acks += 1
+        if acks == count:
+            task.cancel()  # and the cancellation arrives right with it
+
+    paho.on_publish = hook
+
+
+async def test_a_link_cancelled_as_a_puback_arrives_ends(
+    settings: AgentSettings, credentials: Credentials
+) -> None:
+    """Issue 8 fault 9: the agent sometimes hung on SIGTERM, the outbox sender "cancelling" at
+    `available.wait()`. aiomqtt's publish waits with asyncio.wait_for, which in Python 3.11
+    swallows a cancellation that arrives as the PUBACK does (it returns the result instead); the
+    sender went on, and the link, awaiting it, never ended. Here the link is cancelled from
+    paho's on_publish callback, i.e. exactly as a PUBACK arrives, many times over."""
+    outbox = Outbox(settings.state_dir, 100_000)
+    lines = (Queued(i, seq(i)).to_line() for i in range(1, 5_001))
+    (settings.state_dir / "outbox.jsonl").write_bytes(b"".join(lines))
+    await outbox.load()
+    for trial in range(10):
+        link = Link(settings, credentials, [outbox], no_commands)
+        task = asyncio.create_task(link.run())
+        await asyncio.wait_for(link.connected.wait(), 10)
+        cancel_at_puback(link, task, 3 + trial)
+        done, _ = await asyncio.wait([task], timeout=5)
+        assert done, f"trial {trial}: the link cancelled as a PUBACK arrived did not end"
+        assert task.cancelled()

@@ -26,7 +26,7 @@ import pytest_asyncio
 
 from iotbiz.platform import Platform
 from iotbiz.settings import Settings
-from tests.agent.test_delivery_link import started_platform
+from tests.agent.test_delivery_link import Proxy, started_platform
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -83,6 +83,14 @@ async def platform(make_settings: Callable[..., Settings]) -> AsyncIterator[Plat
     async with started_platform(make_settings(http={"host": "127.0.0.1"})) as started:
         await started.store.set_device_limit("abc123", 100, actor="test")
         yield started
+
+
+@pytest_asyncio.fixture
+async def proxy(platform: Platform) -> AsyncIterator[Proxy]:
+    started = Proxy(platform.mqtt_port)
+    await started.start()
+    yield started
+    await started.close()
 
 
 @pytest_asyncio.fixture
@@ -188,11 +196,12 @@ KINDS = [
     "connected",  # online, telemetry flowing
     "broker silent",  # connected by TCP, the CONNACK never comes
     "broker refused",  # nothing listens on the broker's port
+    "connection lost",  # the broker drops the connection as SIGTERM arrives
 ]
 
 
 async def test_twenty_sigterms_each_stop_the_agent_promptly(
-    tmp_path: Path, platform: Platform, silent: Silent
+    tmp_path: Path, platform: Platform, silent: Silent, proxy: Proxy
 ) -> None:
     registrar = f"http://127.0.0.1:{platform.http_port}"
     broker = f"mqtt://127.0.0.1:{platform.mqtt_port}"
@@ -208,6 +217,8 @@ async def test_twenty_sigterms_each_stop_the_agent_promptly(
                 urls["broker_url"] = f"mqtt://127.0.0.1:{silent.port}"
             elif kind == "broker refused":
                 urls["broker_url"] = f"mqtt://127.0.0.1:{refused}"
+            elif kind == "connection lost":
+                urls["broker_url"] = f"mqtt://127.0.0.1:{proxy.port}"
             config = write_config(
                 tmp_path / f"agent-{cycle}.toml",
                 device_id=device_id,
@@ -221,12 +232,15 @@ async def test_twenty_sigterms_each_stop_the_agent_promptly(
                     await agent.wait_for(agent.catches_sigterm, "the SIGTERM handler")
                 elif kind == "apps running":
                     await agent.wait_logged("running 2 app(s)")
-                elif kind == "connected":
+                elif kind in ("connected", "connection lost"):
                     await agent.wait_logged("connected to mqtt://")
                 elif kind in ("enrolling", "broker silent"):
                     await agent.wait_for(lambda: silent.connections > held, kind)  # noqa: B023
                 else:
                     await agent.wait_logged("MQTT link down")
+                if kind == "connection lost":
+                    proxy.drop()
+                    await asyncio.sleep(0.003 * cycle)  # now before, now after the loss is seen
                 started = time.monotonic()
                 agent.proc.send_signal(signal.SIGTERM)
                 code = await agent.exit_code(BOUND_S + 10)
