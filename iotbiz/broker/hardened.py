@@ -690,7 +690,8 @@ class HardenedBroker(Broker):
         Replaces amqtt's loop, which wrapped every message in a task of its own and raced it
         against the shutdown future with `asyncio.wait`: here each message is broadcast inline,
         and shutting down (amqtt resolves `_broadcast_shutdown_waiter`) cancels this task.
-        Finished delivery tasks are reaped in order, failures logged, as amqtt did.
+        Tasks left in `running` are reaped in order, failures logged, as amqtt did; deliveries
+        are not among them any more (see `_deliver`).
         """
         running = self._tasks_queue
         shutdown = self._broadcast_shutdown_waiter
@@ -718,10 +719,11 @@ class HardenedBroker(Broker):
         the subscription's [MQTT-3.8.4-6] (amqtt used the subscription's, so a QoS 0 message
         reached a QoS 2 subscriber at QoS 2 and was queued for offline sessions, and a QoS 2
         will reached a QoS 0 subscriber at QoS 2); each delivery is started by `_deliver`
-        (bounded per client, not kept in `running_tasks`); and no log text is built per subscription
-        (amqtt formatted several f-strings for every filter of every session, matching or not,
-        for every message, whatever the log level). Filters are matched before anything is
-        awaited, so subscriptions changing meanwhile cannot break the iteration.
+        (bounded per client, not kept in `running_tasks`); and no log text is built per
+        subscription (amqtt formatted several f-strings for every filter of every session,
+        matching or not, for every message, whatever the log level). Filters are matched
+        before anything is awaited, so subscriptions changing meanwhile cannot break the
+        iteration.
         """
         broadcast = await self._broadcast_queue.get()
         topic: str = broadcast["topic"]

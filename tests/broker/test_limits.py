@@ -348,13 +348,18 @@ async def test_a_fast_publisher_cannot_grow_the_broker_s_queues() -> None:
     assert broker.dropped_deliveries > 0, peaks
 
 
-async def test_a_publisher_that_never_reads_its_pubacks_is_paused_not_dropped() -> None:
-    """A client floods QoS 1 messages and never reads the PUBACKs. Its PUBACKs back up, so
-    the broker's handlers of its packets cannot finish: the reader stops at `max_inflight_in`
-    of them (no task per packet read), and the pause is not taken for keep-alive silence: a
-    silent client with the same keep-alive is dropped meanwhile, the paused one is not."""
+async def test_a_publisher_that_never_reads_is_paused_not_taken_for_silent() -> None:
+    """A client floods QoS 1 messages of 4 KB to a topic it subscribes to itself, and never
+    reads. The deliveries to it back up and, behind them, its PUBACKs, so the handlers of its
+    packets cannot finish: the broker stops reading it at `max_inflight_in` of them (no task
+    per packet read) and holds at most `max_queued_messages` deliveries for it. The pause is not
+    taken for keep-alive silence: a silent client with the same keep-alive is dropped meanwhile,
+    the paused one is not."""
     broker = HardenedBroker(
-        acl_plugins.broker_config(), write_timeout=60.0, max_inflight_in=INFLIGHT_IN
+        acl_plugins.broker_config(),
+        write_timeout=60.0,
+        max_inflight_in=INFLIGHT_IN,
+        max_queued_messages=QUEUED,
     )
     await broker.start()
     port = broker.listener_port()
@@ -365,8 +370,10 @@ async def test_a_publisher_that_never_reads_its_pubacks_is_paused_not_dropped() 
         await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
         reader, writer = await asyncio.open_connection(sock=sock)
         writer.write(connect_packet("alice", "alice", PASSWORDS["alice"], keepalive=1))
+        writer.write(subscribe_packet("a/#", 0))
         async with asyncio.timeout(5):
-            assert (await reader.readexactly(4))[3] == 0
+            assert (await reader.readexactly(4))[3] == 0  # CONNACK accepted
+            assert (await reader.readexactly(5))[4] == 0  # SUBACK
         _, handler = broker.sessions["alice"]
 
         def paused() -> bool:
@@ -374,16 +381,15 @@ async def test_a_publisher_that_never_reads_its_pubacks_is_paused_not_dropped() 
             return gate is not None and bool(gate.paused)
 
         async def flood() -> None:
-            for index in range(200_000):
-                topic = "a/flood" + "x" * 200
-                writer.write(publish_packet(topic, b"", qos=1, packet_id=index % 65535 + 1))
-                if index % 100 == 99:
+            payload = b"." * 4096
+            for index in range(1_000_000):
+                writer.write(publish_packet("a/flood", payload, qos=1, packet_id=index % 65535 + 1))
+                if index % 10 == 9:
                     await writer.drain()
 
         flooding = asyncio.create_task(flood())
         try:
             await until(paused, "the broker to stop reading the flood", within=20)
-            tasks_while_paused = len(asyncio.all_tasks())
             silent_reader, silent_writer = await asyncio.open_connection("127.0.0.1", port)
             silent_writer.write(connect_packet("bob", "bob", PASSWORDS["bob"], keepalive=1))
             async with asyncio.timeout(5):
@@ -393,7 +399,8 @@ async def test_a_publisher_that_never_reads_its_pubacks_is_paused_not_dropped() 
             assert broker.is_connected("alice")
             assert paused()
             assert handler._publishes_running <= INFLIGHT_IN
-            assert tasks_while_paused <= 4 * INFLIGHT_IN
+            assert len(handler._deliveries) <= QUEUED
+            assert len(asyncio.all_tasks()) <= 2 * (INFLIGHT_IN + QUEUED)
         finally:
             flooding.cancel()
             writer.transport.abort()
