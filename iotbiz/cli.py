@@ -23,18 +23,21 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from iotbiz import __version__
-from iotbiz.errors import IotbizError, StoreNotFound
+from iotbiz.errors import ConfigError, IotbizError, StoreNotFound
 from iotbiz.models import Customer, Device, iso_time
 from iotbiz.names import DeviceName, is_account_name, is_customer_id, parse_device_name
-from iotbiz.passwords import PasswordHasher, generate_password
-from iotbiz.platform import SERVICE_USERNAME, run_platform
 from iotbiz.settings import Settings, load_settings
-from iotbiz.store import Store
 
-Command = Callable[[argparse.Namespace, Store], Awaitable[None]]
+if TYPE_CHECKING:
+    from iotbiz.store import Store
+
+# What `pip install iotbiz` leaves out (the agent does not need it): the [platform] extra.
+PLATFORM_PACKAGES = frozenset({"aiohttp", "aiosqlite", "amqtt", "bcrypt", "uvloop"})
+
+Command = Callable[[argparse.Namespace, "Store"], Awaitable[None]]
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "iotbiz") -> int:
@@ -45,7 +48,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "iotbiz") -> int:
         return 2
     try:
         settings = _settings(args)
+        _check_platform_installed(args.command)
         if args.command == "serve":
+            from iotbiz.platform import run_platform
+
             _configure_logging(settings.log.level)
             run_platform(settings)
         else:
@@ -58,6 +64,20 @@ def main(argv: Sequence[str] | None = None, prog: str = "iotbiz") -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _check_platform_installed(command: str) -> None:
+    """A one-line error, not a traceback, when a command needs the [platform] extra that a
+    device's install (`pip install iotbiz`: the agent only) leaves out."""
+    try:
+        import iotbiz.platform  # noqa: F401 - imports every platform dependency
+    except ModuleNotFoundError as exc:
+        if exc.name not in PLATFORM_PACKAGES:
+            raise
+        raise ConfigError(
+            f"`{command}` needs the platform, which this install lacks ({exc.name} is missing):"
+            " pip install 'iotbiz[platform]'"
+        ) from exc
 
 
 def _configure_logging(level: str) -> None:
@@ -89,6 +109,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 async def _with_store(settings: Settings, run: Command, args: argparse.Namespace) -> None:
+    from iotbiz.store import Store
+
     path = settings.store.path
     try:
         store = await Store.open(path, create=args.creates_store)
@@ -197,6 +219,9 @@ async def _device_reset(args: argparse.Namespace, store: Store) -> None:
 
 
 async def _account_add(args: argparse.Namespace, store: Store) -> None:
+    from iotbiz.passwords import PasswordHasher, generate_password
+    from iotbiz.platform import SERVICE_USERNAME
+
     if args.name == SERVICE_USERNAME:
         raise IotbizError(f"{SERVICE_USERNAME} is the platform's own account name")
     password = generate_password()
