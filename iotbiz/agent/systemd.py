@@ -21,6 +21,7 @@ def notify(message: str) -> bool:
         address = "\0" + address[1:]  # an abstract socket
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)  # a backed-up notify socket must not block the event loop
             sock.connect(address)
             sock.sendall(message.encode())
     except OSError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import signal
 import socket
@@ -121,7 +122,7 @@ def write_config(
 
 
 class AgentProcess:
-    def __init__(self, config: Path, log_path: Path) -> None:
+    def __init__(self, config: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
         self.log_path = log_path
         with log_path.open("wb") as log:
             self.proc = subprocess.Popen(
@@ -129,6 +130,7 @@ class AgentProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=config.parent,
+                env={**os.environ, **(env or {})},
             )
 
     def log(self) -> str:
@@ -290,8 +292,12 @@ async def test_a_task_that_dies_stops_the_agent_with_exit_1(
 ) -> None:
     """The outbox file becomes unwritable (here: a directory in its place): the telemetry task
     or the link's sender dies; the agent must exit non-zero (systemd restarts it), not go on
-    running without telemetry."""
+    running without telemetry, and systemd's watchdog is no longer fed from that moment."""
     state = tmp_path / "state"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.setblocking(False)
+    systemd = {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "200000"}
     config = write_config(
         tmp_path / "agent.toml",
         registrar_url=f"http://127.0.0.1:{platform.http_port}",
@@ -299,7 +305,15 @@ async def test_a_task_that_dies_stops_the_agent_with_exit_1(
         device_id="dies",
         state_dir=state,
     )
-    agent = AgentProcess(config, tmp_path / "agent.log")
+    messages: list[str] = []
+
+    async def read_like_systemd() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            messages.append((await loop.sock_recv(notify, 4096)).decode())
+
+    reader = asyncio.create_task(read_like_systemd())
+    agent = AgentProcess(config, tmp_path / "agent.log", env=systemd)
     try:
         await agent.wait_logged("connected to mqtt://")
         outbox = state / "outbox.jsonl"
@@ -310,5 +324,46 @@ async def test_a_task_that_dies_stops_the_agent_with_exit_1(
         assert code == 1
         assert "stopping the agent (exit 1) so that it is restarted" in agent.log()
         assert not any(alive(pid) for pid in agent.app_pids())
+        for _ in range(100):  # the last datagrams may still be in the socket
+            if "STOPPING=1" in messages:
+                break
+            await asyncio.sleep(0.02)
+        assert messages[0] == "READY=1"
+        assert "WATCHDOG=1" in messages  # fed while the agent was healthy
+        stopping = messages.index("STOPPING=1")
+        assert "WATCHDOG=1" not in messages[stopping:]  # and never once the task was dead
     finally:
         agent.kill()
+        reader.cancel()
+        notify.close()
+
+
+async def test_a_notify_socket_nobody_reads_blocks_nothing(
+    tmp_path: Path, platform: Platform
+) -> None:
+    """systemd busy (its notify socket full: 10 datagrams by default): sd_notify sent from the
+    event loop blocked the whole agent, which then never stopped on SIGTERM."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))  # never read
+    config = write_config(
+        tmp_path / "agent.toml",
+        registrar_url=f"http://127.0.0.1:{platform.http_port}",
+        broker_url=f"mqtt://127.0.0.1:{platform.mqtt_port}",
+        device_id="busy-systemd",
+        state_dir=tmp_path / "state",
+    )
+    systemd = {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "100000"}
+    agent = AgentProcess(config, tmp_path / "agent.log", env=systemd)
+    try:
+        # the watchdog pings every 0.05 s: the socket is full after 10, and the agent goes on
+        await agent.wait_for(
+            lambda: agent.log().count("sd_notify WATCHDOG=1 failed") >= 10, "pings refused"
+        )
+        await agent.wait_logged("connected to mqtt://")
+        started = time.monotonic()
+        agent.proc.send_signal(signal.SIGTERM)
+        assert await agent.exit_code(BOUND_S + 10) == 0
+        assert time.monotonic() - started < BOUND_S
+    finally:
+        agent.kill()
+        notify.close()
