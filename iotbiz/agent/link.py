@@ -25,6 +25,7 @@ import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiomqtt
@@ -47,6 +48,30 @@ NOT_AUTHORIZED = (4, 5, 134, 135)  # bad credentials / not authorised (3.1.1 and
 
 class NotAuthorized(Exception):
     """The broker refused the credentials."""
+
+
+class _Client(aiomqtt.Client):
+    """aiomqtt's client, except that a connection lost before the CONNACK fails the connect at
+    once. aiomqtt 2.x ignores a disconnect that comes before the CONNACK and waits out its whole
+    timeout instead: in scripts/soak.py an agent whose connection was cut during the handshake
+    stayed offline for the 30 s of that timeout.
+
+    Overrides aiomqtt's `Client._on_disconnect` (its paho-mqtt callback) for that one case only.
+    """
+
+    def _on_disconnect(
+        self,
+        client: Any,
+        userdata: Any,
+        flags: Any,
+        reason_code: Any,
+        properties: Any = None,
+    ) -> None:
+        if not self._connected.done():
+            lost = aiomqtt.MqttError(f"connection lost before CONNACK ({reason_code})")
+            self._connected.set_exception(lost)  # __aenter__ is waiting for it: raised there
+            return
+        super()._on_disconnect(client, userdata, flags, reason_code, properties)
 
 
 class SessionEnded(Exception):
@@ -118,7 +143,7 @@ class Link:
 
     async def _session(self) -> None:
         name = str(self._credentials.name)
-        async with aiomqtt.Client(
+        async with _Client(
             self._host,
             self._port,
             identifier=name,

@@ -341,3 +341,36 @@ async def test_a_link_cancelled_as_a_puback_arrives_ends(
         done, _ = await asyncio.wait([task], timeout=5)
         assert done, f"trial {trial}: the link cancelled as a PUBACK arrived did not end"
         assert task.cancelled()
+
+
+async def test_a_connection_lost_during_the_handshake_is_retried_at_once(
+    settings: AgentSettings, credentials: Credentials
+) -> None:
+    """Found by scripts/soak.py: a connection that dropped before the CONNACK (a network cut
+    during the handshake) left the agent waiting out aiomqtt's whole 30 s timeout."""
+
+    async def take_connect_then_drop(reader: asyncio.StreamReader, writer: Any) -> None:
+        await reader.read(1)
+        writer.transport.abort()
+
+    server = await asyncio.start_server(take_connect_then_drop, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    dropping = load_agent_settings(
+        None,
+        environ={},
+        overrides={
+            "customer_id": NAME.customer_id,
+            "device_id": NAME.device_id,
+            "state_dir": settings.state_dir,
+            "broker_url": f"mqtt://127.0.0.1:{port}",
+        },
+    )
+    link = Link(dropping, credentials, [], no_commands)
+    try:
+        began = time.monotonic()
+        reason = await asyncio.wait_for(link._session_until_lost(), 10)
+        assert time.monotonic() - began < 2.0, reason
+        assert "before CONNACK" in reason
+    finally:
+        server.close()
+        await server.wait_closed()
