@@ -44,10 +44,11 @@ async def watch_health(settings: AppSettings, health: HealthSettings) -> str:
 async def check_health(settings: AppSettings, health: HealthSettings) -> str | None:
     """One health check: None when healthy, else what was wrong."""
     if health.http is not None:
+        # asyncio.timeout, not wait_for: in Python 3.11 wait_for can swallow a cancellation that
+        # arrives with the result, and the supervisor would then wait for ever for this check.
         try:
-            return await asyncio.wait_for(
-                asyncio.to_thread(_get_http, health.http, health.timeout_s), health.timeout_s + 1.0
-            )
+            async with asyncio.timeout(health.timeout_s + 1.0):
+                return await asyncio.to_thread(_get_http, health.http, health.timeout_s)
         except TimeoutError:
             return f"no answer within {health.timeout_s:g} s"
     if health.command is None:
