@@ -91,3 +91,29 @@ async def test_two_connections_share_the_file(db_path: Path) -> None:
     finally:
         await first.close()
         await second.close()
+
+
+async def test_a_version_2_store_migrates_with_its_devices(tmp_path: Path) -> None:
+    """Schema 3 (commands, tags, history) on top of a store written by the previous release."""
+    from iotbiz.store import MIGRATIONS
+    from iotbiz.store.schema import statements
+
+    path = tmp_path / "v2.db"
+    with sqlite3.connect(path) as raw:
+        for script in MIGRATIONS[:2]:
+            for statement in statements(script):
+                raw.execute(statement)
+        raw.execute("PRAGMA user_version = 2")
+        raw.execute("INSERT INTO customers VALUES ('abc123', 5, 1.0)")
+        raw.execute(
+            "INSERT INTO devices (customer_id, device_id, state, created_at)"
+            " VALUES ('abc123', 'dev-1', 'active', 1.0)"
+        )
+    store = await Store.open(path)
+    try:
+        assert await store.schema_version() == SCHEMA_VERSION
+        page, total = await store.find_devices(customer_id="abc123")
+        assert (total, page[0].device_id, page[0].tags) == (1, "dev-1", {})
+        assert await store.set_tags(NAME, {"site": "x"}, actor="test") == {"site": "x"}
+    finally:
+        await store.close()

@@ -18,19 +18,26 @@ fetch, close), about 50 per device enrollment, and each round trip waits for the
 the thread to be scheduled: under an enrollment storm a one-row read took 4 ms.
 
 Modules: `core` (the connection, `_call`/`_write`, errors), `schema` (migrations), and one mixin
-per concern, combined into `Store`: `devices` (customers, devices, presence), `accounts`
-(operator accounts, audit log).
+per concern, combined into `Store`: `devices` (customers, devices, presence), `fleet` (the
+filtered, paged fleet list; tags), `commands` (the command life cycle, see its docstring),
+`history` (telemetry samples and device events, their retention policy), `accounts` (operator
+accounts, the audit log).
 """
 
 from __future__ import annotations
 
 from iotbiz.store.accounts import AccountOperations
+from iotbiz.store.commands import CommandOperations
 from iotbiz.store.core import BUSY_TIMEOUT_MS, Clock
 from iotbiz.store.devices import DeviceOperations
+from iotbiz.store.fleet import FleetOperations
+from iotbiz.store.history import HistoryOperations
 from iotbiz.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 __all__ = ["BUSY_TIMEOUT_MS", "MIGRATIONS", "SCHEMA_VERSION", "Clock", "Store"]
 
 
-class Store(DeviceOperations, AccountOperations):
+class Store(
+    DeviceOperations, FleetOperations, CommandOperations, HistoryOperations, AccountOperations
+):
     """Async access to the SQLite store. Open with `await Store.open(path)`, close when done."""

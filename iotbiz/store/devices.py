@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterable
 from typing import Any
@@ -9,12 +10,25 @@ from typing import Any
 from iotbiz.errors import ConflictError, NotFoundError, RegistrationRefused
 from iotbiz.models import Customer, Device, DeviceState, PresenceUpdate
 from iotbiz.names import DeviceName
+from iotbiz.store.commands import close_open_commands
 from iotbiz.store.core import StoreCore, audit, json_or_none, json_or_null, scalar
+from iotbiz.store.history import Event, Sample, event_rows, insert_history, sample_rows
 
 DEVICE_COLUMNS = (
     "customer_id, device_id, state, password_hash, pending_expires_at, created_at, activated_at,"
-    " revoked_at, online, last_seen_at, last_status, last_telemetry"
+    " revoked_at, online, last_seen_at, last_status, last_telemetry,"
+    " (SELECT json_group_object(t.key, t.value) FROM device_tags t"
+    " WHERE t.customer_id = devices.customer_id AND t.device_id = devices.device_id) AS tags"
 )
+
+_PRESENCE = """
+    UPDATE devices SET
+        {online}
+        last_seen_at = max(coalesce(last_seen_at, 0), :seen_at),
+        last_status = coalesce(:status, last_status),
+        last_telemetry = coalesce(:telemetry, last_telemetry)
+    WHERE customer_id = :customer_id AND device_id = :device_id AND state = 'active'
+"""
 # Devices that count against a customer's limit: active ones and unexpired pending ones.
 _COUNTED = "(state = 'active' OR (state = 'pending' AND pending_expires_at > :now))"
 
@@ -86,7 +100,7 @@ class DeviceOperations(StoreCore):
             params = (customer_id,)
         sql += " ORDER BY customer_id, device_id"
         rows = await self._call(lambda conn: conn.execute(sql, params).fetchall())
-        return [_row_to_device(row) for row in rows]
+        return [row_to_device(row) for row in rows]
 
     async def check_registration(self, name: DeviceName) -> None:
         """Raise RegistrationRefused if registering `name` now would be refused (a cheap pre-check
@@ -166,6 +180,7 @@ class DeviceOperations(StoreCore):
                 if device is None:
                     raise NotFoundError(f"no device {name}")
                 return device  # revoked already: nothing changes, nothing to audit
+            close_open_commands(conn, name, now, "device revoked")
             audit(conn, now, actor, "device.revoke", str(name), {})
             return _device(conn, name)
 
@@ -184,6 +199,8 @@ class DeviceOperations(StoreCore):
             device = _device(conn, name)
             if device is None:
                 raise NotFoundError(f"no device {name}")
+            # its tags, samples and events go with it (ON DELETE CASCADE); commands stay, failed
+            close_open_commands(conn, name, now, "device reset")
             conn.execute("DELETE FROM devices WHERE customer_id = ? AND device_id = ?", tuple(name))
             audit(conn, now, actor, "device.reset", str(name), {"state": device.state.value})
             return device
@@ -192,9 +209,15 @@ class DeviceOperations(StoreCore):
 
     # -- presence -------------------------------------------------------------------------------
 
-    async def record_presence(self, updates: Iterable[PresenceUpdate]) -> None:
-        """Write a batch of presence updates in one transaction (not audited: not a change made
-        by anyone, and far too frequent)."""
+    async def record_presence(
+        self,
+        updates: Iterable[PresenceUpdate],
+        *,
+        samples: Iterable[Sample] = (),
+        events: Iterable[Event] = (),
+    ) -> None:
+        """Write a batch of presence updates, telemetry samples and device events in one
+        transaction (not audited: not a change made by anyone, and far too frequent)."""
         rows = [
             {
                 "online": None if update.online is None else int(update.online),
@@ -206,20 +229,19 @@ class DeviceOperations(StoreCore):
             }
             for update in updates
         ]
-        await self._write(
-            lambda conn: conn.executemany(
-                """
-                UPDATE devices SET
-                    online = coalesce(:online, online),
-                    last_seen_at = max(coalesce(last_seen_at, 0), :seen_at),
-                    last_status = coalesce(:status, last_status),
-                    last_telemetry = coalesce(:telemetry, last_telemetry)
-                WHERE customer_id = :customer_id AND device_id = :device_id
-                    AND state = 'active'
-                """,
-                rows,
-            )
-        )
+        # `online` (in the index devices_by_presence) is only written where it is known
+        changes_online = [row for row in rows if row["online"] is not None]
+        keeps_online = [row for row in rows if row["online"] is None]
+        sample_list, event_list = sample_rows(samples), event_rows(events)
+
+        def record(conn: sqlite3.Connection) -> None:
+            if changes_online:
+                conn.executemany(_PRESENCE.format(online="online = :online,"), changes_online)
+            if keeps_online:
+                conn.executemany(_PRESENCE.format(online=""), keeps_online)
+            insert_history(conn, sample_list, event_list)
+
+        await self._write(record)
 
     async def mark_all_offline(self) -> None:
         """At platform start: nothing is connected yet, whatever a killed process left behind."""
@@ -231,10 +253,10 @@ def _device(conn: sqlite3.Connection, name: DeviceName) -> Device | None:
         f"SELECT {DEVICE_COLUMNS} FROM devices WHERE customer_id = ? AND device_id = ?",  # noqa: S608
         tuple(name),
     ).fetchone()
-    return None if row is None else _row_to_device(row)
+    return None if row is None else row_to_device(row)
 
 
-def _row_to_device(row: sqlite3.Row) -> Device:
+def row_to_device(row: sqlite3.Row) -> Device:
     return Device(
         customer_id=row["customer_id"],
         device_id=row["device_id"],
@@ -248,6 +270,7 @@ def _row_to_device(row: sqlite3.Row) -> Device:
         last_seen_at=row["last_seen_at"],
         last_status=json_or_none(row["last_status"]),
         telemetry=json_or_none(row["last_telemetry"]),
+        tags=json.loads(row["tags"]) if row["tags"] else {},
     )
 
 

@@ -59,6 +59,72 @@ MIGRATIONS: tuple[str, ...] = (
         created_at     REAL NOT NULL
     );
     """,
+    # 3: commands, device tags, telemetry history and device events (issue 9). Sized for 10,000
+    # devices: the fleet list filters from an index holding (customer_id, state, online) and the
+    # key; tags are found through their primary key (one probe per device) or by value; samples
+    # are stored in their primary key's b-tree alone (no rowid, no second index), pruned per
+    # device through it; only open commands are in the dispatcher's partial index.
+    """
+    DROP INDEX devices_by_state;
+    CREATE INDEX devices_by_presence ON devices (customer_id, state, online);
+    CREATE TABLE device_tags (
+        customer_id  TEXT NOT NULL,
+        device_id    TEXT NOT NULL,
+        key          TEXT NOT NULL,
+        value        TEXT NOT NULL,
+        PRIMARY KEY (customer_id, device_id, key),
+        FOREIGN KEY (customer_id, device_id) REFERENCES devices (customer_id, device_id)
+            ON DELETE CASCADE
+    ) WITHOUT ROWID;
+    CREATE INDEX device_tags_by_value ON device_tags (key, value);
+    CREATE TABLE commands (
+        command_id   TEXT PRIMARY KEY,
+        customer_id  TEXT NOT NULL,
+        device_id    TEXT NOT NULL,
+        batch_id     TEXT NOT NULL,
+        action       TEXT NOT NULL,
+        args         TEXT NOT NULL DEFAULT '{}',
+        state        TEXT NOT NULL
+            CHECK (state IN ('queued', 'sent', 'done', 'failed', 'expired')),
+        created_at   REAL NOT NULL,
+        expires_at   REAL NOT NULL,
+        sent_at      REAL,
+        done_at      REAL,
+        result       TEXT,
+        error        TEXT,
+        actor        TEXT NOT NULL
+    );
+    CREATE INDEX commands_by_time ON commands (created_at, command_id);
+    CREATE INDEX commands_by_device ON commands (customer_id, device_id, created_at);
+    CREATE INDEX commands_by_batch ON commands (batch_id);
+    CREATE INDEX commands_open ON commands (expires_at) WHERE state IN ('queued', 'sent');
+    CREATE TABLE telemetry_samples (
+        customer_id     TEXT NOT NULL,
+        device_id       TEXT NOT NULL,
+        at              REAL NOT NULL,
+        cpu_percent     REAL,
+        memory_percent  REAL,
+        disk_percent    REAL,
+        load_1          REAL,
+        temperature_c   REAL,
+        net_rx_bytes    INTEGER,
+        net_tx_bytes    INTEGER,
+        PRIMARY KEY (customer_id, device_id, at),
+        FOREIGN KEY (customer_id, device_id) REFERENCES devices (customer_id, device_id)
+            ON DELETE CASCADE
+    ) WITHOUT ROWID;
+    CREATE TABLE device_events (
+        event_id     INTEGER PRIMARY KEY AUTOINCREMENT,
+        customer_id  TEXT NOT NULL,
+        device_id    TEXT NOT NULL,
+        at           REAL NOT NULL,
+        body         TEXT NOT NULL,
+        FOREIGN KEY (customer_id, device_id) REFERENCES devices (customer_id, device_id)
+            ON DELETE CASCADE
+    );
+    CREATE INDEX device_events_by_device ON device_events (customer_id, device_id, event_id);
+    CREATE INDEX device_events_by_customer ON device_events (customer_id, event_id);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
