@@ -107,12 +107,67 @@ class LogSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class CommandSettings:
+    default_ttl_s: float = setting(
+        3600.0, "seconds a command waits for its reply when the sender gives no expiry", min=1
+    )
+    max_ttl_s: float = setting(
+        7 * 86400.0, "longest expiry a command may be given, in seconds", min=1, max=7 * 86400
+    )
+    resend_after_s: float = setting(
+        60.0,
+        "a sent command without a reply goes to its online device again after this many seconds",
+        min=1,
+    )
+    poll_s: float = setting(
+        1.0, "seconds between looks at the store for commands to send and to expire", min=0.05
+    )
+    batch_size: int = setting(500, "commands read, published or expired in one go", min=1)
+    max_inflight: int = setting(
+        100, "command publishes waiting for their PUBACK at once", min=1, max=10000
+    )
+    max_devices: int = setting(10000, "devices one send may address", min=1)
+    max_args_bytes: int = setting(16384, "largest JSON of a command's args", min=2)
+    max_pending_replies: int = setting(
+        10000,
+        "device replies waiting to be written; when full, new ones are dropped (counted)",
+        min=1,
+    )
+    max_waiters: int = setting(1000, "callers waiting for commands to finish at once", min=1)
+
+
+@dataclass(frozen=True, slots=True)
+class HistorySettings:
+    sample_interval_s: float = setting(
+        60.0, "at most one telemetry sample per device per this many seconds", min=1
+    )
+    samples_keep_s: float = setting(86400.0, "seconds telemetry samples are kept", min=60)
+    events_keep_s: float = setting(7 * 86400.0, "seconds device events are kept", min=60)
+    events_per_device: int = setting(1000, "device events kept per device at most", min=1)
+    commands_keep_s: float = setting(
+        30 * 86400.0, "seconds finished commands are kept", min=60
+    )
+    prune_interval_s: float = setting(300.0, "seconds between retention passes", min=1)
+    prune_batch: int = setting(
+        500, "devices (or rows) one retention transaction deletes for", min=1
+    )
+    max_event_bytes: int = setting(
+        8192, "larger events are not recorded (counted)", min=256
+    )
+    max_pending_events: int = setting(
+        10000, "events waiting to be written; when full, the oldest are dropped (counted)", min=1
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     store: StoreSettings = field(default_factory=StoreSettings)
     http: HTTPSettings = field(default_factory=HTTPSettings)
     mqtt: MQTTSettings = field(default_factory=MQTTSettings)
     registrar: RegistrarSettings = field(default_factory=RegistrarSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    commands: CommandSettings = field(default_factory=CommandSettings)
+    history: HistorySettings = field(default_factory=HistorySettings)
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
