@@ -358,3 +358,6 @@ def test_mqtt_port_in_use_is_one_line_without_traceback(tmp_path: Path, log_leve
     assert len(errors) == 1, output
     assert str(port) in errors[0]
     assert "--mqtt-port" in errors[0]
+    if log_level == "WARNING":  # no INFO lines either: stderr is that one line, stdout empty
+        assert result.stderr.splitlines() == errors
+        assert result.stdout == ""
