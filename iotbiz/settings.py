@@ -77,6 +77,12 @@ class MQTTSettings:
         "accepted messages waiting for delivery, all clients; while full publishers are not read",
         min=1,
     )
+    login_hash_share: float = setting(
+        0.5,
+        "share of the bcrypt queue MQTT logins may fill; beyond it CONNACK 3, server unavailable",
+        min=0.01,
+        max=1.0,
+    )
 
 
 @dataclass(frozen=True, slots=True)

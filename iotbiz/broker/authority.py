@@ -10,12 +10,16 @@ Principals:
 
 Verified credentials are cached (a SHA-256 of the password, in memory) so that reconnects do not
 pay bcrypt again. Checking an uncached login runs bcrypt on the hasher the registrar uses; MQTT
-logins may fill only `LOGIN_HASH_SHARE` of its queue bound, so a flood of wrong passwords cannot
-starve enrollment: beyond that share a login is refused as `Refusal.UNAVAILABLE` (CONNACK 3,
-"server unavailable": the credentials may be right), counted in `busy_refusals` and logged at
-most once per `BUSY_LOG_PERIOD_S`. Failed logins are not cached: a negative entry would lock out
-a device that connects right after it is activated (the change feed arrives up to a poll later),
-and a flood with a new password per attempt would bypass it anyway; the share is the bound.
+logins may fill only `login_hash_share` (setting mqtt.login_hash_share) of its queue bound, so a
+flood of wrong passwords cannot starve enrollment: beyond that share a login is refused as
+`Refusal.UNAVAILABLE` (CONNACK 3, "server unavailable": the credentials may be right; the agent
+backs off and retries), counted in `busy_refusals` and logged at most once per
+`BUSY_LOG_PERIOD_S`. A cold reconnect storm meets the same bound: a device beyond it is refused
+with 3 and comes back later, instead of every login queueing for bcrypt.
+
+Failed logins are not cached: a negative entry would lock out a device that connects right after
+it is activated (the change feed arrives up to a poll later), and a flood with a new password per
+attempt would bypass it anyway; the share is the bound.
 
 The cache forgets a name when the store's change feed (its audit log) says the device was revoked,
 reset or registered again, or the account removed, whichever process made the change; the broker
@@ -51,7 +55,7 @@ _REVOKING_ACTIONS = frozenset(
 # ... and after which the device's retained messages must go too.
 _RETAINED_DROPPING_ACTIONS = frozenset({"device.revoke", "device.reset"})
 CHANGE_POLL_S = 0.25
-LOGIN_HASH_SHARE = 0.5  # MQTT logins may fill this share of the bcrypt queue bound
+LOGIN_HASH_SHARE = 0.5  # MQTT logins may fill this share of the bcrypt queue bound (default)
 BUSY_LOG_PERIOD_S = 10.0
 
 
@@ -99,9 +103,11 @@ class Authority:
         *,
         service_username: str,
         service_password: str,
+        login_hash_share: float = LOGIN_HASH_SHARE,
     ) -> None:
         self._store = store
         self._hasher = hasher
+        self.login_hash_share = login_hash_share  # the embedded broker sets it from mqtt settings
         self.service_username = service_username
         self._service_digest = _digest(service_password)
         self._verified: dict[str, tuple[bytes, Principal]] = {}
@@ -180,7 +186,7 @@ class Authority:
         return Principal(username, Role.SUPERUSER if account.superuser else Role.SERVICE)
 
     def _check_hasher(self) -> None:
-        if self._hasher.busy_at(LOGIN_HASH_SHARE):
+        if self._hasher.busy_at(self.login_hash_share):
             raise _HasherBusy
 
     def _refuse(self, username: str | None, reason: str) -> Refusal:

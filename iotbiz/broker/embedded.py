@@ -82,6 +82,7 @@ class EmbeddedBroker:
         self, settings: MQTTSettings, authority: Authority, presence: PresenceRecorder
     ) -> None:
         self._settings = settings
+        authority.login_hash_share = settings.login_hash_share
         self._broker = IotbizBroker(
             broker_config(settings),
             ack_timeout=settings.ack_timeout_s,
