@@ -166,6 +166,15 @@ class HistorySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminSettings:
+    token: str = setting(
+        "",
+        "admin API bearer token (empty: generated into admin.token beside the store file)",
+    )
+    public_metrics: bool = setting(False, "serve /metrics without the admin token")
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     store: StoreSettings = field(default_factory=StoreSettings)
     http: HTTPSettings = field(default_factory=HTTPSettings)
@@ -174,6 +183,7 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
     commands: CommandSettings = field(default_factory=CommandSettings)
     history: HistorySettings = field(default_factory=HistorySettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
