@@ -11,18 +11,32 @@ from typing import Any
 from aiohttp import web
 
 from iotbiz import __version__
+from iotbiz.broker.authority import Authority
+from iotbiz.broker.embedded import EmbeddedBroker
 from iotbiz.errors import IotbizError, ServiceUnavailable
 from iotbiz.passwords import PasswordHasher
 from iotbiz.presence import PresenceRecorder
-from iotbiz.registrar import device_api
+from iotbiz.registrar import admin_api, admin_devices, device_api, openapi
+from iotbiz.registrar.admin_auth import AdminAuth, auth_middleware, load_or_create_admin_token
 from iotbiz.registrar.keys import (
+    ADMIN_AUTH,
     HASHER,
     HEALTH_CHECKS,
+    METRICS,
     RATE_LIMITER,
     SERVICE_CLIENT,
     SETTINGS,
     STORE,
     HealthCheck,
+)
+from iotbiz.registrar.metrics import (
+    Metrics,
+    MQTTCollector,
+    StoreCounts,
+    count_fleet,
+    http_middleware,
+    metrics_handler,
+    run_lag_probe,
 )
 from iotbiz.registrar.middlewares import error_middleware
 from iotbiz.registrar.ratelimit import RateLimiter
@@ -59,14 +73,28 @@ def create_app(
     hasher: PasswordHasher | None = None,
     service: ServiceLink | None = None,
     presence: PresenceRecorder | None = None,
+    authority: Authority | None = None,
+    broker: EmbeddedBroker | None = None,
     spawn: Spawn = _create_task,
 ) -> web.Application:
     """The registrar as an aiohttp application; the caller owns `store` (and `hasher`, when it
     passes one). With `service` and `presence`, the app runs the platform's service MQTT client,
     which records every device's presence, as a task started with `spawn` (the platform passes
-    its own, which notices the task's death)."""
-    app = web.Application(middlewares=[error_middleware()], client_max_size=MAX_BODY_BYTES)
+    its own, which notices the task's death). `authority` and `broker` feed /metrics.
+
+    The admin token is loaded (or generated, see `admin_auth`) when the app starts."""
+    metrics = Metrics(StoreCounts(functools.partial(count_fleet, store)))
+    metrics.add_collector(MQTTCollector(authority, broker))
+    auth = AdminAuth(public_metrics=settings.admin.public_metrics)
+    app = web.Application(
+        middlewares=[http_middleware(metrics), error_middleware(), auth_middleware(auth)],
+        client_max_size=MAX_BODY_BYTES,  # the device API's; admin bodies are read with their own
+    )
     app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app[ADMIN_AUTH] = auth
+    app.cleanup_ctx.append(_admin_token)
+    app.cleanup_ctx.append(functools.partial(_lag_probe, spawn=spawn))
     app[STORE] = store
     app[RATE_LIMITER] = RateLimiter(settings.registrar.rate_per_ip, settings.registrar.rate_burst)
     app[HEALTH_CHECKS] = [_check_store(store)]
@@ -80,7 +108,42 @@ def create_app(
     app.router.add_post("/api/v1/register", device_api.register)
     app.router.add_post("/api/v1/activate", device_api.activate)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_handler(metrics))
+    app.router.add_get("/api/v1/openapi.json", openapi.serve)
+    _add_admin_routes(app.router)
     return app
+
+
+def _add_admin_routes(router: web.UrlDispatcher) -> None:
+    """The admin API (docs/admin-api.md); `openapi` documents exactly these routes."""
+    admin = "/api/v1/admin"
+    device = f"{admin}/devices/{{customer_id}}/{{device_id}}"
+    router.add_get(f"{admin}/customers", admin_api.list_customers)
+    router.add_post(f"{admin}/customers", admin_api.add_customer)
+    router.add_get(f"{admin}/customers/{{customer_id}}", admin_api.show_customer)
+    router.add_patch(f"{admin}/customers/{{customer_id}}", admin_api.update_customer)
+    router.add_get(f"{admin}/devices", admin_devices.list_devices)
+    router.add_get(device, admin_devices.show_device)
+    router.add_post(f"{device}/revoke", admin_devices.revoke_device)
+    router.add_post(f"{device}/reset", admin_devices.reset_device)
+    router.add_patch(f"{device}/tags", admin_devices.update_tags)
+    router.add_get(f"{device}/telemetry", admin_devices.device_telemetry)
+    router.add_get(f"{device}/events", admin_devices.device_events)
+    router.add_get(f"{admin}/audit", admin_api.list_audit)
+    router.add_get(f"{admin}/events", admin_api.list_events)
+
+
+async def _admin_token(app: web.Application) -> AsyncIterator[None]:
+    token = await asyncio.to_thread(load_or_create_admin_token, app[SETTINGS])
+    app[ADMIN_AUTH].set_token(token)
+    yield
+
+
+async def _lag_probe(app: web.Application, *, spawn: Spawn) -> AsyncIterator[None]:
+    task = spawn(run_lag_probe(app[METRICS]), "event-loop-lag")
+    yield
+    task.cancel()
+    await asyncio.wait([task])
 
 
 async def _password_hasher(app: web.Application) -> AsyncIterator[None]:

@@ -7,6 +7,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from iotbiz.passwords import PasswordHasher
+from iotbiz.registrar.admin_auth import AdminAuth
+from iotbiz.registrar.metrics import Metrics
 from iotbiz.registrar.ratelimit import RateLimiter
 from iotbiz.registrar.service_client import ServiceClient
 from iotbiz.settings import Settings
@@ -21,3 +23,5 @@ HASHER = web.AppKey("hasher", PasswordHasher)
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 HEALTH_CHECKS = web.AppKey("health_checks", list[HealthCheck])
 SERVICE_CLIENT = web.AppKey("service_client", ServiceClient)
+ADMIN_AUTH = web.AppKey("admin_auth", AdminAuth)
+METRICS = web.AppKey("metrics", Metrics)
