@@ -436,10 +436,7 @@ def _log_ops() -> dict[str, Any]:
                 "device events of the fleet or one customer, newest first",
                 _responses(
                     {200: _ok(_object({"events": {"type": "array", "items": _ref("Event")}}))},
-                    400,
-                    401,
-                    404,
-                    503,
+                    *READ_ERRORS,
                 ),
                 parameters=[
                     _query("customer", {"type": "string", "pattern": CUSTOMER_ID}, "customer id"),
