@@ -1,0 +1,117 @@
+"""/metrics: the fleet from the store (cached), HTTP requests by canonical route, enrollments,
+the event loop's lag; MQTT counters through a real platform."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from iotbiz.names import DeviceName
+from iotbiz.registrar import create_app
+from iotbiz.registrar.keys import METRICS
+from iotbiz.settings import Settings
+from iotbiz.store import Store
+from tests.registrar.admin_helpers import ADMIN, AUTH, TOKEN, Client
+from tests.store_helpers import active_devices
+
+
+@pytest.fixture
+async def admin(
+    aiohttp_client: Callable[..., Any], make_settings: Callable[..., Settings], store: Store
+) -> Client:
+    client: Client = await aiohttp_client(
+        create_app(make_settings(admin={"token": TOKEN}), store), headers=AUTH
+    )
+    return client
+
+
+async def scrape(client: Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The samples of /metrics: (name, sorted labels) -> value."""
+    response = await client.get("/metrics")
+    assert response.status == 200
+    assert response.content_type == "text/plain"
+    samples = {}
+    for family in text_string_to_metric_families(await response.text()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+async def test_fleet_http_and_enrollment_metrics(admin: Client, store: Store) -> None:
+    await active_devices(store, "abc123", 3)
+    await store.register_device(DeviceName("abc123", "pending-1"), b"h", ttl_s=60, actor="t")
+    await store.revoke_device(DeviceName("abc123", "dev-00000"), actor="test")
+    assert (await admin.get(f"{ADMIN}/devices/abc123/dev-00001")).status == 200
+    assert (await admin.get(f"{ADMIN}/devices/abc123/dev-00002")).status == 200
+    assert (await admin.get(f"{ADMIN}/devices/abc123/nope")).status == 404
+    assert (await admin.get("/no/such/path/123")).status == 404
+    body = {"customer_id": "abc123", "mac_address": "dev-new"}
+    assert (await admin.post("/api/v1/register", json=body)).status == 201
+    body = {"customer_id": "nobody", "mac_address": "dev-new"}
+    assert (await admin.post("/api/v1/register", json=body)).status == 403
+    assert (await admin.post("/api/v1/register", data=b"{")).status == 400
+
+    samples = await scrape(admin)
+    assert samples[("iotbiz_devices", (("state", "active"),))] == 2
+    assert samples[("iotbiz_devices", (("state", "pending"),))] == 2  # pending-1, dev-new
+    assert samples[("iotbiz_devices", (("state", "revoked"),))] == 1
+    assert samples[("iotbiz_devices_online", ())] == 0
+    assert samples[("iotbiz_store_up", ())] == 1
+    device_route = "/api/v1/admin/devices/{customer_id}/{device_id}"
+    key = ("method", "GET"), ("route", device_route), ("status", "200")
+    assert samples[("iotbiz_http_requests_total", key)] == 2
+    key = ("method", "GET"), ("route", device_route), ("status", "404")
+    assert samples[("iotbiz_http_requests_total", key)] == 1
+    key = ("method", "GET"), ("route", "unmatched"), ("status", "404")
+    assert samples[("iotbiz_http_requests_total", key)] == 1
+    routes = {dict(labels).get("route") for (name, labels) in samples if "http" in name}
+    assert not any("dev-0000" in str(route) or "no/such" in str(route) for route in routes)
+    enrollments = {
+        dict(labels)["outcome"]: value
+        for (name, labels), value in samples.items()
+        if name == "iotbiz_enrollments_total"
+    }
+    assert enrollments == {"ok": 1, "refused": 1, "bad_request": 1}
+
+
+async def test_unknown_methods_share_one_label(admin: Client) -> None:
+    response = await admin.request("PROPFIND", f"{ADMIN}/customers")
+    assert response.status == 405
+    samples = await scrape(admin)
+    methods = {dict(labels).get("method") for (name, labels) in samples if "http_requests" in name}
+    assert "PROPFIND" not in methods
+    assert "other" in methods
+
+
+async def test_a_scrape_storm_reads_the_store_once(admin: Client, store: Store) -> None:
+    await active_devices(store, "abc123", 2)
+    counts = admin.app[METRICS].store_counts
+    responses = await asyncio.gather(*(admin.get("/metrics") for _ in range(30)))
+    assert {response.status for response in responses} == {200}
+    assert counts.reads == 1  # cached for STORE_CACHE_S: one read for all of them
+
+
+async def test_a_failing_store_keeps_the_scrape_going(admin: Client, store: Store) -> None:
+    await store.close()
+    samples = await scrape(admin)
+    assert samples[("iotbiz_store_up", ())] == 0
+    assert ("iotbiz_event_loop_lag_seconds", ()) in samples
+
+
+async def test_the_event_loop_lag(admin: Client) -> None:
+    """Block the loop (which the server shares with this test) for 0.8 s, longer than the
+    probe's interval: whenever the probe was due, it wakes at least 0.3 s late."""
+    time.sleep(0.8)  # noqa: ASYNC251 - blocking the loop on purpose
+    worst = 0.0
+    for _ in range(50):
+        samples = await scrape(admin)
+        worst = max(worst, samples[("iotbiz_event_loop_lag_max_seconds", ())])
+        if worst >= 0.25:
+            break
+        await asyncio.sleep(0.05)
+    assert worst >= 0.25
