@@ -106,7 +106,7 @@ async def test_a_failing_store_keeps_the_scrape_going(admin: Client, store: Stor
 async def test_the_event_loop_lag(admin: Client) -> None:
     """Block the loop (which the server shares with this test) for 0.8 s, longer than the
     probe's interval: whenever the probe was due, it wakes at least 0.3 s late."""
-    time.sleep(0.8)  # noqa: ASYNC251 - blocking the loop on purpose
+    time.sleep(0.8)
     worst = 0.0
     for _ in range(50):
         samples = await scrape(admin)
