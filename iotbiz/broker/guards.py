@@ -33,33 +33,33 @@ class ConnectionGuardError(AMQTTError):
 _EXPECT_TYPE = 0
 _EXPECT_LENGTH = 1
 _EXPECT_BODY = 2
-_PUBLISH = 3  # MQTT control packet type
 
 
 class InflowGate:
     """Holds a connection's reader while the broker holds `limit` of its messages unprocessed.
 
     amqtt's reader loop reads packets as fast as they come and starts a task for each; nothing
-    stopped a client that publishes faster than the broker delivers from filling memory with
-    those tasks and the session's queue of received messages. With this gate the reader waits,
-    before the first byte of the next packet, while `held()` (the protocol handler's count of
-    received messages not yet taken by the broker) is at `limit`: the client's packets then wait
-    in the kernel's buffers and TCP slows the client down. Nothing is dropped.
+    stopped a client that publishes faster than the broker delivers (or sends PINGREQs and
+    SUBSCRIBEs without reading the answers) from filling memory with those tasks and the
+    queues behind them. With this gate the reader waits, before the first byte of the next
+    packet, while `held()` (the protocol handler's count of received packets not yet done
+    with) is at `limit`: the client's packets then wait in the kernel's buffers and TCP slows
+    the client down. Nothing is dropped.
 
-    The reader loop starts the task of a packet it read only later, so PUBLISH packets read
-    since the loop last yielded are counted too (`publish_read`); once the count reaches the
-    limit, one yield lets those tasks start and count themselves in `held()`.
+    The reader loop starts the task of a packet it read only later, so packets read since the
+    loop last yielded are counted too (`packet_read`); once the count reaches the limit, one
+    yield lets those tasks start and count themselves in `held()`.
     """
 
     def __init__(self, limit: int, held: Callable[[], int]) -> None:
         self.limit = limit
         self._held = held
-        self._unseen = 0  # PUBLISH packets read whose handler task may not have started yet
+        self._unseen = 0  # packets read whose handler task may not have started yet
         self._space: asyncio.Future[None] | None = None
         self.paused = False
         self.pauses = 0  # how often the reader waited (for tests and metrics)
 
-    def publish_read(self) -> None:
+    def packet_read(self) -> None:
         self._unseen += 1
 
     def may_be_full(self) -> bool:
@@ -112,7 +112,6 @@ class GuardedReader(ReaderAdapter):
         self._length_bytes = 0
         self._body_left = 0
         self._error: ConnectionGuardError | None = None
-        self._type = 0
         self.last_packet_at = time.monotonic()
         self.inflow: InflowGate | None = None
 
@@ -165,7 +164,6 @@ class GuardedReader(ReaderAdapter):
             byte = data[index]
             index += 1
             if self._state == _EXPECT_TYPE:
-                self._type = byte >> 4
                 self._state = _EXPECT_LENGTH
                 self._length, self._multiplier, self._length_bytes = 0, 1, 0
                 continue
@@ -190,8 +188,8 @@ class GuardedReader(ReaderAdapter):
     def _packet_complete(self) -> None:
         self._state = _EXPECT_TYPE
         self.last_packet_at = time.monotonic()
-        if self._type == _PUBLISH and self.inflow is not None:
-            self.inflow.publish_read()
+        if self.inflow is not None:
+            self.inflow.packet_read()
 
     def _fail(self, reason: str) -> None:
         self._error = ConnectionGuardError(reason)

@@ -1,6 +1,6 @@
 """`HardenedProtocolHandler`: amqtt's per-connection protocol handler with keep-alive enforced
 and durable outgoing QoS 1/2 flows (defects 5, 6 and 7; see `iotbiz.broker.hardened`), and with
-bounds on what one connection makes the broker hold: received messages not yet processed
+bounds on what one connection makes the broker hold: received packets not yet processed
 (`max_inflight_in`, enforced by stopping the reader: `iotbiz.broker.guards.InflowGate`) and
 deliveries waiting for this client (`max_queued_out`, beyond which a new one is refused).
 
@@ -10,9 +10,10 @@ Fits amqtt==0.12.1, which `iotbiz.broker.hardened` checks on import.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 from amqtt.errors import AMQTTError
@@ -62,7 +63,7 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
         self.keepalive_grace = DEFAULT_KEEPALIVE_GRACE
         self.max_inflight_in = DEFAULT_MAX_INFLIGHT_IN
         self.max_queued_out = DEFAULT_MAX_QUEUED_OUT
-        self._publishes_running = 0  # QoS 0/1 handle_publish calls not finished (PUBACK sent)
+        self._handlers_running = 0  # packet handlers not finished (but QoS 2 PUBLISHes: see there)
         self._inflow: InflowGate | None = None
         # Deliveries to this client not finished (written, and acknowledged for QoS 1/2). Not
         # cancelled by stop(): a QoS 1/2 one must get as far as session.inflight_out (it then
@@ -173,15 +174,55 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
     # -- inflow: received messages the broker has not taken yet --------------------------------
 
     def _held(self) -> int:
-        """Messages of this connection received and not yet taken by the broker's message loop
-        (the one the loop is processing is not counted: the bound is max_inflight_in + 1)."""
+        """Packets of this connection received and not yet done with: handlers still running
+        (a PUBACK or PINGRESP not yet written, ...), and messages, subscriptions and
+        unsubscriptions not yet taken by the broker's message loop (the one it is processing
+        is not counted: the bound is max_inflight_in + 1)."""
         session = self.session
         queued: int = session.delivered_message_queue.qsize() if session is not None else 0
-        return self._publishes_running + queued
+        pending: int = self._pending_subscriptions.qsize() + self._pending_unsubscriptions.qsize()
+        return self._handlers_running + queued + pending
 
     def _wake_reader(self) -> None:
         if self._inflow is not None:
             self._inflow.wake()
+
+    @contextlib.contextmanager
+    def _counted(self) -> Iterator[None]:
+        """Count a running packet handler for the inflow gate."""
+        self._handlers_running += 1
+        try:
+            yield
+        finally:
+            self._handlers_running -= 1
+            self._wake_reader()
+
+    async def handle_pingreq(self, pingreq: Any) -> None:
+        """amqtt's, counted for the inflow gate (a client that never reads its PINGRESPs)."""
+        with self._counted():
+            await super().handle_pingreq(pingreq)
+
+    async def handle_subscribe(self, subscribe: Any) -> None:
+        """amqtt's (queue it for the broker), counted for the inflow gate."""
+        with self._counted():
+            await super().handle_subscribe(subscribe)
+
+    async def handle_unsubscribe(self, unsubscribe: Any) -> None:
+        """amqtt's (queue it for the broker), counted for the inflow gate."""
+        with self._counted():
+            await super().handle_unsubscribe(unsubscribe)
+
+    async def get_next_pending_subscription(self) -> Any:
+        """amqtt's; taking one frees room for the reader."""
+        subscription = await super().get_next_pending_subscription()
+        self._wake_reader()
+        return subscription
+
+    async def get_next_pending_unsubscription(self) -> Any:
+        """amqtt's; taking one frees room for the reader."""
+        unsubscription = await super().get_next_pending_unsubscription()
+        self._wake_reader()
+        return unsubscription
 
     async def handle_publish(self, publish_packet: Any) -> None:
         """amqtt's, counted for the inflow gate until it is done (queued, PUBACK sent).
@@ -193,12 +234,8 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
         if publish_packet.qos == QOS_2:
             await super().handle_publish(publish_packet)
             return
-        self._publishes_running += 1
-        try:
+        with self._counted():
             await super().handle_publish(publish_packet)
-        finally:
-            self._publishes_running -= 1
-            self._wake_reader()
 
     async def mqtt_deliver_next_message(self) -> Any:
         """amqtt's; taking a message frees room for the reader."""
@@ -208,9 +245,11 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
 
     # -- outgoing deliveries -----------------------------------------------------------------
 
-    def deliver(self, topic: str, data: bytes, qos: int) -> asyncio.Task[Any] | None:
-        """Start delivering a broadcast message to this client; None if `max_queued_out`
-        deliveries are already unfinished (the caller counts the drop).
+    def deliver(
+        self, topic: str, data: bytes, qos: int, *, retain: bool = False
+    ) -> asyncio.Task[Any] | None:
+        """Start delivering a message to this client; None if `max_queued_out` deliveries are
+        already unfinished (the caller counts the drop).
 
         amqtt started a task per message per subscriber without limit: a subscriber that stopped
         reading collected one for every message until its write timeout.
@@ -218,7 +257,7 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
         if len(self._deliveries) >= self.max_queued_out:
             return None
         task: asyncio.Task[Any] = asyncio.ensure_future(
-            self.mqtt_publish(topic, data, qos, retain=False)
+            self.mqtt_publish(topic, data, qos, retain=retain)
         )
         self._deliveries.add(task)
         task.add_done_callback(self._deliveries.discard)
@@ -390,9 +429,10 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
         packet_id: int = pubrel.packet_id
         if self._resolve(self._pubrel_waiters, packet_id, pubrel):
             return
-        session = self._current_session()
-        message = session.inflight_in.pop(packet_id, None)
-        if message is not None:
-            message.pubrel_packet = pubrel
-            await session.delivered_message_queue.put(message)
-        await self._send_packet(PubcompPacket.build(packet_id))
+        with self._counted():  # the PUBCOMP may wait for a client that does not read
+            session = self._current_session()
+            message = session.inflight_in.pop(packet_id, None)
+            if message is not None:
+                message.pubrel_packet = pubrel
+                await session.delivered_message_queue.put(message)
+            await self._send_packet(PubcompPacket.build(packet_id))

@@ -657,9 +657,7 @@ class HardenedBroker(Broker):
         while not session.retained_messages.empty():
             queued = session.retained_messages.get_nowait()
             if await self._may_receive(session, queued.topic):
-                self._spawn(
-                    handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False)
-                )
+                self._deliver(handler, session, queued.topic, queued.data, queued.qos)
 
     async def _handle_message_delivery(
         self, client_session: Session, handler: Any, wait_deliver: asyncio.Future[Any]
@@ -749,13 +747,25 @@ class HardenedBroker(Broker):
             if handler is not None:
                 self._deliver(handler, target, topic, broadcast["data"], qos)
 
-    def _deliver(self, handler: Any, target: Session, topic: str, data: Any, qos: int) -> None:
-        """Start one delivery, owned by the client's handler (and cancelled at shutdown).
+    def _deliver(
+        self,
+        handler: Any,
+        target: Session,
+        topic: str,
+        data: Any,
+        qos: int,
+        *,
+        retain: bool = False,
+    ) -> None:
+        """Start one delivery, owned by the client's handler (and cancelled at shutdown), or
+        count it as dropped when the client already has `max_queued_messages` unfinished.
 
-        amqtt kept every delivery task in `running_tasks`, reaped only from its head: one
-        subscriber that stopped reading held back the reaping of every later delivery.
+        Broadcasts, retained messages on SUBSCRIBE and queued messages on reconnect all come
+        this way. amqtt kept every broadcast delivery task in `running_tasks`, reaped only from
+        its head (one subscriber that stopped reading held back the reaping of every later
+        delivery), and spawned one per retained message per SUBSCRIBE without limit.
         """
-        delivery = handler.deliver(topic, data, qos)
+        delivery = handler.deliver(topic, data, qos, retain=retain)
         if delivery is None:
             self.dropped_deliveries += 1
             if self._delivery_drops_logged.ready():
@@ -818,7 +828,7 @@ class HardenedBroker(Broker):
             ):
                 continue
             qos = sub_qos if retained.qos is None else min(sub_qos, retained.qos)
-            self._spawn(handler.mqtt_publish(retained.topic, retained.data, qos, retain=True))
+            self._deliver(handler, session, retained.topic, retained.data, qos, retain=True)
 
     async def _handle_disconnect(
         self, client_session: Session, handler: Any, disconnect_waiter: asyncio.Future[Any]

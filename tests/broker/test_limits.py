@@ -398,12 +398,66 @@ async def test_a_publisher_that_never_reads_is_paused_not_taken_for_silent() -> 
             silent_writer.close()
             assert broker.is_connected("alice")
             assert paused()
-            assert handler._publishes_running <= INFLIGHT_IN
+            assert handler._handlers_running <= INFLIGHT_IN
             assert len(handler._deliveries) <= QUEUED
             assert len(asyncio.all_tasks()) <= 2 * (INFLIGHT_IN + QUEUED)
         finally:
             flooding.cancel()
             writer.transport.abort()
+    finally:
+        async with asyncio.timeout(10):
+            await broker.shutdown()
+
+
+async def test_a_subscribe_flood_that_never_reads_is_paused_too() -> None:
+    """Not only PUBLISHes: a client that never reads sends SUBSCRIBE after SUBSCRIBE to a filter
+    with a 64 KB retained message. Each would answer with a SUBACK and that retained message;
+    the broker holds at most `max_inflight_in` of its packets unprocessed and at most
+    `max_queued_messages` deliveries for it, then stops reading it (and counts the drops)."""
+    broker = HardenedBroker(
+        acl_plugins.broker_config(),
+        write_timeout=60.0,
+        max_inflight_in=INFLIGHT_IN,
+        max_queued_messages=QUEUED,
+    )
+    await broker.start()
+    port = broker.listener_port()
+    try:
+        _, root = await raw_login(port, "root", "x/none", 0)
+        root.write(publish_packet("a/big", b"." * 65536, qos=0).replace(b"\x30", b"\x31", 1))
+        await root.drain()
+        await until(lambda: "a/big" in broker.retained_messages, "the retained message stored")
+
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(connect_packet("alice", "alice", PASSWORDS["alice"], keepalive=0))
+        async with asyncio.timeout(5):
+            assert (await reader.readexactly(4))[3] == 0  # CONNACK accepted
+        _, handler = broker.sessions["alice"]
+
+        def paused() -> bool:
+            gate = getattr(handler.reader, "inflow", None)
+            return gate is not None and bool(gate.paused)
+
+        async def flood() -> None:
+            for index in range(1_000_000):
+                writer.write(subscribe_packet("a/#", 0, packet_id=index % 65535 + 1))
+                if index % 100 == 99:
+                    await writer.drain()
+
+        flooding = asyncio.create_task(flood())
+        try:
+            await until(paused, "the broker to stop reading the flood", within=20)
+            assert handler._pending_subscriptions.qsize() <= INFLIGHT_IN
+            assert len(handler._deliveries) <= QUEUED
+            assert len(asyncio.all_tasks()) <= 2 * (INFLIGHT_IN + QUEUED)
+        finally:
+            flooding.cancel()
+            writer.transport.abort()
+            root.close()
     finally:
         async with asyncio.timeout(10):
             await broker.shutdown()
