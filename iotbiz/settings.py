@@ -69,7 +69,7 @@ class MQTTSettings:
     )
     max_inflight_in: int = setting(
         100,
-        "messages of one connection not yet processed; while full it is not read (backpressure)",
+        "packets of one connection not yet processed; while full it is not read (backpressure)",
         min=1,
     )
     max_broadcast_queue: int = setting(

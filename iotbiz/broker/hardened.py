@@ -60,7 +60,7 @@ inline, without amqtt's per-filter log formatting or a task per message; TCP lis
 listen backlog of `LISTEN_BACKLOG`; sessions and their queues are lean (`iotbiz.broker.sessions`).
 
 Bounds on what one client can make the broker hold (amqtt bounded none of them): a connection's
-received-but-unprocessed messages (`max_inflight_in`; beyond it the reader stops, so TCP slows
+received-but-unprocessed packets (`max_inflight_in`; beyond it the reader stops, so TCP slows
 the client: `iotbiz.broker.guards.InflowGate`); accepted messages waiting for the broadcast loop
 (`max_broadcast_queue`; while full, publishers' message loops wait, and so their readers); the
 deliveries one connected client has unfinished (`max_queued_messages`; a new one beyond it is
@@ -230,8 +230,9 @@ class HardenedBroker(Broker):
             have unfinished (being written or waiting for their ack); beyond that a new message
             for it is dropped and counted (`dropped_deliveries`): a subscriber that stops reading
             cannot make the broker hold every message until its write timeout.
-        max_inflight_in: messages of one connection received and not yet processed; while that
-            many are held the broker stops reading the connection (TCP backpressure).
+        max_inflight_in: packets of one connection received and not yet processed (messages,
+            subscriptions, acks and PINGRESPs not yet written); while that many are held the
+            broker stops reading the connection (TCP backpressure).
         max_broadcast_queue: accepted messages waiting for the broadcast loop; while it is full,
             the message loops wait, so their connections' readers stop too. Nothing is dropped.
     """
