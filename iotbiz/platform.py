@@ -119,7 +119,14 @@ class Platform:
             follow_telemetry=False,  # the embedded broker hands telemetry to presence
         )
         app = create_app(
-            settings, store, hasher=hasher, service=service, presence=presence, spawn=self._spawn
+            settings,
+            store,
+            hasher=hasher,
+            service=service,
+            presence=presence,
+            authority=self.authority,
+            broker=self.broker,
+            spawn=self._spawn,
         )
         app[HEALTH_CHECKS].append(self.broker.health)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)

@@ -16,10 +16,11 @@ from iotbiz.broker.embedded import EmbeddedBroker
 from iotbiz.errors import IotbizError, ServiceUnavailable
 from iotbiz.passwords import PasswordHasher
 from iotbiz.presence import PresenceRecorder
-from iotbiz.registrar import admin_api, admin_devices, device_api, openapi
+from iotbiz.registrar import admin_api, admin_commands, admin_devices, device_api, openapi
 from iotbiz.registrar.admin_auth import AdminAuth, auth_middleware, load_or_create_admin_token
 from iotbiz.registrar.keys import (
     ADMIN_AUTH,
+    DISPATCHER,
     HASHER,
     HEALTH_CHECKS,
     METRICS,
@@ -27,6 +28,7 @@ from iotbiz.registrar.keys import (
     SERVICE_CLIENT,
     SETTINGS,
     STORE,
+    CommandDispatcher,
     HealthCheck,
 )
 from iotbiz.registrar.metrics import (
@@ -75,14 +77,16 @@ def create_app(
     presence: PresenceRecorder | None = None,
     authority: Authority | None = None,
     broker: EmbeddedBroker | None = None,
+    dispatcher: CommandDispatcher | None = None,
     spawn: Spawn = _create_task,
 ) -> web.Application:
     """The registrar as an aiohttp application; the caller owns `store` (and `hasher`, when it
-    passes one). With `service` and `presence`, the app runs the platform's service MQTT client,
-    which records every device's presence, as a task started with `spawn` (the platform passes
-    its own, which notices the task's death). `authority` and `broker` feed /metrics.
+        passes one). With `service` and `presence`, the app runs the platform's service MQTT client,
+        which records every device's presence, as a task started with `spawn` (the platform passes
+        its own, which notices the task's death). `authority` and `broker` feed /metrics; the admin
+    API sends commands through `dispatcher` (without one, sending answers 503).
 
-    The admin token is loaded (or generated, see `admin_auth`) when the app starts."""
+        The admin token is loaded (or generated, see `admin_auth`) when the app starts."""
     metrics = Metrics(StoreCounts(functools.partial(count_fleet, store)))
     metrics.add_collector(MQTTCollector(authority, broker))
     auth = AdminAuth(public_metrics=settings.admin.public_metrics)
@@ -93,6 +97,8 @@ def create_app(
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[ADMIN_AUTH] = auth
+    if dispatcher is not None:
+        app[DISPATCHER] = dispatcher
     app.cleanup_ctx.append(_admin_token)
     app.cleanup_ctx.append(functools.partial(_lag_probe, spawn=spawn))
     app[STORE] = store
@@ -129,6 +135,9 @@ def _add_admin_routes(router: web.UrlDispatcher) -> None:
     router.add_patch(f"{device}/tags", admin_devices.update_tags)
     router.add_get(f"{device}/telemetry", admin_devices.device_telemetry)
     router.add_get(f"{device}/events", admin_devices.device_events)
+    router.add_post(f"{admin}/commands", admin_commands.send_command)
+    router.add_get(f"{admin}/commands", admin_commands.list_commands)
+    router.add_get(f"{admin}/commands/{{command_id}}", admin_commands.show_command)
     router.add_get(f"{admin}/audit", admin_api.list_audit)
     router.add_get(f"{admin}/events", admin_api.list_events)
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
 from aiohttp import web
 
+from iotbiz.models import Command
+from iotbiz.names import DeviceName
 from iotbiz.passwords import PasswordHasher
 from iotbiz.registrar.admin_auth import AdminAuth
 from iotbiz.registrar.metrics import Metrics
@@ -17,6 +20,23 @@ from iotbiz.store import Store
 # A health check returns (name, state) and raises an IotbizError when unhealthy.
 HealthCheck = Callable[[], Awaitable[tuple[str, str]]]
 
+
+class CommandDispatcher(Protocol):
+    """What the admin API needs of the platform's dispatcher (`iotbiz.dispatch.Dispatcher`)."""
+
+    async def send(
+        self,
+        names: Sequence[DeviceName],
+        action: str,
+        args: dict[str, Any] | None = None,
+        *,
+        expires_in_s: float | None = None,
+        actor: str,
+    ) -> tuple[str, list[Command]]: ...
+
+    async def wait(self, command_id: str, timeout_s: float) -> Command: ...
+
+
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
 HASHER = web.AppKey("hasher", PasswordHasher)
@@ -25,3 +45,4 @@ HEALTH_CHECKS = web.AppKey("health_checks", list[HealthCheck])
 SERVICE_CLIENT = web.AppKey("service_client", ServiceClient)
 ADMIN_AUTH = web.AppKey("admin_auth", AdminAuth)
 METRICS = web.AppKey("metrics", Metrics)
+DISPATCHER = web.AppKey("dispatcher", CommandDispatcher)

@@ -12,170 +12,27 @@ from typing import Any
 from aiohttp import web
 
 from iotbiz import __version__
-
-JSON = "application/json"
-NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
-TIME = {"type": "string", "format": "date-time"}
-CUSTOMER_ID = "^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
-DEVICE_ID = "^[A-Za-z0-9][A-Za-z0-9:._-]{0,63}$"  # MACs in any notation, or a plain id
-ERRORS = {
-    400: "bad input (the message names the field)",
-    401: "missing or wrong admin token",
-    403: "refused",
-    404: "no such customer, device or command",
-    409: "exists already",
-    413: "request body too large",
-    429: "too many requests or busy: retry after Retry-After seconds",
-    503: "store (or broker) unavailable, try again later",
-}
-
-
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _object(properties: dict[str, Any], *, required: list[str] | None = None) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "properties": properties,
-        "required": list(properties) if required is None else required,
-    }
-
-
-def _ok(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
-    return {"description": description, "content": {JSON: {"schema": schema}}}
-
-
-def _responses(ok: dict[int, dict[str, Any]], *errors: int) -> dict[str, Any]:
-    answers: dict[str, Any] = {str(status): body for status, body in ok.items()}
-    for status in errors:
-        answers[str(status)] = {"$ref": f"#/components/responses/Error{status}"}
-    return answers
-
-
-def _query(name: str, schema: dict[str, Any], description: str, **extra: Any) -> dict[str, Any]:
-    return {"name": name, "in": "query", "schema": schema, "description": description, **extra}
-
-
-def _limit(default: int, maximum: int) -> dict[str, Any]:
-    schema = {"type": "integer", "minimum": 1, "maximum": maximum, "default": default}
-    return _query("limit", schema, "page size")
-
-
-def _body(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"required": True, "content": {JSON: {"schema": schema}}}
-
-
-ADMIN: dict[str, Any] = {"security": [{"adminToken": []}]}
-PUBLIC: dict[str, Any] = {"security": []}
-READ_ERRORS = (400, 401, 503)
-DEVICE_PARAMETERS = [
-    {"$ref": "#/components/parameters/customer_id"},
-    {"$ref": "#/components/parameters/device_id"},
-]
-BEFORE_EVENT = _query(
-    "before",
-    {"type": "integer", "minimum": 1, "maximum": 2**62},
-    "an event id: the events older than it (the last id of the previous page)",
+from iotbiz.registrar.openapi_schema import (
+    ADMIN,
+    BEFORE_EVENT,
+    CUSTOMER_ID,
+    DEVICE_PARAMETERS,
+    ERRORS,
+    PARAMETERS,
+    PUBLIC,
+    READ_ERRORS,
+    SCHEMAS,
+    body,
+    limit,
+    object_schema,
+    ok,
+    operation,
+    query,
+    ref,
+    responses,
 )
 
-
-def _operation(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {"summary": summary, **ADMIN, **extra, "responses": responses}
-
-
-SCHEMAS: dict[str, Any] = {
-    "Error": {
-        "type": "object",
-        "properties": {"error": {"type": "string"}},
-        "required": ["error"],
-        "additionalProperties": False,
-    },
-    "Customer": _object(
-        {
-            "customer_id": {"type": "string"},
-            "device_limit": {"type": "integer", "minimum": 0},
-            "active_devices": {"type": "integer", "minimum": 0},
-            "pending_devices": {"type": "integer", "minimum": 0},
-            "created_at": TIME,
-        }
-    ),
-    "Device": _object(
-        {
-            "name": {"type": "string", "description": "customer_id/device_id"},
-            "customer_id": {"type": "string"},
-            "device_id": {"type": "string"},
-            "state": {"type": "string", "enum": ["pending", "active", "revoked"]},
-            "online": {"type": "boolean"},
-            "created_at": TIME,
-            "pending_expires_at": NULLABLE_TIME,
-            "activated_at": NULLABLE_TIME,
-            "revoked_at": NULLABLE_TIME,
-            "last_seen_at": NULLABLE_TIME,
-            "status": {"type": ["object", "null"], "description": "the last status message"},
-            "telemetry": {
-                "type": ["object", "null"],
-                "description": "the last telemetry message (`apps`: name, state, pid, ...)",
-            },
-            "tags": {"type": "object", "additionalProperties": {"type": "string"}},
-        }
-    ),
-    "Tags": {"type": "object", "additionalProperties": {"type": "string"}},
-    "AuditEntry": _object(
-        {
-            "id": {"type": "integer"},
-            "at": TIME,
-            "actor": {"type": "string"},
-            "action": {"type": "string"},
-            "subject": {"type": "string"},
-            "detail": {"type": "object"},
-        }
-    ),
-    "Event": _object(
-        {
-            "id": {"type": "integer"},
-            "device": {"type": "string"},
-            "at": {**TIME, "description": "when the platform received it"},
-            "body": {"type": "object", "description": "as the device sent it"},
-        }
-    ),
-    "Sample": _object(
-        {
-            "at": TIME,
-            "ts": {"type": "number", "description": "seconds since the epoch"},
-            **{
-                field: {"type": ["number", "null"]}
-                for field in (
-                    "cpu_percent",
-                    "memory_percent",
-                    "disk_percent",
-                    "load_1",
-                    "temperature_c",
-                    "net_rx_bytes",
-                    "net_tx_bytes",
-                )
-            },
-        }
-    ),
-}
-
-PARAMETERS = {
-    "customer_id": {
-        "name": "customer_id",
-        "in": "path",
-        "required": True,
-        "schema": {"type": "string", "pattern": CUSTOMER_ID},
-    },
-    "device_id": {
-        "name": "device_id",
-        "in": "path",
-        "required": True,
-        "description": "the device id; a MAC address in any notation",
-        "schema": {"type": "string", "pattern": DEVICE_ID},
-    },
-}
-
-DEVICE_API_BODY = _object(
+DEVICE_API_BODY = object_schema(
     {
         "customer_id": {"type": "string", "pattern": CUSTOMER_ID},
         "mac_address": {"type": "string"},
@@ -187,9 +44,9 @@ PATHS: dict[str, Any] = {
         "post": {
             "summary": "register a device (pending); again while pending: a new password",
             **PUBLIC,
-            "requestBody": _body(DEVICE_API_BODY),
-            "responses": _responses(
-                {201: _ok(_object({"password": {"type": "string"}}), "registered")},
+            "requestBody": body(DEVICE_API_BODY),
+            "responses": responses(
+                {201: ok(object_schema({"password": {"type": "string"}}), "registered")},
                 400,
                 403,
                 413,
@@ -202,7 +59,7 @@ PATHS: dict[str, Any] = {
         "post": {
             "summary": "activate a pending registration with its password",
             **PUBLIC,
-            "requestBody": _body(
+            "requestBody": body(
                 {
                     **DEVICE_API_BODY,
                     "properties": {
@@ -212,17 +69,17 @@ PATHS: dict[str, Any] = {
                     "required": ["customer_id", "mac_address", "password"],
                 }
             ),
-            "responses": _responses({200: {"description": "active"}}, 400, 403, 413, 429, 503),
+            "responses": responses({200: {"description": "active"}}, 400, 403, 413, 429, 503),
         }
     },
     "/healthz": {
         "get": {
             "summary": "200 while every part answers",
             **PUBLIC,
-            "responses": _responses(
+            "responses": responses(
                 {
-                    200: _ok(
-                        _object(
+                    200: ok(
+                        object_schema(
                             {"status": {"type": "string"}, "version": {"type": "string"}},
                         )
                     )
@@ -245,14 +102,14 @@ PATHS: dict[str, Any] = {
         "get": {
             "summary": "this document",
             **PUBLIC,
-            "responses": {"200": _ok({"type": "object"})},
+            "responses": {"200": ok({"type": "object"})},
         }
     },
 }
 
 
 def _customer_ops() -> dict[str, Any]:
-    customer_body = _object(
+    customer_body = object_schema(
         {
             "customer_id": {"type": "string", "pattern": CUSTOMER_ID},
             "device_limit": {"type": "integer", "minimum": 0, "maximum": 1_000_000},
@@ -261,34 +118,38 @@ def _customer_ops() -> dict[str, Any]:
     customer_path = [{"$ref": "#/components/parameters/customer_id"}]
     return {
         "/api/v1/admin/customers": {
-            "get": _operation(
+            "get": operation(
                 "all customers",
-                _responses(
+                responses(
                     {
-                        200: _ok(
-                            _object({"customers": {"type": "array", "items": _ref("Customer")}})
+                        200: ok(
+                            object_schema(
+                                {"customers": {"type": "array", "items": ref("Customer")}}
+                            )
                         )
                     },
                     *READ_ERRORS,
                 ),
             ),
-            "post": _operation(
+            "post": operation(
                 "add a customer",
-                _responses({201: _ok(_ref("Customer"), "created")}, 400, 401, 409, 413, 503),
-                requestBody=_body({**customer_body, "additionalProperties": False}),
+                responses({201: ok(ref("Customer"), "created")}, 400, 401, 409, 413, 503),
+                requestBody=body({**customer_body, "additionalProperties": False}),
             ),
         },
         "/api/v1/admin/customers/{customer_id}": {
             "parameters": customer_path,
-            "get": _operation(
-                "one customer", _responses({200: _ok(_ref("Customer"))}, 400, 401, 404, 503)
+            "get": operation(
+                "one customer", responses({200: ok(ref("Customer"))}, 400, 401, 404, 503)
             ),
-            "patch": _operation(
+            "patch": operation(
                 "change a customer's device limit",
-                _responses({200: _ok(_ref("Customer"))}, 400, 401, 404, 413, 503),
-                requestBody=_body(
+                responses({200: ok(ref("Customer"))}, 400, 401, 404, 413, 503),
+                requestBody=body(
                     {
-                        **_object({"device_limit": customer_body["properties"]["device_limit"]}),
+                        **object_schema(
+                            {"device_limit": customer_body["properties"]["device_limit"]}
+                        ),
                         "additionalProperties": False,
                     }
                 ),
@@ -303,14 +164,14 @@ def _device_ops() -> dict[str, Any]:
     action_errors = (400, 401, 404, 413, 503)
     return {
         "/api/v1/admin/devices": {
-            "get": _operation(
+            "get": operation(
                 "the fleet: filtered, paged by keyset, with the total",
-                _responses(
+                responses(
                     {
-                        200: _ok(
-                            _object(
+                        200: ok(
+                            object_schema(
                                 {
-                                    "devices": {"type": "array", "items": _ref("Device")},
+                                    "devices": {"type": "array", "items": ref("Device")},
                                     "next_cursor": {"type": ["string", "null"]},
                                     "total": {"type": "integer", "minimum": 0},
                                 }
@@ -320,55 +181,55 @@ def _device_ops() -> dict[str, Any]:
                     *READ_ERRORS,
                 ),
                 parameters=[
-                    _query("customer", {"type": "string", "pattern": CUSTOMER_ID}, "customer id"),
-                    _query(
+                    query("customer", {"type": "string", "pattern": CUSTOMER_ID}, "customer id"),
+                    query(
                         "state",
                         {"type": "string", "enum": ["pending", "active", "revoked"]},
                         "device state",
                     ),
-                    _query("online", {"type": "string", "enum": ["true", "false"]}, "online"),
-                    _query(
+                    query("online", {"type": "string", "enum": ["true", "false"]}, "online"),
+                    query(
                         "tag",
                         {"type": "array", "items": {"type": "string"}, "maxItems": 16},
                         "key=value; repeatable, all must match",
                         style="form",
                         explode=True,
                     ),
-                    _query(
+                    query(
                         "q",
                         {"type": "string", "minLength": 1, "maxLength": 128},
                         "a substring of the name (case-insensitive)",
                     ),
-                    _limit(100, 1000),
-                    _query("cursor", {"type": "string"}, "next_cursor of the previous page"),
+                    limit(100, 1000),
+                    query("cursor", {"type": "string"}, "next_cursor of the previous page"),
                 ],
             )
         },
         device: {
             "parameters": DEVICE_PARAMETERS,
-            "get": _operation("one device", _responses({200: _ok(_ref("Device"))}, *device_errors)),
+            "get": operation("one device", responses({200: ok(ref("Device"))}, *device_errors)),
         },
         f"{device}/revoke": {
             "parameters": DEVICE_PARAMETERS,
-            "post": _operation(
+            "post": operation(
                 "revoke: its credentials stop working, it may never register again",
-                _responses({200: _ok(_ref("Device"))}, *action_errors),
+                responses({200: ok(ref("Device"))}, *action_errors),
             ),
         },
         f"{device}/reset": {
             "parameters": DEVICE_PARAMETERS,
-            "post": _operation(
+            "post": operation(
                 "forget the device so that its id may register again; answers it as it was",
-                _responses({200: _ok(_ref("Device"))}, *action_errors),
+                responses({200: ok(ref("Device"))}, *action_errors),
             ),
         },
         f"{device}/tags": {
             "parameters": DEVICE_PARAMETERS,
-            "patch": _operation(
+            "patch": operation(
                 "set (a string) or remove (null) tags",
-                _responses({200: _ok(_object({"tags": _ref("Tags")}))}, *action_errors),
-                requestBody=_body(
-                    _object(
+                responses({200: ok(object_schema({"tags": ref("Tags")}))}, *action_errors),
+                requestBody=body(
+                    object_schema(
                         {
                             "tags": {
                                 "type": "object",
@@ -381,28 +242,32 @@ def _device_ops() -> dict[str, Any]:
         },
         f"{device}/telemetry": {
             "parameters": DEVICE_PARAMETERS,
-            "get": _operation(
+            "get": operation(
                 "telemetry history, oldest first",
-                _responses(
-                    {200: _ok(_object({"samples": {"type": "array", "items": _ref("Sample")}}))},
+                responses(
+                    {
+                        200: ok(
+                            object_schema({"samples": {"type": "array", "items": ref("Sample")}})
+                        )
+                    },
                     *device_errors,
                 ),
                 parameters=[
-                    _query("since", {"type": "number", "minimum": 0}, "epoch seconds, inclusive"),
-                    _query("until", {"type": "number", "minimum": 0}, "epoch seconds, exclusive"),
-                    _limit(1000, 10000),
+                    query("since", {"type": "number", "minimum": 0}, "epoch seconds, inclusive"),
+                    query("until", {"type": "number", "minimum": 0}, "epoch seconds, exclusive"),
+                    limit(1000, 10000),
                 ],
             ),
         },
         f"{device}/events": {
             "parameters": DEVICE_PARAMETERS,
-            "get": _operation(
+            "get": operation(
                 "the device's events, newest first",
-                _responses(
-                    {200: _ok(_object({"events": {"type": "array", "items": _ref("Event")}}))},
+                responses(
+                    {200: ok(object_schema({"events": {"type": "array", "items": ref("Event")}}))},
                     *device_errors,
                 ),
-                parameters=[_limit(100, 1000), BEFORE_EVENT],
+                parameters=[limit(100, 1000), BEFORE_EVENT],
             ),
         },
     }
@@ -411,39 +276,134 @@ def _device_ops() -> dict[str, Any]:
 def _log_ops() -> dict[str, Any]:
     return {
         "/api/v1/admin/audit": {
-            "get": _operation(
+            "get": operation(
                 "the audit log, newest first",
-                _responses(
+                responses(
                     {
-                        200: _ok(
-                            _object({"entries": {"type": "array", "items": _ref("AuditEntry")}})
+                        200: ok(
+                            object_schema(
+                                {"entries": {"type": "array", "items": ref("AuditEntry")}}
+                            )
                         )
                     },
                     *READ_ERRORS,
                 ),
                 parameters=[
-                    _query(
+                    query(
                         "subject",
                         {"type": "string", "minLength": 1, "maxLength": 256},
                         "a customer id or device name",
                     ),
-                    _limit(100, 1000),
+                    limit(100, 1000),
                 ],
             )
         },
         "/api/v1/admin/events": {
-            "get": _operation(
+            "get": operation(
                 "device events of the fleet or one customer, newest first",
-                _responses(
-                    {200: _ok(_object({"events": {"type": "array", "items": _ref("Event")}}))},
+                responses(
+                    {200: ok(object_schema({"events": {"type": "array", "items": ref("Event")}}))},
                     *READ_ERRORS,
                 ),
                 parameters=[
-                    _query("customer", {"type": "string", "pattern": CUSTOMER_ID}, "customer id"),
-                    _limit(100, 1000),
+                    query("customer", {"type": "string", "pattern": CUSTOMER_ID}, "customer id"),
+                    limit(100, 1000),
                     BEFORE_EVENT,
                 ],
             )
+        },
+    }
+
+
+def _command_ops() -> dict[str, Any]:
+    device_name = {"type": "string", "description": "customer_id/device_id"}
+    send = {
+        "type": "object",
+        "properties": {
+            "action": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
+            "args": {"type": "object"},
+            "expires_in_s": {"type": "number", "minimum": 1, "maximum": 7 * 86400},
+            "device": device_name,
+            "devices": {"type": "array", "items": device_name, "minItems": 1},
+            "customer_id": {"type": "string", "pattern": CUSTOMER_ID},
+            "tags": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+        "required": ["action"],
+        "additionalProperties": False,
+        "description": "exactly one of device, devices, customer_id (tags only with it)",
+    }
+    return {
+        "/api/v1/admin/commands": {
+            "post": operation(
+                "send a command to one device, a list, or a customer's (tagged) devices",
+                responses(
+                    {
+                        201: ok(
+                            object_schema(
+                                {
+                                    "batch_id": {"type": "string"},
+                                    "commands": {"type": "array", "items": ref("Command")},
+                                }
+                            ),
+                            "queued",
+                        )
+                    },
+                    400,
+                    401,
+                    404,
+                    413,
+                    503,
+                ),
+                requestBody=body(send),
+            ),
+            "get": operation(
+                "commands, newest first",
+                responses(
+                    {
+                        200: ok(
+                            object_schema(
+                                {
+                                    "commands": {"type": "array", "items": ref("Command")},
+                                    "next_cursor": {"type": ["string", "null"]},
+                                }
+                            )
+                        )
+                    },
+                    *READ_ERRORS,
+                ),
+                parameters=[
+                    query("device", device_name, "only this device's"),
+                    query(
+                        "state",
+                        {"type": "string", "enum": ["queued", "sent", "done", "failed", "expired"]},
+                        "command state",
+                    ),
+                    query("batch", {"type": "string", "pattern": "^b-[0-9a-f]{16}$"}, "batch id"),
+                    limit(100, 1000),
+                    query("cursor", {"type": "string"}, "next_cursor of the previous page"),
+                ],
+            ),
+        },
+        "/api/v1/admin/commands/{command_id}": {
+            "parameters": [
+                {
+                    "name": "command_id",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "pattern": "^c-[0-9a-f]{16}$"},
+                }
+            ],
+            "get": operation(
+                "one command; with wait, once it is final (or when the time is up)",
+                responses({200: ok(ref("Command"))}, 400, 401, 404, 503),
+                parameters=[
+                    query(
+                        "wait",
+                        {"type": "number", "minimum": 0, "maximum": 60},
+                        "seconds to wait for a final state",
+                    )
+                ],
+            ),
         },
     }
 
@@ -457,12 +417,12 @@ def document() -> dict[str, Any]:
             "version": __version__,
             "description": "See docs/admin-api.md and docs/device-api.md.",
         },
-        "paths": {**PATHS, **_customer_ops(), **_device_ops(), **_log_ops()},
+        "paths": {**PATHS, **_customer_ops(), **_device_ops(), **_command_ops(), **_log_ops()},
         "components": {
             "schemas": SCHEMAS,
             "parameters": PARAMETERS,
             "responses": {
-                f"Error{status}": _ok(_ref("Error"), description)
+                f"Error{status}": ok(ref("Error"), description)
                 for status, description in ERRORS.items()
             },
             "securitySchemes": {

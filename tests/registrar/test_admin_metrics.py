@@ -8,16 +8,22 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from iotbiz.names import DeviceName
+from iotbiz.platform import Platform
 from iotbiz.registrar import create_app
 from iotbiz.registrar.keys import METRICS
 from iotbiz.settings import Settings
 from iotbiz.store import Store
+from tests.mqtt_device import PahoDevice
 from tests.registrar.admin_helpers import ADMIN, AUTH, TOKEN, Client
+from tests.registrar.test_admin_commands import enroll, platform
 from tests.store_helpers import active_devices
+
+__all__ = ["platform"]  # the fixture, used by name
 
 
 @pytest.fixture
@@ -115,3 +121,42 @@ async def test_the_event_loop_lag(admin: Client) -> None:
             break
         await asyncio.sleep(0.05)
     assert worst >= 0.25
+
+
+async def test_mqtt_connections_and_refused_logins_through_a_real_platform(
+    platform: Platform,
+) -> None:
+    async with aiohttp.ClientSession(
+        f"http://127.0.0.1:{platform.http_port}", headers=AUTH
+    ) as session:
+
+        async def mqtt_samples() -> dict[str, float]:
+            async with session.get("/metrics") as response:
+                assert response.status == 200
+                text = await response.text()
+            return {
+                sample.name: sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name.startswith("iotbiz_mqtt_")
+            }
+
+        before = await mqtt_samples()
+        assert before["iotbiz_mqtt_connections"] >= 1  # the platform's own service client
+        assert before["iotbiz_mqtt_refused_logins_total"] == 0
+        intruder = PahoDevice(platform.mqtt_port, "abc123/nobody", "wrong-password")
+        try:
+            assert await intruder.connect() != 0
+        finally:
+            intruder.close()
+        password = await enroll(session, "dev-1")
+        device = PahoDevice(platform.mqtt_port, "abc123/dev-1", password)
+        try:
+            assert await device.connect() == 0
+            after = await mqtt_samples()
+        finally:
+            device.close()
+    assert after["iotbiz_mqtt_refused_logins_total"] == 1
+    assert after["iotbiz_mqtt_connections"] == before["iotbiz_mqtt_connections"] + 1
+    assert "iotbiz_mqtt_denied_publishes_total" in after
+    assert "iotbiz_mqtt_busy_refusals_total" in after
