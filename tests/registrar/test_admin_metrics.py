@@ -19,8 +19,7 @@ from iotbiz.registrar.keys import METRICS
 from iotbiz.settings import Settings
 from iotbiz.store import Store
 from tests.mqtt_device import PahoDevice
-from tests.registrar.admin_helpers import ADMIN, AUTH, TOKEN, Client
-from tests.registrar.test_admin_commands import enroll, platform
+from tests.registrar.admin_helpers import ADMIN, AUTH, TOKEN, Client, enroll, platform
 from tests.store_helpers import active_devices
 
 __all__ = ["platform"]  # the fixture, used by name
