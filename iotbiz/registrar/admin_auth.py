@@ -159,7 +159,11 @@ def auth_middleware(auth: AdminAuth) -> Middleware:
 
     @web.middleware
     async def admin_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if auth.protects(request.path):
+        resource = request.match_info.route.resource
+        route = "" if resource is None else resource.canonical
+        # by the path asked for (a wrong admin path is a 401 too, not a 404 that tells routes
+        # apart) and by the route it matched
+        if auth.protects(request.path) or auth.protects(route):
             auth.check(request.headers.get("Authorization"))
         return await handler(request)
 

@@ -7,8 +7,6 @@ last device of a full page (null after a shorter one), so a page costs the same 
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 
 from iotbiz.errors import BadRequest, NotFoundError
@@ -146,6 +144,8 @@ async def device_telemetry(request: web.Request) -> web.Response:
     store = request.app[STORE]
     name = path_device(request)
     await _existing(store, name)
+    if until == 0:  # nothing is older than the epoch (and the store reads 0 as "no bound")
+        return web.json_response({"samples": []})
     samples = await store.telemetry_samples(name, since=since, until=until, limit=limit)
     return web.json_response({"samples": [sample.to_json() for sample in samples]})
 
@@ -167,7 +167,3 @@ async def _existing(store: Store, name: DeviceName) -> Device:
     if device is None:
         raise NotFoundError(f"no device {name}")
     return device
-
-
-def device_json(device: Device) -> dict[str, Any]:
-    return device.to_json()

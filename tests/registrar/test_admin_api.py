@@ -127,6 +127,8 @@ async def test_telemetry_history_and_events(admin: Client, store: Store, clock: 
     window = {"since": str(start + 60), "until": str(start + 180), "limit": "10"}
     samples = (await ok_json(await admin.get(f"{path}/telemetry", params=window)))["samples"]
     assert [s["cpu_percent"] for s in samples] == [1.0, 2.0]
+    for empty in ({"until": "0"}, {"since": str(start + 60), "until": str(start + 60)}):
+        assert await ok_json(await admin.get(f"{path}/telemetry", params=empty)) == {"samples": []}
 
     await store.record_events([(name, start + i, {"event": "app", "n": i}) for i in range(3)])
     events = (await ok_json(await admin.get(f"{path}/events")))["events"]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from yarl import URL
 
 from iotbiz.errors import ConfigError
 from iotbiz.registrar import create_app
@@ -149,3 +150,13 @@ def test_two_processes_creating_the_file_agree(
     tokens = {load_or_create_admin_token(settings) for _ in range(3)}
     assert len(tokens) == 1
     assert (db_path.parent / "admin.token").read_text().strip() in tokens
+
+
+@pytest.mark.parametrize(
+    "raw_path",
+    ["/api/v1/%61dmin/customers", "/api/v1/admin/customers/%61bc", "/api/v1/admin"],
+)
+async def test_encoded_admin_paths_need_the_token_too(admin: Client, raw_path: str) -> None:
+    url = URL(str(admin.make_url("/")).rstrip("/") + raw_path, encoded=True)
+    async with admin.session.get(url) as response:
+        await assert_error(response, 401, WRONG)
