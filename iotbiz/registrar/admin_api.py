@@ -45,11 +45,7 @@ async def add_customer(request: web.Request) -> web.Response:
     only_keys(body, ("customer_id", "device_limit"))
     new_id = customer_id(body.get("customer_id"))
     limit = whole_number(body.get("device_limit"), "device_limit", low=0, high=MAX_DEVICE_LIMIT)
-    store = request.app[STORE]
-    await store.add_customer(new_id, limit, actor=actor(request))
-    customer = await store.get_customer(new_id)
-    if customer is None:  # removed meanwhile by another process
-        raise NotFoundError(f"no customer {new_id}")
+    customer = await request.app[STORE].add_customer(new_id, limit, actor=actor(request))
     return web.json_response(
         customer.to_json(),
         status=201,
