@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
@@ -159,9 +160,14 @@ def test_schemathesis_finds_no_500_and_nothing_undocumented(live: PlatformThread
         operation = result.ok()
         tested.add((operation.method.lower(), operation.path))
 
-        @given(case=operation.as_strategy())
+        # valid inputs and invalid ones (which must be refused as documented, not a 500)
+        strategy = operation.as_strategy(GenerationMode.POSITIVE) | operation.as_strategy(
+            GenerationMode.NEGATIVE
+        )
+
+        @given(case=strategy)
         @settings(
-            max_examples=20,
+            max_examples=40,  # about half of them invalid
             deadline=None,
             database=None,
             suppress_health_check=list(HealthCheck),
