@@ -219,14 +219,25 @@ class Authority:
         Runs as a task owned by the broker; changes made by the CLI in another process arrive
         within `poll_s`.
         """
-        cursor = await self._store.latest_change()
+        cursor: int | None = None
+        failing = False  # one warning per outage, not one per poll
         while True:
-            await asyncio.sleep(poll_s)
             try:
+                if cursor is None:
+                    cursor = await self._store.latest_change()
+                    continue
                 changes = await self._store.changes_since(cursor)
             except IotbizError as exc:
-                log.warning("cannot read the store's changes: %s", exc)
-                continue
+                if not failing:
+                    log.warning("cannot read the store's changes (retrying): %s", exc)
+                    failing = True
+                changes = []
+            else:
+                if failing:
+                    log.warning("the store's changes can be read again")
+                    failing = False
+            finally:
+                await asyncio.sleep(poll_s)
             for change in changes:
                 cursor = change.entry_id
                 if change.action in _REVOKING_ACTIONS:
