@@ -81,12 +81,13 @@ def create_app(
     spawn: Spawn = _create_task,
 ) -> web.Application:
     """The registrar as an aiohttp application; the caller owns `store` (and `hasher`, when it
-        passes one). With `service` and `presence`, the app runs the platform's service MQTT client,
-        which records every device's presence, as a task started with `spawn` (the platform passes
-        its own, which notices the task's death). `authority` and `broker` feed /metrics; the admin
+    passes one). With `service` and `presence`, the app runs the platform's service MQTT client,
+    which records every device's presence, as a task started with `spawn` (the platform passes
+    its own, which notices the task's death). `authority` and `broker` feed /metrics; the admin
     API sends commands through `dispatcher` (without one, sending answers 503).
 
-        The admin token is loaded (or generated, see `admin_auth`) when the app starts."""
+    The admin token is loaded (or generated, see `admin_auth`) when the app starts; the event
+    loop's lag probe runs while it is up."""
     metrics = Metrics(StoreCounts(functools.partial(count_fleet, store)))
     metrics.add_collector(MQTTCollector(authority, broker))
     auth = AdminAuth(public_metrics=settings.admin.public_metrics)
@@ -95,15 +96,15 @@ def create_app(
         client_max_size=MAX_BODY_BYTES,  # the device API's; admin bodies are read with their own
     )
     app[SETTINGS] = settings
+    app[STORE] = store
+    app[RATE_LIMITER] = RateLimiter(settings.registrar.rate_per_ip, settings.registrar.rate_burst)
+    app[HEALTH_CHECKS] = [_check_store(store)]
     app[METRICS] = metrics
     app[ADMIN_AUTH] = auth
     if dispatcher is not None:
         app[DISPATCHER] = dispatcher
     app.cleanup_ctx.append(_admin_token)
     app.cleanup_ctx.append(functools.partial(_lag_probe, spawn=spawn))
-    app[STORE] = store
-    app[RATE_LIMITER] = RateLimiter(settings.registrar.rate_per_ip, settings.registrar.rate_burst)
-    app[HEALTH_CHECKS] = [_check_store(store)]
     if hasher is None:
         app.cleanup_ctx.append(_password_hasher)
     else:
