@@ -4,7 +4,8 @@ Start order: store -> broker (devices can connect) -> registrar with its service
 HTTP. Stop order is the reverse, so nothing is used after it is closed.
 
 Every long-lived task (the presence writer, the store change follower, the registrar's service
-client) is owned here, started by `Platform._spawn`:
+client, the command dispatcher's three tasks, the retention pass) is owned here, started by
+`Platform._spawn`:
 
     task RUNNING -> STOPPED    cancelled by `stop()`: the normal end
     task RUNNING -> FAILED     raised, returned, or was cancelled by someone else: logged (with
@@ -31,12 +32,14 @@ from aiohttp import web
 
 from iotbiz.broker.authority import Authority
 from iotbiz.broker.embedded import EmbeddedBroker
+from iotbiz.dispatch import Dispatcher
 from iotbiz.errors import ConfigError, PlatformFailed
 from iotbiz.passwords import PasswordHasher
 from iotbiz.presence import PresenceRecorder
 from iotbiz.registrar import create_app
-from iotbiz.registrar.keys import HEALTH_CHECKS
+from iotbiz.registrar.keys import HEALTH_CHECKS, SERVICE_CLIENT
 from iotbiz.registrar.service_client import ServiceLink
+from iotbiz.retention import Retention
 from iotbiz.settings import Settings
 from iotbiz.store import Store
 
@@ -57,6 +60,7 @@ class Platform:
         self._store: Store | None = None
         self._hasher: PasswordHasher | None = None
         self._presence: PresenceRecorder | None = None
+        self._dispatcher: Dispatcher | None = None
         self.authority: Authority | None = None
         self.broker: EmbeddedBroker | None = None
         self._runner: web.AppRunner | None = None
@@ -70,6 +74,13 @@ class Platform:
         if self._store is None:
             raise RuntimeError("platform not started")
         return self._store
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        """The command dispatcher: `send` and `wait` for the admin API and the CLI."""
+        if self._dispatcher is None:
+            raise RuntimeError("platform not started")
+        return self._dispatcher
 
     @property
     def http_port(self) -> int:
@@ -101,7 +112,10 @@ class Platform:
             threads=registrar.hash_threads,
             max_queued=registrar.max_queued_hashes,
         )
-        presence = self._presence = PresenceRecorder(store)
+        presence = self._presence = PresenceRecorder(store, history=settings.history)
+        dispatcher = self._dispatcher = Dispatcher(store, settings.commands)
+        presence.on_online.append(dispatcher.device_online)
+        presence.on_reply.append(dispatcher.reply_received)
         service_password = secrets.token_urlsafe(32)
         self.authority = Authority(
             store, hasher, service_username=SERVICE_USERNAME, service_password=service_password
@@ -126,9 +140,15 @@ class Platform:
             presence=presence,
             authority=self.authority,
             broker=self.broker,
+            dispatcher=dispatcher,
             spawn=self._spawn,
         )
         app[HEALTH_CHECKS].append(self.broker.health)
+        dispatcher.bind(app[SERVICE_CLIENT])
+        self._spawn(dispatcher.run(), "dispatch")
+        self._spawn(dispatcher.run_replies(), "command-replies")
+        self._spawn(dispatcher.run_expiry(), "command-expiry")
+        self._spawn(Retention(store, settings.history).run(), "retention")
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
         await self._runner.setup()
         http = settings.http

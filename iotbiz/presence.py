@@ -16,6 +16,18 @@ Telemetry, the one high-rate message, is kept as the bytes the device sent and p
 flush, only the latest message of each device: a device sending many messages between two flushes
 costs one JSON parse, and the broker's message path (which hands telemetry over directly, see
 `iotbiz.broker.embedded`) does no JSON work at all.
+
+History (policy in `iotbiz.store.history`): the first telemetry flushed in each
+`history.sample_interval_s` of a device (intervals aligned to the clock) also becomes a sample,
+and every event a device publishes on `events` (a JSON object of at most
+`history.max_event_bytes`) is recorded; both go into the store with the presence batch, in the
+same transaction. While the store fails, at most one sample per device waits (a newer one replaces
+it) and at most `history.max_pending_events` events (the oldest are dropped); both counted.
+
+Hooks for the rest of the platform (the command dispatcher): `on_online` callbacks get a device's
+name when it connects or says `online` live; `on_reply` callbacks get a device's `reply` payloads.
+They are called synchronously from the broker's and the service client's message paths, so they
+must only note the fact and return.
 """
 
 from __future__ import annotations
@@ -25,13 +37,15 @@ import dataclasses
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from iotbiz import topics
 from iotbiz.errors import StoreError
-from iotbiz.models import PresenceUpdate
+from iotbiz.models import PresenceUpdate, TelemetrySample
 from iotbiz.names import DeviceName
+from iotbiz.settings import HistorySettings
 from iotbiz.store import Store
 
 log = logging.getLogger(__name__)
@@ -49,6 +63,7 @@ class PresenceRecorder:
         flush_s: float = FLUSH_S,
         retry_s: tuple[float, float] = (RETRY_START_S, RETRY_CAP_S),
         clock: Callable[[], float] = time.time,
+        history: HistorySettings | None = None,
     ) -> None:
         self._store = store
         self._flush_s = flush_s
@@ -60,14 +75,32 @@ class PresenceRecorder:
         self._retry_s = 0.0  # 0: the store is writing; else the wait before the next try
         self.malformed_messages = 0  # status and telemetry payloads that are not a JSON object
         self.failed_flushes = 0  # batches the store could not write (kept and tried again)
+        self._history = history or HistorySettings()
+        self._sampled: dict[DeviceName, int] = {}  # interval of each device's latest sample
+        self._samples: dict[DeviceName, TelemetrySample] = {}  # waiting for the next flush
+        self._events: deque[tuple[DeviceName, float, dict[str, Any]]] = deque()
+        self.dropped_samples = 0  # replaced by a newer one while the store failed
+        self.dropped_events = 0  # too large, or the oldest while too many waited
+        self.on_online: list[Callable[[DeviceName], None]] = []
+        self.on_reply: list[Callable[[DeviceName, bytes], None]] = []
 
     @property
     def pending_devices(self) -> int:
         """Devices whose updates wait for the next flush (at most one entry per device)."""
         return len(self._pending.keys() | self._telemetry.keys())
 
+    @property
+    def pending_history(self) -> int:
+        """Samples and events waiting for the next flush."""
+        return len(self._samples) + len(self._events)
+
     def connected(self, name: DeviceName) -> None:
         self._note(PresenceUpdate(name, self._clock(), online=True))
+        self._came_online(name)
+
+    def _came_online(self, name: DeviceName) -> None:
+        for callback in self.on_online:
+            callback(name)
 
     def disconnected(self, name: DeviceName) -> None:
         self._note(PresenceUpdate(name, self._clock(), online=False))
@@ -77,6 +110,8 @@ class PresenceRecorder:
         whether the device is online now."""
         online = status.get("state") == "online" if live else None
         self._note(PresenceUpdate(name, self._clock(), online=online, status=status))
+        if online:
+            self._came_online(name)  # the agent says so after subscribing to its commands
 
     def telemetry_payload(self, name: DeviceName, payload: bytes) -> None:
         """A telemetry message as published; only the latest per device is parsed, at flush."""
@@ -95,8 +130,42 @@ class PresenceRecorder:
             if body is None:
                 return
             self.status(name, body, live=not retained)
+        elif suffix == topics.EVENTS:
+            self.seen(name)
+            self.event(name, payload)
+        elif suffix == topics.REPLY:
+            self.seen(name)
+            for callback in self.on_reply:
+                callback(name, payload)
         else:
             self.seen(name)
+
+    def event(self, name: DeviceName, payload: bytes) -> None:
+        """An `events` message: recorded with the next flush (see the module docstring)."""
+        if len(payload) > self._history.max_event_bytes:
+            self.dropped_events += 1
+            log.info("event from %s of %d bytes not recorded (too large)", name, len(payload))
+            return
+        body = self._parse(name, topics.EVENTS, payload)
+        if body is None:
+            return
+        if len(self._events) >= self._history.max_pending_events:
+            self._events.popleft()
+            self.dropped_events += 1
+        self._events.append((name, self._clock(), body))
+        self._wakeup.set()
+
+    def _sample(self, name: DeviceName, at: float, telemetry: dict[str, Any]) -> None:
+        interval = int(at // self._history.sample_interval_s)
+        if self._sampled.get(name) == interval:
+            return
+        sample = TelemetrySample.from_telemetry(at, telemetry)
+        if sample is None:
+            return
+        self._sampled[name] = interval
+        if name in self._samples:
+            self.dropped_samples += 1  # an older one the store did not take yet
+        self._samples[name] = sample
 
     def _parse(self, name: DeviceName, suffix: str, payload: bytes) -> dict[str, Any] | None:
         try:
@@ -132,13 +201,19 @@ class PresenceRecorder:
             body = self._parse(name, topics.TELEMETRY, payload)
             if body is not None:  # a malformed message is ignored, as a malformed status is
                 self._note(PresenceUpdate(name, seen_at, telemetry=body))
-        if not self._pending:
+                self._sample(name, seen_at, body)
+        if not self._pending and not self._samples and not self._events:
             return True
         batch, self._pending = self._pending, {}
+        samples, self._samples = self._samples, {}
+        events, self._events = self._events, deque()
         try:
-            await self._store.record_presence(batch.values())
+            await self._store.record_presence(
+                batch.values(), samples=samples.items(), events=events
+            )
         except StoreError as exc:
             self._keep(batch)
+            self._keep_history(samples, events)
             self.failed_flushes += 1
             if not self._retry_s:  # healthy -> failing: once per outage, not once per flush
                 log.warning(
@@ -158,6 +233,24 @@ class PresenceRecorder:
         newer, self._pending = self._pending, batch
         for update in newer.values():
             self._note(update)
+
+    def _keep_history(
+        self,
+        samples: dict[DeviceName, TelemetrySample],
+        events: deque[tuple[DeviceName, float, dict[str, Any]]],
+    ) -> None:
+        """Put refused samples and events back, within their bounds: a newer sample of the same
+        device wins; the oldest events are dropped first."""
+        for name, sample in samples.items():
+            if name in self._samples:
+                self.dropped_samples += 1
+            else:
+                self._samples[name] = sample
+        events.extend(self._events)
+        while len(events) > self._history.max_pending_events:
+            events.popleft()
+            self.dropped_events += 1
+        self._events = events
 
     async def run(self) -> None:
         """Flush every `flush_s` while there is something to write (after a failure, again

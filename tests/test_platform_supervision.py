@@ -95,7 +95,16 @@ async def test_tasks_cancelled_by_stop_are_not_failures(
     platform = Platform(make_settings(http={"host": "127.0.0.1"}))
     await platform.start()
     names = sorted(task.get_name() for task in platform._tasks)
-    assert names == ["presence", "service-client", "store-changes"]
+    assert names == [
+        "command-expiry",
+        "command-replies",
+        "dispatch",
+        "event-loop-lag",
+        "presence",
+        "retention",
+        "service-client",
+        "store-changes",
+    ]
     assert await platform.stop() == []
     assert not platform.failed.is_set()
     assert await platform.stop() == []  # again: nothing left to stop

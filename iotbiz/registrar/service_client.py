@@ -4,6 +4,11 @@ paho-mqtt), so the same code works against the embedded broker or an external on
 It follows every device's `status`, `events` and `reply` (and `telemetry`, unless the embedded
 broker hands telemetry to presence itself, which spares the broker a second delivery of the
 busiest topic) into presence, and reconnects for ever with capped, jittered backoff.
+
+`publish` sends the platform's own messages (commands on devices' `cmd` topics) at QoS 1 and
+returns once the broker acknowledged them; it raises BrokerUnavailable while disconnected or when
+the broker does not acknowledge in time. The number of unacknowledged publishes is the caller's to
+bound (the dispatcher's `commands.max_inflight`); paho queues more than `MAX_INFLIGHT` itself.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 import aiomqtt
 
 from iotbiz import topics
+from iotbiz.errors import BrokerUnavailable
 from iotbiz.names import parse_device_name
 from iotbiz.presence import PresenceRecorder
 
@@ -24,6 +30,8 @@ log = logging.getLogger(__name__)
 BACKOFF_START_S = 0.2
 BACKOFF_CAP_S = 10.0
 KEEPALIVE_S = 30
+PUBLISH_TIMEOUT_S = 10.0
+MAX_INFLIGHT = 100  # QoS 1 messages on the wire without a PUBACK (paho's default is 20)
 FOLLOWED = (topics.STATUS, topics.EVENTS, topics.REPLY)
 
 
@@ -43,6 +51,8 @@ class ServiceClient:
         self._link = link
         self._presence = presence
         self.connected = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+        self.published = 0
         followed = (*FOLLOWED, topics.TELEMETRY) if link.follow_telemetry else FOLLOWED
         self._subscriptions = [(topics.all_devices(suffix), 1) for suffix in followed]
 
@@ -59,8 +69,11 @@ class ServiceClient:
                     password=self._link.password,
                     keepalive=KEEPALIVE_S,
                     clean_session=True,
+                    timeout=PUBLISH_TIMEOUT_S,
+                    max_inflight_messages=MAX_INFLIGHT,
                 ) as client:
                     await client.subscribe(self._subscriptions)
+                    self._client = client
                     self.connected.set()
                     backoff = BACKOFF_START_S
                     log.info("service client connected to %s:%d", self._link.host, self._link.port)
@@ -68,10 +81,27 @@ class ServiceClient:
                         self.handle(str(message.topic), message.payload, retained=message.retain)
             except aiomqtt.MqttError as exc:
                 self.connected.clear()
+                self._client = None
                 delay = random.uniform(backoff / 2, backoff)  # noqa: S311 - jitter, not crypto
                 log.warning("service client disconnected (%s); retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
                 backoff = min(backoff * 2, BACKOFF_CAP_S)
+
+    async def publish(self, topic: str, payload: bytes) -> None:
+        """Publish at QoS 1 and wait for the broker's PUBACK; BrokerUnavailable if it cannot."""
+        client = self._client
+        if client is None or not self.connected.is_set():
+            raise BrokerUnavailable("the service client is not connected")
+        try:
+            await client.publish(topic, payload, qos=1)
+        except aiomqtt.MqttError as exc:
+            raise BrokerUnavailable(f"publish to {topic} failed: {exc}") from exc
+        # aiomqtt waits with asyncio.wait_for, which in Python 3.11 may swallow a cancellation
+        # that arrives with the PUBACK: honour it here
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError
+        self.published += 1
 
     def handle(self, topic: str, payload: object, *, retained: bool) -> None:
         parsed = topics.parse_device_topic(topic)
