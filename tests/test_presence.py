@@ -118,3 +118,21 @@ async def test_only_the_latest_telemetry_is_parsed_and_kept(store: Store, clock:
     assert device is not None
     assert (device.telemetry, device.last_seen_at) == ({"cpu": 2}, clock.now - 1)  # ignored
     assert presence.malformed_messages == 1
+
+
+async def test_hooks_hear_of_devices_coming_online_and_their_replies(
+    store: Store, clock: FakeClock
+) -> None:
+    presence = PresenceRecorder(store, clock=clock)
+    online: list[DeviceName] = []
+    replies: list[tuple[DeviceName, bytes]] = []
+    presence.on_online.append(online.append)
+    presence.on_reply.append(lambda name, payload: replies.append((name, payload)))
+    presence.connected(NAME)
+    presence.message(NAME, "status", b'{"state": "online"}', retained=True)  # replayed: no
+    presence.message(NAME, "status", b'{"state": "offline"}', retained=False)
+    presence.message(NAME, "status", b'{"state": "online"}', retained=False)
+    presence.disconnected(NAME)
+    presence.message(NAME, "reply", b'{"id": "c-1", "ok": true}', retained=False)
+    assert online == [NAME, NAME]
+    assert replies == [(NAME, b'{"id": "c-1", "ok": true}')]
