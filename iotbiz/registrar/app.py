@@ -32,6 +32,7 @@ from iotbiz.registrar.keys import (
     HealthCheck,
 )
 from iotbiz.registrar.metrics import (
+    CommandCollector,
     Metrics,
     MQTTCollector,
     StoreCounts,
@@ -103,6 +104,7 @@ def create_app(
     app[ADMIN_AUTH] = auth
     if dispatcher is not None:
         app[DISPATCHER] = dispatcher
+        metrics.add_collector(CommandCollector(dispatcher))
     app.cleanup_ctx.append(_admin_token)
     app.cleanup_ctx.append(functools.partial(_lag_probe, spawn=spawn))
     if hasher is None:

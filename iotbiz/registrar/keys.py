@@ -11,7 +11,7 @@ from iotbiz.models import Command
 from iotbiz.names import DeviceName
 from iotbiz.passwords import PasswordHasher
 from iotbiz.registrar.admin_auth import AdminAuth
-from iotbiz.registrar.metrics import Metrics
+from iotbiz.registrar.metrics import CommandCounters, Metrics
 from iotbiz.registrar.ratelimit import RateLimiter
 from iotbiz.registrar.service_client import ServiceClient
 from iotbiz.settings import Settings
@@ -21,8 +21,9 @@ from iotbiz.store import Store
 HealthCheck = Callable[[], Awaitable[tuple[str, str]]]
 
 
-class CommandDispatcher(Protocol):
-    """What the admin API needs of the platform's dispatcher (`iotbiz.dispatch.Dispatcher`)."""
+class CommandDispatcher(CommandCounters, Protocol):
+    """What the admin API (and /metrics) need of the platform's dispatcher
+    (`iotbiz.dispatch.Dispatcher`)."""
 
     async def send(
         self,

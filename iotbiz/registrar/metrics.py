@@ -14,6 +14,8 @@ run several apps in one process. What is counted where:
 - MQTT connections, refused logins, denied publishes, logins refused while bcrypt was busy, and
   the broker's dropped messages: read at scrape time from the broker and its Authority, whose
   plain counters stay as they are (`MQTTCollector`).
+- The command dispatcher's counters (published, finished, expired, ignored replies...), read at
+  scrape time (`CommandCollector`).
 - The event loop's lag: a task (`run_lag_probe`, owned by the app's cleanup_ctx) sleeps
   `LAG_PROBE_INTERVAL_S` and measures how late it wakes.
 """
@@ -25,6 +27,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -167,6 +170,41 @@ class MQTTCollector(Collector):
                 "publishes denied by the topic ACL",
                 authority.denied_publishes,
             )
+
+
+class CommandCounters(Protocol):
+    """The dispatcher's plain counters (`iotbiz.dispatch.Dispatcher`)."""
+
+    published: int
+    failed_publishes: int
+    finished: int
+    expired: int
+    ignored_replies: int
+    malformed_replies: int
+    dropped_replies: int
+
+
+COMMAND_COUNTERS = {
+    "published": "command messages handed to the broker (repeats included)",
+    "failed_publishes": "command publishes the broker did not take",
+    "finished": "commands finished by their device's reply",
+    "expired": "commands expired without a reply",
+    "ignored_replies": "replies that were not an open command of the device that sent them",
+    "malformed_replies": "replies that were not a reply object",
+    "dropped_replies": "replies dropped while too many waited for the store",
+}
+
+
+class CommandCollector(Collector):
+    """The dispatcher's counters, read at scrape time."""
+
+    def __init__(self, counters: CommandCounters) -> None:
+        self._counters = counters
+
+    def collect(self) -> Iterator[Metric]:
+        for attribute, documentation in COMMAND_COUNTERS.items():
+            value = getattr(self._counters, attribute)
+            yield _counter(f"iotbiz_commands_{attribute}", documentation, value)
 
 
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:

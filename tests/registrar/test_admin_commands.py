@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
+from prometheus_client.parser import text_string_to_metric_families
 
 from iotbiz.names import DeviceName
 from iotbiz.platform import Platform
@@ -51,6 +52,17 @@ async def online_device(platform: Platform, api: Session, device_id: str) -> Pah
     return device
 
 
+async def command_counters(api: Session) -> dict[str, float]:
+    async with api.get("/metrics") as response:
+        text = await response.text()
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("iotbiz_commands_")
+    }
+
+
 async def call(api: Session, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
     async with api.request(method, f"{ADMIN}{path}", **kwargs) as response:
         return response.status, await response.json()
@@ -85,6 +97,18 @@ async def test_a_command_reaches_the_device_and_its_reply_finishes_it(
         assert done["result"] == {"restarted": "web"}
         assert done["sent_at"] is not None
         assert done["done_at"] is not None
+
+        # a reply for a command that is not this device's open one is ignored, and counted
+        stray = {"id": "c-0123456789abcdef", "ok": True}
+        await device.publish("devices/abc123/dev-1/reply", json.dumps(stray))
+        for _ in range(200):
+            counters = await command_counters(api)
+            if counters["iotbiz_commands_ignored_replies_total"] == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert counters["iotbiz_commands_ignored_replies_total"] == 1
+        assert counters["iotbiz_commands_finished_total"] == 1
+        assert counters["iotbiz_commands_published_total"] >= 1
     finally:
         device.close()
     status, audit = await call(api, "GET", "/audit", params={"subject": "abc123/dev-1"})
