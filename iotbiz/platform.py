@@ -207,7 +207,7 @@ class Platform:
             await step("broker shutdown", lambda: _bounded(broker.stop(), BROKER_STOP_TIMEOUT_S))
         if self._presence is not None:
             presence, self._presence = self._presence, None
-            await step("presence flush", presence.flush)
+            await step("presence flush", lambda: presence.flush(final=True))
         if self._store is not None:
             store, self._store = self._store, None
             await step("marking devices offline", store.mark_all_offline)

@@ -163,6 +163,14 @@ class HistorySettings:
     max_pending_events: int = setting(
         10000, "events waiting to be written; when full, the oldest are dropped (counted)", min=1
     )
+    write_interval_s: float = setting(
+        600.0,
+        "seconds samples are held and then written together (fewer page writes; lost if killed)",
+        min=0,
+    )
+    max_pending_samples: int = setting(
+        200000, "samples held or waiting; when full, new ones are dropped (counted)", min=1
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -218,6 +218,67 @@ async def history_bytes(
     }
 
 
+async def wal_writes(store: Store, names: list[DeviceName], rng: random.Random) -> dict[str, Any]:
+    """Steady state on the history just written: what one presence flush of samples writes to
+    the WAL (each frame a page), at 10,000 devices sampled once a minute (167 samples/s, 5
+    flushes/s: 33 samples per flush, each for a different device)."""
+    page_size = int(await store._call(lambda conn: conn.execute("PRAGMA page_size").fetchone()[0]))
+    await store._call(lambda conn: conn.execute("PRAGMA wal_autocheckpoint = 0"))
+    await store._call(lambda conn: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
+    flushes, per_flush = 200, 33
+    at = store.now() + 86400
+    for flush in range(flushes):
+        batch = [
+            (
+                names[rng.randrange(len(names))],
+                TelemetrySample(at + flush * 0.2 + i * 1e-4, 1.0, 2.0, 3.0, 0.5, 40.0, 1e9, 1e9),
+            )
+            for i in range(per_flush)
+        ]
+        await store.record_presence([], samples=batch)
+    wal = Path(f"{store.path}-wal")
+    frames = (wal.stat().st_size - 32) // (page_size + 24)  # autocheckpoint off: it only grew
+    await store._call(lambda conn: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
+    await store._call(lambda conn: conn.execute("PRAGMA wal_autocheckpoint = 1000"))
+    wal_per_flush = frames * (page_size + 24) / flushes
+    per_day = wal_per_flush * 5 * 86400
+    return {
+        "pages_per_flush_of_33_samples": round(frames / flushes, 1),
+        "wal_kb_per_flush": round(wal_per_flush / 1024, 1),
+        "wal_gb_per_day": round(per_day / 1e9, 1),
+        "with_checkpoint_gb_per_day": round(2 * per_day / 1e9, 1),
+    }
+
+
+async def wal_writes_held(store: Store, names: list[DeviceName], minutes: int) -> dict[str, Any]:
+    """The same samples held `minutes` (presence's history.write_interval_s) and written in one
+    transaction, device by device."""
+    page_size = int(await store._call(lambda conn: conn.execute("PRAGMA page_size").fetchone()[0]))
+    await store._call(lambda conn: conn.execute("PRAGMA wal_autocheckpoint = 0"))
+    await store._call(lambda conn: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
+    at = store.now() + 2 * 86400
+    rows = [
+        (name, TelemetrySample(at + 60 * minute, 1.0, 2.0, 3.0, 0.5, 40.0, 1e9, 1e9))
+        for name in sorted(names)
+        for minute in range(minutes)
+    ]
+    start = time.perf_counter()
+    await store.record_presence([], samples=rows)
+    took_s = time.perf_counter() - start
+    wal = Path(f"{store.path}-wal")
+    frames = (wal.stat().st_size - 32) // (page_size + 24)
+    await store._call(lambda conn: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
+    await store._call(lambda conn: conn.execute("PRAGMA wal_autocheckpoint = 1000"))
+    per_day = frames * (page_size + 24) * (1440 / minutes)
+    return {
+        "samples": len(rows),
+        "pages": frames,
+        "transaction_s": round(took_s, 2),
+        "wal_gb_per_day": round(per_day / 1e9, 1),
+        "with_checkpoint_gb_per_day": round(2 * per_day / 1e9, 1),
+    }
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, default=10_000)
@@ -236,6 +297,8 @@ async def main() -> None:
             }
             report["find_devices"] = await time_queries(store, args.rounds)
             report["history"] = await history_bytes(store, names, args.rows, rng)
+            report["sample_wal_writes"] = await wal_writes(store, names, rng)
+            report["sample_wal_writes_held_10_min"] = await wal_writes_held(store, names, 10)
         finally:
             await store.close()
     print(json.dumps(report, indent=None if args.json else 2))

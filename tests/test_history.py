@@ -30,7 +30,9 @@ def telemetry(cpu: float) -> bytes:
 async def test_one_sample_per_device_per_interval(store: Store, clock: FakeClock) -> None:
     [a, b] = await active_devices(store, "abc123", 2)
     clock.now = 1_000_050.0  # 30 s into a 60 s interval (1_000_020 to 1_000_080)
-    presence = PresenceRecorder(store, clock=clock, history=HistorySettings(sample_interval_s=60))
+    presence = PresenceRecorder(
+        store, clock=clock, history=HistorySettings(sample_interval_s=60, write_interval_s=0)
+    )
     for cpu in (1.0, 2.0, 3.0):  # every 10 s, within the interval
         presence.telemetry_payload(a, telemetry(cpu))
         presence.telemetry_payload(b, telemetry(cpu * 10))
@@ -49,6 +51,34 @@ async def test_one_sample_per_device_per_interval(store: Store, clock: FakeClock
     device = await store.get_device(a)
     assert device is not None
     assert device.telemetry == json.loads(telemetry(5.0))  # the latest, as before
+
+
+async def test_samples_are_held_and_written_together(store: Store, clock: FakeClock) -> None:
+    """Written every write_interval_s (one transaction, device by device), and all of them by
+    the final flush at shutdown."""
+    names = await active_devices(store, "abc123", 3)
+    history = HistorySettings(sample_interval_s=10, write_interval_s=60)
+    presence = PresenceRecorder(store, clock=clock, history=history)
+    for _ in range(6):  # 50 s: 6 samples of each device, held
+        for name in names:
+            presence.telemetry_payload(name, telemetry(1.0))
+        assert await presence.flush()
+        clock.advance(10)
+    assert presence.pending_history == 18
+    assert await store.telemetry_samples(names[0]) == []
+    device = await store.get_device(names[0])
+    assert device is not None
+    assert device.telemetry is not None  # presence itself is not held
+    clock.advance(10)  # 60 s after the first sample: due
+    assert await presence.flush()
+    assert presence.pending_history == 0
+    assert [len(await store.telemetry_samples(name)) for name in names] == [6, 6, 6]
+    for name in names:
+        presence.telemetry_payload(name, telemetry(2.0))
+    assert await presence.flush()
+    assert presence.pending_history == 3
+    assert await presence.flush(final=True)
+    assert [len(await store.telemetry_samples(name)) for name in names] == [7, 7, 7]
 
 
 async def test_events_are_recorded_with_the_batch_and_bounded(
@@ -78,7 +108,9 @@ async def test_history_waits_within_bounds_while_the_disk_is_full(
     store = await Store.open(small_disk.folder / "iotbiz.db", clock=clock)
     try:
         [a] = await active_devices(store, "abc123", 1)
-        history = HistorySettings(sample_interval_s=1, max_pending_events=10)
+        history = HistorySettings(
+            sample_interval_s=1, write_interval_s=0, max_pending_events=10, max_pending_samples=10
+        )
         presence = PresenceRecorder(store, clock=clock, history=history)
         small_disk.fill()
         for i in range(30):
@@ -86,12 +118,14 @@ async def test_history_waits_within_bounds_while_the_disk_is_full(
             presence.message(a, "events", json.dumps({"i": i}).encode(), retained=False)
             assert not await presence.flush()
             clock.advance(1)
-        assert presence.pending_history == 1 + 10  # one sample (the newest), ten events
-        assert presence.dropped_samples == 29
+        assert presence.pending_history == 10 + 10  # the first ten samples, the last ten events
+        assert presence.dropped_samples == 20
         assert presence.dropped_events == 20
         small_disk.make_room()
         assert await presence.flush()
-        assert [s.cpu_percent for s in await store.telemetry_samples(a)] == [29.0]
+        assert [s.cpu_percent for s in await store.telemetry_samples(a)] == [
+            float(i) for i in range(10)
+        ]
         assert [e.body["i"] for e in await store.list_events(name=a)] == list(range(29, 19, -1))
     finally:
         await store.close()
@@ -124,7 +158,9 @@ async def test_retention_pass_prunes_samples_events_and_commands(
 async def test_a_real_agent_fills_the_history(
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
-    settings = make_settings(http={"host": "127.0.0.1"}, history={"sample_interval_s": 1})
+    settings = make_settings(
+        http={"host": "127.0.0.1"}, history={"sample_interval_s": 1, "write_interval_s": 0}
+    )
     async with running_platform(settings) as platform:
         await platform.store.add_customer(NAME.customer_id, 5, actor="test")
         config = _agent_config(tmp_path, platform)
