@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 RETRY_START_S = 0.5
 RETRY_CAP_S = 10.0
 WAIT_POLL_S = 1.0
+SCAN_S = 10.0
 MAX_ACTION_LENGTH = 64
 
 
@@ -112,6 +113,8 @@ class Dispatcher:
         self._reply_outage = _Outage("command replies", retry_s)
         self._expiry_outage = _Outage("command expiry", retry_s)
         self._publish_failing = False
+        self._scan_wanted = True  # a send happened: look for queued commands of online devices
+        self._scanned_at = 0.0
         self.published = 0  # commands handed to the broker (repeats included)
         self.failed_publishes = 0
         self.finished = 0  # commands finished by a reply
@@ -174,6 +177,7 @@ class Dispatcher:
             actor=actor,
             batch_id=batch_id,
         )
+        self._scan_wanted = True
         log.info(
             "batch %s: %s queued for %d device(s) by %s", batch_id, action, len(commands), actor
         )
@@ -257,12 +261,19 @@ class Dispatcher:
         for name in names:
             del self._online[name]
         now = self._clock()
+        scan_s = min(SCAN_S, self._settings.resend_after_s / 2)
+        scan = self._scan_wanted or now - self._scanned_at >= scan_s
         try:
             due = await self._store.due_commands(names) if names else []
-            fresh = await self._store.dispatchable_commands(
-                resend_before=now - self._settings.resend_after_s, limit=limit
-            )
+            fresh: list[Command] = []
+            if scan:
+                self._scan_wanted = False
+                fresh = await self._store.dispatchable_commands(
+                    resend_before=now - self._settings.resend_after_s, limit=limit
+                )
+                self._scanned_at = now
         except StoreError:
+            self._scan_wanted = self._scan_wanted or scan
             for name in names:
                 self._online[name] = None
             raise
@@ -272,7 +283,9 @@ class Dispatcher:
         published = await self._publish(publisher, commands)
         if published:
             await self._store.mark_sent(published, now)
-        return bool(self._online) or len(fresh) >= limit
+        if len(fresh) >= limit:
+            self._scan_wanted = True  # a full batch: there may be more, scan again at once
+        return bool(self._online) or self._scan_wanted
 
     async def _publish(self, publisher: Publisher, commands: list[Command]) -> list[str]:
         """Publish `commands`, at most `max_inflight` unacknowledged at once; the ids taken."""

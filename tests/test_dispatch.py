@@ -253,3 +253,30 @@ async def test_a_full_disk_delays_commands_but_never_stops_the_dispatcher(
             a.close()
         problems = await platform.stop()
     assert problems == []
+
+
+async def test_a_send_to_more_devices_than_a_batch_goes_out_in_batches_at_once(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """batch_size 2, five online devices: every command is published within seconds (the
+    scan goes on while batches are full, it does not wait for the next periodic scan)."""
+    settings = make_settings(http={"host": "127.0.0.1"}, commands={"poll_s": 0.1, "batch_size": 2})
+    platform = Platform(settings)
+    await platform.start()
+    devices: list[Device] = []
+    try:
+        await platform.store.add_customer("abc123", 10, actor="test")
+        names = [DeviceName("abc123", f"dev-{i}") for i in range(5)]
+        devices = [await device(platform, name) for name in names]
+        _, commands = await platform.dispatcher.send(names, "ping", actor="op")
+        for one, command in zip(devices, commands, strict=True):
+            assert (await one.next_command(timeout=5))["id"] == command.command_id
+            await one.reply({"id": command.command_id, "ok": True, "result": {"pong": True}})
+        for command in commands:
+            done = await platform.dispatcher.wait(command.command_id, timeout_s=10)
+            assert done.state is CommandState.DONE
+    finally:
+        for one in devices:
+            one.close()
+        problems = await platform.stop()
+    assert problems == []
