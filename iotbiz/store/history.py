@@ -1,15 +1,20 @@
 """Telemetry history (samples) and device events, with their retention.
 
 Policy (settings `history.*`): presence keeps at most one sample per device per
-`sample_interval_s` (default 60 s: the first telemetry flushed in each interval) and writes it with
-the presence batch; samples are kept `samples_keep_s` (1 day). Events (what a device publishes on
+`sample_interval_s` (default 60 s: the first telemetry flushed in each interval), holds samples
+`write_interval_s` (10 min) and writes them device by device with a presence batch (see
+`iotbiz.presence` for why: one page write per device instead of one per sample); samples are kept
+`samples_keep_s` (1 day). Events (what a device publishes on
 `events`: app state changes, update progress) are kept `events_keep_s` (7 days) and at most
 `events_per_device` (1000) per device. A pruning pass (`iotbiz.retention`) runs every
 `prune_interval_s`, deleting in transactions of at most `prune_batch` devices or rows, so that no
 write waits long behind it. Samples and events of a device that is reset go with it.
 
 Samples live in their primary key's b-tree only (customer_id, device_id, at): no rowid and no
-second index, pruned per device along that key. Only active devices get history: a sample or
+second index, pruned per device along that key. Measured (scripts/bench_store.py, 100,000 rows,
+MAC device ids): 112 bytes per sample on disk, 243 per event. 10,000 devices at one sample a
+minute: 14.4 M rows, 1.6 GB a day; held 10 minutes, 2.8 GB a day written to the WAL (5.6 GB with
+the checkpoints). Only active devices get history: a sample or
 event of a device reset or revoked meanwhile is not written (and not an error).
 """
 
