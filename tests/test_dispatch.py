@@ -280,3 +280,17 @@ async def test_a_send_to_more_devices_than_a_batch_goes_out_in_batches_at_once(
             one.close()
         problems = await platform.stop()
     assert problems == []
+
+
+async def test_a_command_sent_as_the_device_comes_online_goes_out_at_once(
+    platform: Platform,
+) -> None:
+    """The send comes before presence has written the device online (it writes every 0.2 s):
+    the dispatcher looks again a second later instead of at its next periodic scan (10 s)."""
+    a = await device(platform, A, connect=False)
+    try:
+        await a.connect()  # and no waiting for the store to say so
+        _, [command] = await platform.dispatcher.send([A], "ping", actor="op")
+        assert (await a.next_command(timeout=5))["id"] == command.command_id
+    finally:
+        a.close()
