@@ -237,7 +237,8 @@ async def wal_writes(store: Store, names: list[DeviceName], rng: random.Random) 
         ]
         await store.record_presence([], samples=batch)
     wal = Path(f"{store.path}-wal")
-    frames = (wal.stat().st_size - 32) // (page_size + 24)  # autocheckpoint off: it only grew
+    size = (await asyncio.to_thread(wal.stat)).st_size
+    frames = (size - 32) // (page_size + 24)  # autocheckpoint off: it only grew
     await store._call(lambda conn: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
     await store._call(lambda conn: conn.execute("PRAGMA wal_autocheckpoint = 1000"))
     wal_per_flush = frames * (page_size + 24) / flushes
@@ -266,7 +267,7 @@ async def wal_writes_held(store: Store, names: list[DeviceName], minutes: int) -
     await store.record_presence([], samples=rows)
     took_s = time.perf_counter() - start
     wal = Path(f"{store.path}-wal")
-    frames = (wal.stat().st_size - 32) // (page_size + 24)
+    frames = ((await asyncio.to_thread(wal.stat)).st_size - 32) // (page_size + 24)
     await store._call(lambda conn: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
     await store._call(lambda conn: conn.execute("PRAGMA wal_autocheckpoint = 1000"))
     per_day = frames * (page_size + 24) * (1440 / minutes)
