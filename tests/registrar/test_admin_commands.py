@@ -49,7 +49,14 @@ async def online_device(platform: Platform, api: Session, device_id: str) -> Pah
     assert await device.subscribe(f"devices/abc123/{device_id}/cmd") == [1]
     # as the agent does once it listens for commands
     await device.publish(f"devices/abc123/{device_id}/status", json.dumps({"state": "online"}))
-    return device
+    # online in the store too (presence writes in batches), where the dispatcher looks for the
+    # devices that a new command can go to at once
+    for _ in range(500):
+        _, shown = await call(api, "GET", f"/devices/abc123/{device_id}")
+        if shown["online"]:
+            return device
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{device_id} not online in the store")
 
 
 async def command_counters(api: Session) -> dict[str, float]:
