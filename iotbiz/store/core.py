@@ -56,12 +56,19 @@ class StoreCore:
             elif not await asyncio.to_thread(path.is_file):
                 raise StoreNotFound(f"no store at {path}")
             # mode=rw: SQLite itself never creates the file (nor its folder) here.
-            db = await aiosqlite.connect(
+            connecting = aiosqlite.connect(
                 f"file:{urllib.parse.quote(str(path))}?mode={'rwc' if create else 'rw'}",
                 uri=True,
                 isolation_level=None,
                 timeout=BUSY_TIMEOUT_MS / 1000,
             )
+            # aiosqlite's thread is not a daemon: a store left open (a crash between open and
+            # close) kept the process alive at exit, for ever. SQLite is safe against a thread
+            # killed at exit. aiosqlite 0.22 keeps the thread in `_thread`; before, the
+            # connection was the thread.
+            worker: Any = getattr(connecting, "_thread", connecting)
+            worker.daemon = True
+            db = await connecting
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open store {path}: {exc}") from exc
         store = cls(db, path, clock)
