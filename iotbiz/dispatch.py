@@ -349,14 +349,14 @@ class Dispatcher:
                 for reply, command in zip(replies, finished, strict=True):
                     if command is None:
                         self.ignored_replies += 1
-                        log.info(
+                        log.debug(
                             "reply from %s for %s: not an open command of that device, ignored",
                             reply.name,
                             reply.command_id,
                         )
                     else:
                         self.finished += 1
-                        log.info(
+                        log.debug(
                             "command %s on %s: %s", command.command_id, command.name, command.state
                         )
                         self._resolve(command)
@@ -375,7 +375,7 @@ class Dispatcher:
             or not isinstance(body.get("ok"), bool)
         ):
             self.malformed_replies += 1
-            log.info("reply from %s is not {id, ok, ...}: ignored", name)
+            log.debug("reply from %s is not {id, ok, ...}: ignored", name)
             return None
         error = body.get("error")
         return CommandReply(

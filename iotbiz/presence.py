@@ -155,7 +155,7 @@ class PresenceRecorder:
         """An `events` message: recorded with the next flush (see the module docstring)."""
         if len(payload) > self._history.max_event_bytes:
             self.dropped_events += 1
-            log.info("event from %s of %d bytes not recorded (too large)", name, len(payload))
+            log.debug("event from %s of %d bytes not recorded (too large)", name, len(payload))
             return
         body = self._parse(name, topics.EVENTS, payload)
         if body is None:
@@ -189,7 +189,7 @@ class PresenceRecorder:
             body = None
         if not isinstance(body, dict):
             self.malformed_messages += 1
-            log.info("%s from %s is not a JSON object: ignored", suffix, name)
+            log.debug("%s from %s is not a JSON object: ignored", suffix, name)
             return None
         return body
 
