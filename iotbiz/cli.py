@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from iotbiz import __version__
+from iotbiz import __version__, cli_remote
 from iotbiz.errors import ConfigError, IotbizError, StoreNotFound
 from iotbiz.models import Customer, Device, iso_time
 from iotbiz.names import DeviceName, is_account_name, is_customer_id, parse_device_name
@@ -48,6 +48,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "iotbiz") -> int:
         return 2
     try:
         settings = _settings(args)
+        remote = getattr(args, "remote", None)
+        if remote is not None:  # talks to a running platform: no platform packages needed
+            code: int = remote(args, settings)
+            return code
         _check_platform_installed(args.command)
         if args.command == "serve":
             from iotbiz.platform import run_platform
@@ -389,4 +393,6 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
     acc_remove.add_argument("name", metavar="NAME", type=_account_name)
     acc_remove.set_defaults(run=_account_remove)
+
+    cli_remote.add_parsers(commands, store_opts)
     return parser
