@@ -174,25 +174,51 @@ async def _customer_set_limit(args: argparse.Namespace, store: Store) -> None:
 
 
 async def _device_list(args: argparse.Namespace, store: Store) -> None:
-    devices = await store.list_devices(args.customer)
+    tags = dict(args.tag) if args.tag else None
+    devices: list[Device] = []
+    after = None
+    while True:  # every page (the store pages by 1,000 at most)
+        page, _total = await store.find_devices(
+            customer_id=args.customer, tags=tags, limit=1000, after=after
+        )
+        devices += page
+        if len(page) < 1000:
+            break
+        after = DeviceName(page[-1].customer_id, page[-1].device_id)
     if args.json:
         _print_json([d.to_json() for d in devices])
         return
     _print_table(
-        ["DEVICE", "STATE", "ONLINE", "LAST SEEN", "CREATED"],
+        ["DEVICE", "STATE", "ONLINE", "LAST SEEN", "CPU", "MEMORY", "APPS"],
         [_device_row(d) for d in devices],
     )
 
 
 def _device_row(d: Device) -> list[str]:
     online = "yes" if d.online else "no"
+    telemetry: dict[str, Any] = d.telemetry if isinstance(d.telemetry, dict) else {}
+    system = _object(telemetry.get("system"))
+    cpu = system.get("cpu_percent")
+    memory = _object(system.get("memory")).get("percent")
+    apps = telemetry.get("apps")
+    states = [
+        f"{app.get('name')}={app.get('state')}"
+        for app in (apps if isinstance(apps, list) else [])
+        if isinstance(app, dict)
+    ]
     return [
         d.name,
         d.state.value,
         online,
         iso_time(d.last_seen_at) or "-",
-        iso_time(d.created_at) or "",
+        f"{cpu:.0f}%" if isinstance(cpu, int | float) else "-",
+        f"{memory:.0f}%" if isinstance(memory, int | float) else "-",
+        " ".join(states) or "-",
     ]
+
+
+def _object(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 async def _device_show(args: argparse.Namespace, store: Store) -> None:
@@ -219,6 +245,36 @@ async def _device_reset(args: argparse.Namespace, store: Store) -> None:
         args,
         {"name": device.name, "reset": True, "previous_state": device.state.value},
         f"device {device.name} reset ({device.state.value} before); it may register again",
+    )
+
+
+async def _device_tag(args: argparse.Namespace, store: Store) -> None:
+    changes: dict[str, str | None] = {key: (value or None) for key, value in args.changes}
+    try:
+        tags = await store.set_tags(args.name, changes, actor=_actor())
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    text = " ".join(f"{k}={v}" for k, v in sorted(tags.items())) or "(no tags)"
+    _emit(args, {"name": str(args.name), "tags": tags}, f"{args.name}: {text}")
+
+
+async def _audit(args: argparse.Namespace, store: Store) -> None:
+    entries = await store.audit_entries(subject=args.subject, limit=args.limit)
+    if args.json:
+        _print_json([e.to_json() for e in entries])
+        return
+    _print_table(
+        ["AT", "ACTOR", "ACTION", "SUBJECT", "DETAIL"],
+        [
+            [
+                iso_time(e.at) or "",
+                e.actor,
+                e.action,
+                e.subject,
+                json.dumps(e.detail, sort_keys=True) if e.detail else "",
+            ]
+            for e in entries
+        ],
     )
 
 
@@ -311,6 +367,13 @@ def _account_name(text: str) -> str:
     return text
 
 
+def _tag(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"not KEY=VALUE: {text!r}")
+    return key, value
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -366,7 +429,16 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     device_cmds = device.add_subparsers(dest="action", metavar="ACTION", required=True)
     dev_list = device_cmds.add_parser("list", parents=[store_opts, output], help="list devices")
     dev_list.add_argument("--customer", type=_customer_id, help="only this customer's devices")
+    dev_list.add_argument(
+        "--tag", type=_tag, action="append", metavar="KEY=VALUE", help="only devices with this tag"
+    )
     dev_list.set_defaults(run=_device_list)
+    dev_tag = device_cmds.add_parser(
+        "tag", parents=[store_opts, output], help="set (KEY=VALUE) or remove (KEY=) device tags"
+    )
+    dev_tag.add_argument("name", metavar="NAME", type=_device_name, help="CUSTOMER/DEVICE")
+    dev_tag.add_argument("changes", metavar="KEY=VALUE", type=_tag, nargs="+")
+    dev_tag.set_defaults(run=_device_tag)
     for action, run, text in (
         ("show", _device_show, "show one device"),
         ("revoke", _device_revoke, "revoke a device: it can never connect or register again"),
@@ -393,6 +465,13 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
     acc_remove.add_argument("name", metavar="NAME", type=_account_name)
     acc_remove.set_defaults(run=_account_remove)
+
+    audit = commands.add_parser(
+        "audit", parents=[store_opts, output], help="the audit log, newest first"
+    )
+    audit.add_argument("--subject", help="only entries about this customer, device or account")
+    audit.add_argument("--limit", type=_count, default=50, help="how many entries (default 50)")
+    audit.set_defaults(run=_audit)
 
     cli_remote.add_parsers(commands, store_opts)
     return parser

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from iotbiz.cli import main
+from iotbiz.models import PresenceUpdate
 from iotbiz.names import DeviceName
 from iotbiz.store import Store
 from tests.processes import run_cli
@@ -87,7 +88,16 @@ def test_devices(capsys: pytest.CaptureFixture[str], db_path: Path) -> None:
     code, out, _ = cli(capsys, "device", "list", "--db", db)
     lines = out.splitlines()
     assert code == 0
-    assert lines[0].split() == ["DEVICE", "STATE", "ONLINE", "LAST", "SEEN", "CREATED"]
+    assert lines[0].split() == [
+        "DEVICE",
+        "STATE",
+        "ONLINE",
+        "LAST",
+        "SEEN",
+        "CPU",
+        "MEMORY",
+        "APPS",
+    ]
     assert [line.split()[:3] for line in lines[1:]] == [
         ["abc123/dev-1", "active", "no"],
         ["abc123/dev-2", "pending", "no"],
@@ -234,3 +244,56 @@ def test_adding_creates_the_store_before_the_platform_ever_ran(
     assert cli(capsys, *command, "--db", str(db))[0] == 0
     assert db.is_file()
     assert cli(capsys, "customer", "list", "--db", str(db))[0] == 0
+
+
+def test_device_tags_filters_telemetry_columns_and_the_audit_log(
+    capsys: pytest.CaptureFixture[str], db_path: Path
+) -> None:
+    seed_devices(db_path)
+    db = str(db_path)
+
+    async def report() -> None:
+        store = await Store.open(db_path)
+        telemetry = {
+            "system": {"cpu_percent": 12.4, "memory": {"percent": 41.0}},
+            "apps": [{"name": "web", "state": "RUNNING"}, {"name": "db", "state": "FATAL"}],
+        }
+        await store.record_presence(
+            [PresenceUpdate(DeviceName("abc123", "dev-1"), 1.0, online=True, telemetry=telemetry)]
+        )
+        await store.close()
+
+    asyncio.run(report())
+    code, out, _ = cli(
+        capsys, "device", "tag", "abc123/dev-1", "site=berlin", "ring=canary", "--db", db
+    )
+    assert (code, out) == (0, "abc123/dev-1: ring=canary site=berlin\n")
+    code, out, _ = cli(capsys, "device", "tag", "abc123/dev-1", "ring=", "--db", db, "--json")
+    assert json.loads(out) == {"name": "abc123/dev-1", "tags": {"site": "berlin"}}
+    code, _, err = cli(capsys, "device", "tag", "abc123/dev-1", "bad key=x", "--db", db)
+    assert code == 1
+    assert err.startswith("iotbiz: ")
+    assert len(err.splitlines()) == 1
+
+    code, out, _ = cli(capsys, "device", "list", "--tag", "site=berlin", "--db", db)
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert rows == [
+        [
+            "abc123/dev-1",
+            "active",
+            "yes",
+            "1970-01-01T00:00:01+00:00",
+            "12%",
+            "41%",
+            "web=RUNNING",
+            "db=FATAL",
+        ]
+    ]
+    code, out, _ = cli(capsys, "device", "list", "--tag", "site=paris", "--db", db, "--json")
+    assert json.loads(out) == []
+
+    code, out, _ = cli(capsys, "audit", "--subject", "abc123/dev-1", "--db", db, "--json")
+    assert [e["action"] for e in json.loads(out)][:2] == ["device.tags", "device.tags"]
+    code, out, _ = cli(capsys, "audit", "--limit", "1", "--db", db)
+    assert out.splitlines()[0].split() == ["AT", "ACTOR", "ACTION", "SUBJECT", "DETAIL"]
+    assert len(out.splitlines()) == 2
