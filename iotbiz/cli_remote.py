@@ -20,14 +20,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
 from typing import Any
 
+from iotbiz.admin_token import TOKEN_FILE, read_admin_token, token_path
 from iotbiz.errors import ConfigError, IotbizError
 from iotbiz.settings import Settings
 
 DEFAULT_URL = "http://127.0.0.1:8080"
-TOKEN_FILE = "admin.token"  # noqa: S105 - a file name, not a password
 REQUEST_TIMEOUT_S = 70.0  # above the longest server-side wait (60 s)
 MAX_SERVER_WAIT_S = 60
 POLL_S = 0.5
@@ -80,23 +79,16 @@ def _json(data: bytes) -> Any:
 
 
 def admin_token(args: argparse.Namespace, settings: Settings) -> str:
-    """--token, else the setting, else the token file beside the store."""
+    """--token, else the platform's own rule (the setting, else the token file beside the
+    store)."""
     if args.token:
         return str(args.token)
-    if settings.admin.token:
-        return settings.admin.token
-    path = Path(settings.store.path).parent / TOKEN_FILE
-    try:
-        token = path.read_text().strip()
-    except FileNotFoundError:
-        token = ""
-    except OSError as exc:
-        raise ConfigError(f"cannot read the admin token in {path}: {exc.strerror}") from exc
-    if not token:
+    token = read_admin_token(settings)
+    if token is None:
         raise ConfigError(
-            f"no admin token: give --token, set IOTBIZ_ADMIN_TOKEN, or point --db/--config at "
+            "no admin token: give --token, set IOTBIZ_ADMIN_TOKEN, or point --db/--config at "
             f"the platform's store (its {TOKEN_FILE} is written at the first start; looked in "
-            f"{path})"
+            f"{token_path(settings)})"
         )
     return token
 
