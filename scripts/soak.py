@@ -9,13 +9,16 @@ Every `--period` seconds (60) two things go wrong, on a schedule:
 - the platform is killed (SIGKILL) and started again on the same ports and store.
 
 The agent (`python -m iotbiz.agent`, with one app) sends telemetry every second through the
-proxy; an operator account connected straight to the platform follows it and sends the agent a
-`ping` every few seconds. The simulated devices (scripts/fleet_sim.py's MQTT client) send
+proxy; an operator account connected straight to the platform follows it and publishes a `ping`
+on its `cmd` topic every few seconds (the broker's path), and the operator also sends a `ping`
+through the admin API every few seconds (the product's path: stored, dispatched again after a
+restart, answered once). The simulated devices (scripts/fleet_sim.py's MQTT client) send
 telemetry and reconnect with jittered backoff after every loss.
 
 At the end the network is left up until the agent's outbox is empty, then the agent and the
 platform get SIGTERM. The report says whether anything the agent queued was lost (gaps in the
 telemetry the operator received, the outbox's own drop counter), how many pings were answered,
+whether every command the admin API accepted ended `done` and none ran twice,
 whether every process ended in time with exit code 0 and left no child behind, and how the fleet
 came back after each restart.
 
@@ -45,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -329,6 +333,53 @@ class Witness:
             self.pings_sent[command_id] = time.time()
 
 
+class Operator:
+    """Commands the product's way: `POST /api/v1/admin/commands`, stored by the platform and
+    dispatched (again after a restart) until the agent answers. A POST while the platform is
+    down is refused and counted; every accepted command must end `done`, run once."""
+
+    def __init__(self, platform: Platform, token: str) -> None:
+        self._platform = platform
+        self._headers = {"Authorization": f"Bearer {token}"}
+        self.accepted: list[str] = []
+        self.refused = 0
+
+    def _url(self, path: str) -> str:
+        return f"http://{HOST}:{self._platform.http_port}/api/v1/admin{path}"
+
+    async def send_every(self, seconds: float, stop: asyncio.Event) -> None:
+        body = {"device": f"{CUSTOMER}/{AGENT_ID}", "action": "ping", "expires_in_s": 3600}
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(headers=self._headers, timeout=timeout) as http:
+            while not stop.is_set():
+                await _sleep_or_stop(stop, seconds)
+                try:
+                    async with http.post(self._url("/commands"), json=body) as response:
+                        if response.status != 201:
+                            self.refused += 1
+                            continue
+                        self.accepted += [c["id"] for c in (await response.json())["commands"]]
+                except (aiohttp.ClientError, TimeoutError):
+                    self.refused += 1
+
+    async def states(self) -> dict[str, str]:
+        found: dict[str, str] = {}
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with aiohttp.ClientSession(headers=self._headers, timeout=timeout) as http:
+            for command_id in self.accepted:
+                async with http.get(self._url(f"/commands/{command_id}")) as response:
+                    found[command_id] = (await response.json())["state"]
+        return found
+
+
+def runs_per_command(agent_log: Path) -> dict[str, int]:
+    """How often the agent carried out each command id (its log says so once per run)."""
+    runs: dict[str, int] = {}
+    for match in re.finditer(r"command (\S+) \(ping\) done", agent_log.read_text()):
+        runs[match.group(1)] = runs.get(match.group(1), 0) + 1
+    return runs
+
+
 # -- the agent -----------------------------------------------------------------------------------
 
 
@@ -396,6 +447,8 @@ async def soak(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     tasks = [asyncio.create_task(fleet.run_device(c, stop_fleet)) for c in enrolled.credentials]
     tasks.append(asyncio.create_task(witness.follow(stop_witness)))
     tasks.append(asyncio.create_task(witness.ping_every(args.ping_s, stop_witness)))
+    operator = Operator(platform, (folder / "admin.token").read_text().strip())
+    tasks.append(asyncio.create_task(operator.send_every(args.ping_s, stop_witness)))
     await asyncio.wait_for(witness.subscribed.wait(), 30)
 
     agent = await asyncio.to_thread(start_agent, folder, http, mqtt)
@@ -456,6 +509,12 @@ async def soak(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             break
         await asyncio.sleep(0.5)
     await asyncio.sleep(args.ping_s + 5)  # the last pings' replies
+    stop_witness.set()  # no new commands; the stored ones must all end done
+    command_deadline = time.monotonic() + 60
+    states = await operator.states()
+    while time.monotonic() < command_deadline and any(v != "done" for v in states.values()):
+        await asyncio.sleep(1)
+        states = await operator.states()
     platform.sample()
 
     last = witness.telemetry[-1] if witness.telemetry else {}
@@ -470,7 +529,6 @@ async def soak(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         agent_code = None
     agent_stop_s = time.monotonic() - agent_began
     stop_fleet.set()
-    stop_witness.set()
     await asyncio.wait(tasks, timeout=30)
     platform_code, platform_stop_s = await asyncio.to_thread(platform.stop, 30)
     await http.close()
@@ -493,6 +551,7 @@ async def soak(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
 
     near_kill = [i for i in unanswered if with_broker(witness.pings_sent[i])]
     backs = [e["fleet_back_s"] for e in events if e["event"] == "kill"]
+    runs = runs_per_command(folder / "agent.log")
     return {
         "devices": args.devices,
         "enrolled": len(enrolled.credentials),
@@ -506,7 +565,12 @@ async def soak(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             "pings_sent": len(witness.pings_sent),
             "pings_answered": len(witness.pings_sent) - len(unanswered),
             "pings_lost_with_a_killed_broker": len(near_kill),
-            "replies_received_twice": sum(1 for n in witness.replies.values() if n > 1),
+            "replies_seen_twice": sum(1 for n in witness.replies.values() if n > 1),
+            "stored_commands_accepted": len(operator.accepted),
+            "stored_commands_refused_while_down": operator.refused,
+            "stored_commands_done": sum(1 for v in states.values() if v == "done"),
+            "stored_commands_not_done": {k: v for k, v in states.items() if v != "done"},
+            "commands_run_twice": sorted(k for k, n in runs.items() if n > 1),
             "sigterm_exit_code": agent_code,
             "sigterm_exit_s": round(agent_stop_s, 2),
             "apps_left_running": apps_alive,
@@ -561,6 +625,11 @@ def verdict(report: dict[str, Any]) -> list[str]:
         problems.append(f"processes left running: {report['processes_left']}")
     if report["fleet"]["not_back_after_a_kill"]:
         problems.append("the fleet did not come back within 60 s after a kill")
+    if agent["stored_commands_not_done"] or agent["commands_run_twice"]:
+        problems.append(
+            f"stored commands not done: {agent['stored_commands_not_done']}; "
+            f"run twice: {agent['commands_run_twice']}"
+        )
     unexplained = agent["pings_sent"] - agent["pings_answered"]
     unexplained -= agent["pings_lost_with_a_killed_broker"]
     if unexplained:
