@@ -150,16 +150,12 @@ class HistorySettings:
     samples_keep_s: float = setting(86400.0, "seconds telemetry samples are kept", min=60)
     events_keep_s: float = setting(7 * 86400.0, "seconds device events are kept", min=60)
     events_per_device: int = setting(1000, "device events kept per device at most", min=1)
-    commands_keep_s: float = setting(
-        30 * 86400.0, "seconds finished commands are kept", min=60
-    )
+    commands_keep_s: float = setting(30 * 86400.0, "seconds finished commands are kept", min=60)
     prune_interval_s: float = setting(300.0, "seconds between retention passes", min=1)
     prune_batch: int = setting(
         500, "devices (or rows) one retention transaction deletes for", min=1
     )
-    max_event_bytes: int = setting(
-        8192, "larger events are not recorded (counted)", min=256
-    )
+    max_event_bytes: int = setting(8192, "larger events are not recorded (counted)", min=256)
     max_pending_events: int = setting(
         10000, "events waiting to be written; when full, the oldest are dropped (counted)", min=1
     )
