@@ -220,3 +220,16 @@ async def test_prune_commands_deletes_only_old_final_ones(store: Store, clock: F
     assert await store.prune_commands(before=clock.now, limit=10) == 1
     assert await store.get_command(old.command_id) is None
     assert await store.get_command(still_open.command_id) is not None
+
+
+async def test_commands_counted_by_state(store: Store, clock: FakeClock) -> None:
+    assert await store.count_commands() == dict.fromkeys(CommandState, 0)
+    [a, b] = await active_devices(store, "abc123", 2)
+    [ca, _cb] = await store.create_commands(
+        [a, b], "ping", {}, expires_at=clock.now + 60, actor="op", batch_id="b-1"
+    )
+    await store.finish_command(a, ca.command_id, ok=False, result=None, error="busy")
+    counts = await store.count_commands()
+    assert counts[CommandState.QUEUED] == 1
+    assert counts[CommandState.FAILED] == 1
+    assert sum(counts.values()) == 2

@@ -65,12 +65,13 @@ class FleetCounts:
 
 
 async def count_fleet(store: Store) -> FleetCounts:
-    """Devices by state and online devices, from the store's fleet totals."""
+    """Devices by state and online devices, from the store's fleet totals; commands by state."""
     devices = {}
     for state in DeviceState:
         _, devices[state.value] = await store.find_devices(state=state, limit=1)
     _, online = await store.find_devices(online=True, limit=1)
-    return FleetCounts(devices=devices, online=online)
+    commands = {state.value: count for state, count in (await store.count_commands()).items()}
+    return FleetCounts(devices=devices, online=online, commands=commands)
 
 
 class StoreCounts(Collector):

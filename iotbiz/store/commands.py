@@ -132,6 +132,16 @@ class CommandOperations(StoreCore):
         rows = await self._call(lambda conn: conn.execute(sql, params).fetchall())
         return [_row_to_command(row) for row in rows]
 
+    async def count_commands(self) -> dict[CommandState, int]:
+        """How many commands are kept in each state (every state, 0 included); one pass over
+        the state index."""
+        sql = "SELECT state, count(*) FROM commands GROUP BY state"
+        rows = await self._call(lambda conn: conn.execute(sql).fetchall())
+        counts = dict.fromkeys(CommandState, 0)
+        for state, count in rows:
+            counts[CommandState(state)] = int(count)
+        return counts
+
     async def due_commands(self, names: Sequence[DeviceName]) -> list[Command]:
         """The open (queued or sent), unexpired commands of `names`, oldest first: what goes out
         again when these devices come online."""

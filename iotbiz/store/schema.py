@@ -125,6 +125,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX device_events_by_device ON device_events (customer_id, device_id, event_id);
     CREATE INDEX device_events_by_customer ON device_events (customer_id, event_id);
     """,
+    # 4: commands counted by state (for /metrics) from an index, not a scan of the table
+    """
+    CREATE INDEX commands_by_state ON commands (state);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

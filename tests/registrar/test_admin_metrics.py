@@ -65,6 +65,8 @@ async def test_fleet_http_and_enrollment_metrics(admin: Client, store: Store) ->
     assert samples[("iotbiz_devices", (("state", "active"),))] == 2
     assert samples[("iotbiz_devices", (("state", "pending"),))] == 2  # pending-1, dev-new
     assert samples[("iotbiz_devices", (("state", "revoked"),))] == 1
+    for state in ("queued", "sent", "done", "failed", "expired"):  # no command sent yet
+        assert samples[("iotbiz_commands", (("state", state),))] == 0
     assert samples[("iotbiz_devices_online", ())] == 0
     assert samples[("iotbiz_store_up", ())] == 1
     device_route = "/api/v1/admin/devices/{customer_id}/{device_id}"
