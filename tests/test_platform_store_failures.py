@@ -4,30 +4,17 @@ their presence is recorded once the disk has room again."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
-
-import aiohttp
 
 from iotbiz.names import DeviceName
 from iotbiz.platform import Platform
 from iotbiz.settings import Settings
 from tests.mqtt_device import PahoDevice
+from tests.test_dispatch import enroll
 from tests.test_store_failures import SmallDisk, small_disk, wait_until
 
 __all__ = ["small_disk"]  # the fixture, used by name
 
 NAME = DeviceName("abc123", "dev-1")
-
-
-async def enroll(platform: Platform) -> str:
-    body: dict[str, Any] = {"customer_id": NAME.customer_id, "mac_address": NAME.device_id}
-    async with aiohttp.ClientSession(f"http://127.0.0.1:{platform.http_port}") as session:
-        async with session.post("/api/v1/register", json=body) as response:
-            assert response.status == 201, await response.text()
-            body["password"] = (await response.json())["password"]
-        async with session.post("/api/v1/activate", json=body) as response:
-            assert response.status == 200, await response.text()
-    return str(body["password"])
 
 
 async def test_a_full_disk_does_not_stop_the_platform(
@@ -42,7 +29,7 @@ async def test_a_full_disk_does_not_stop_the_platform(
     try:
         store = platform.store
         await store.add_customer(NAME.customer_id, 5, actor="test")
-        password = await enroll(platform)
+        password = await enroll(platform, NAME)
         small_disk.fill()
 
         device = PahoDevice(platform.mqtt_port, str(NAME), password)
