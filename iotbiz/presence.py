@@ -33,7 +33,9 @@ new samples and the oldest events are dropped, counted.
 Hooks for the rest of the platform (the command dispatcher): `on_online` callbacks get a device's
 name when it connects or says `online` live; `on_reply` callbacks get a device's `reply` payloads.
 They are called synchronously from the broker's and the service client's message paths, so they
-must only note the fact and return.
+must only note the fact and return. `on_recorded` callbacks (the console's live feed) get, after
+each flush the store took, the names of the devices whose presence or events it wrote: what a
+reader of the store sees changed.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from iotbiz import topics
@@ -94,6 +96,7 @@ class PresenceRecorder:
         self.dropped_events = 0  # too large, or the oldest while too many waited
         self.on_online: list[Callable[[DeviceName], None]] = []
         self.on_reply: list[Callable[[DeviceName, bytes], None]] = []
+        self.on_recorded: list[Callable[[Collection[DeviceName]], None]] = []
 
     @property
     def pending_devices(self) -> int:
@@ -244,6 +247,10 @@ class PresenceRecorder:
         if self._retry_s:  # failing -> healthy
             log.info("presence recorded again (%d failed flushes so far)", self.failed_flushes)
             self._retry_s = 0.0
+        if self.on_recorded and (batch or events):
+            names = batch.keys() | {name for name, _, _ in events}
+            for callback in self.on_recorded:
+                callback(names)
         if samples and self._samples_due_at is not None:
             self._wakeup.set()  # more held samples are due: the next part at the next flush
         return True

@@ -179,6 +179,19 @@ class AdminSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsoleSettings:
+    session_ttl_s: float = setting(
+        43200.0, "how long a web console login lasts (seconds)", min=60, max=30 * 86400
+    )
+    stream_interval_s: float = setting(
+        1.0, "the console's live updates: at most one event per this many seconds", min=0.05, max=60
+    )
+    max_streams: int = setting(
+        100, "live-update streams open at once (more: 503)", min=1, max=10_000
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     store: StoreSettings = field(default_factory=StoreSettings)
     http: HTTPSettings = field(default_factory=HTTPSettings)
@@ -188,6 +201,7 @@ class Settings:
     commands: CommandSettings = field(default_factory=CommandSettings)
     history: HistorySettings = field(default_factory=HistorySettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from iotbiz.errors import BadRequest, NotFoundError
+from iotbiz.registrar.admin_auth import VIA_CONSOLE
 from iotbiz.registrar.admin_input import (
     Query,
     customer_id,
@@ -25,8 +26,9 @@ MAX_EVENT_ID = 2**62
 
 
 def actor(request: web.Request) -> str:
-    """Who made a change through the admin API, for the audit log."""
-    return f"admin:{request.remote or 'unknown'}"
+    """Who made a change through the admin API (or the web console), for the audit log."""
+    kind = "console" if request.get(VIA_CONSOLE) else "admin"
+    return f"{kind}:{request.remote or 'unknown'}"
 
 
 # -- customers -------------------------------------------------------------------------------

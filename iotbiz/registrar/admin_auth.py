@@ -2,7 +2,8 @@
 `iotbiz.admin_token`, re-exported here).
 
 Requests under `/api/v1/admin/` (and `/metrics`, unless `admin.public_metrics`) need
-`Authorization: Bearer <token>`, compared in constant time; without it: 401
+`Authorization: Bearer <token>`, compared in constant time, or a web console session cookie
+(`iotbiz.registrar.console_auth`: with the CSRF header on changes); without either: 401
 `{"error": "missing or wrong admin token"}` with `WWW-Authenticate: Bearer`.
 """
 
@@ -22,6 +23,7 @@ from iotbiz.admin_token import (
     token_path,
 )
 from iotbiz.errors import HTTPError
+from iotbiz.registrar.console_auth import COOKIE, CSRF_HEADER, SAFE_METHODS, ConsoleSessions
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,9 @@ __all__ = [
     "read_admin_token",
     "token_path",
 ]
+
+# True on a request authenticated by a console session (its actor in the audit log: console:...)
+VIA_CONSOLE = web.RequestKey("via_console", bool)
 
 ADMIN_PREFIX = "/api/v1/admin/"
 METRICS_PATH = "/metrics"
@@ -48,13 +53,16 @@ class Unauthorized(HTTPError):
 
 @dataclass(slots=True)
 class AdminAuth:
-    """The token the running app checks (set at start-up) and whether /metrics is public."""
+    """The token the running app checks (set at start-up), the console sessions it opens, and
+    whether /metrics is public."""
 
     public_metrics: bool
+    sessions: ConsoleSessions
     token: bytes | None = None
 
     def set_token(self, token: str) -> None:
         self.token = token.encode("ascii")
+        self.sessions.set_token(token)
 
     def protects(self, path: str) -> bool:
         if path.startswith(ADMIN_PREFIX) or path == ADMIN_PREFIX.rstrip("/"):
@@ -85,7 +93,16 @@ def auth_middleware(auth: AdminAuth) -> Middleware:
         # by the path asked for (a wrong admin path is a 401 too, not a 404 that tells routes
         # apart) and by the route it matched
         if auth.protects(request.path) or auth.protects(route):
-            auth.check(request.headers.get("Authorization"))
+            header = request.headers.get("Authorization")
+            if header is None and COOKIE in request.cookies:
+                session = auth.sessions.check(request.cookies[COOKIE])
+                if session is None:
+                    raise Unauthorized
+                if request.method not in SAFE_METHODS:
+                    auth.sessions.check_csrf(session, request.headers.get(CSRF_HEADER))
+                request[VIA_CONSOLE] = True
+            else:
+                auth.check(header)
         return await handler(request)
 
     return admin_token

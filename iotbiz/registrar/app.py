@@ -16,8 +16,18 @@ from iotbiz.broker.embedded import EmbeddedBroker
 from iotbiz.errors import IotbizError, ServiceUnavailable
 from iotbiz.passwords import PasswordHasher
 from iotbiz.presence import PresenceRecorder
-from iotbiz.registrar import admin_api, admin_commands, admin_devices, device_api, openapi
+from iotbiz.registrar import (
+    admin_api,
+    admin_commands,
+    admin_devices,
+    device_api,
+    fleet_feed,
+    openapi,
+)
 from iotbiz.registrar.admin_auth import AdminAuth, auth_middleware, load_or_create_admin_token
+from iotbiz.registrar.console import add_console_routes
+from iotbiz.registrar.console_auth import ConsoleSessions
+from iotbiz.registrar.fleet_feed import FLEET_FEED, FleetFeed
 from iotbiz.registrar.keys import (
     ADMIN_AUTH,
     DISPATCHER,
@@ -85,13 +95,17 @@ def create_app(
     passes one). With `service` and `presence`, the app runs the platform's service MQTT client,
     which records every device's presence, as a task started with `spawn` (the platform passes
     its own, which notices the task's death). `authority` and `broker` feed /metrics; the admin
-    API sends commands through `dispatcher` (without one, sending answers 503).
+    API sends commands through `dispatcher` (without one, sending answers 503); the web console
+    (`/`) follows what `presence` writes through the admin API's event stream.
 
     The admin token is loaded (or generated, see `admin_auth`) when the app starts; the event
     loop's lag probe runs while it is up."""
     metrics = Metrics(StoreCounts(functools.partial(count_fleet, store)))
     metrics.add_collector(MQTTCollector(authority, broker))
-    auth = AdminAuth(public_metrics=settings.admin.public_metrics)
+    auth = AdminAuth(
+        public_metrics=settings.admin.public_metrics,
+        sessions=ConsoleSessions(settings.console.session_ttl_s),
+    )
     app = web.Application(
         middlewares=[http_middleware(metrics), error_middleware(), auth_middleware(auth)],
         client_max_size=MAX_BODY_BYTES,  # the device API's; admin bodies are read with their own
@@ -102,6 +116,14 @@ def create_app(
     app[HEALTH_CHECKS] = [_check_store(store)]
     app[METRICS] = metrics
     app[ADMIN_AUTH] = auth
+    feed = app[FLEET_FEED] = FleetFeed(
+        store,
+        interval_s=settings.console.stream_interval_s,
+        max_streams=settings.console.max_streams,
+    )
+    app.on_shutdown.append(fleet_feed.close_feed)
+    if presence is not None:
+        presence.on_recorded.append(feed.note)
     if dispatcher is not None:
         app[DISPATCHER] = dispatcher
         metrics.add_collector(CommandCollector(dispatcher))
@@ -120,6 +142,7 @@ def create_app(
     app.router.add_get("/metrics", metrics_handler(metrics))
     app.router.add_get("/api/v1/openapi.json", openapi.serve)
     _add_admin_routes(app.router)
+    add_console_routes(app)
     return app
 
 
@@ -143,6 +166,7 @@ def _add_admin_routes(router: web.UrlDispatcher) -> None:
     router.add_get(f"{admin}/commands/{{command_id}}", admin_commands.show_command)
     router.add_get(f"{admin}/audit", admin_api.list_audit)
     router.add_get(f"{admin}/events", admin_api.list_events)
+    router.add_get(f"{admin}/stream", fleet_feed.stream)
 
 
 async def _admin_token(app: web.Application) -> AsyncIterator[None]:

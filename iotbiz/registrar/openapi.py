@@ -408,6 +408,86 @@ def _command_ops() -> dict[str, Any]:
     }
 
 
+def _console_ops() -> dict[str, Any]:
+    session = ok(
+        object_schema({"csrf_token": {"type": "string"}, "expires_at": {"type": "string"}}),
+        "logged in (the answer to login also sets the cookie iotbiz_session)",
+    )
+    any_file = {"description": "the file", "content": {"*/*": {"schema": {}}}}
+    return {
+        "/": {
+            "get": {
+                "summary": "the web console's page",
+                **PUBLIC,
+                "responses": responses(
+                    {200: {"description": "HTML", "content": {"text/html": {"schema": {}}}}}, 404
+                ),
+            }
+        },
+        "/console/{file}": {
+            "get": {
+                "summary": "a file of the web console (scripts, styles, icons)",
+                **PUBLIC,
+                "parameters": [
+                    {"name": "file", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": responses({200: any_file}, 404),
+            }
+        },
+        "/api/v1/console/login": {
+            "post": {
+                "summary": "log in to the web console with the admin token",
+                **PUBLIC,
+                "requestBody": body(object_schema({"token": {"type": "string", "minLength": 1}})),
+                "responses": responses({200: session}, 400, 401, 429),
+            }
+        },
+        "/api/v1/console/session": {
+            "get": {
+                "summary": "the console session of the cookie, with its CSRF token",
+                "security": [{"consoleSession": []}],
+                "responses": responses({200: session}, 401),
+            }
+        },
+        "/api/v1/console/logout": {
+            "post": {
+                "summary": "end the console session (needs its X-CSRF-Token)",
+                "security": [{"consoleSession": []}],
+                "responses": responses(
+                    {200: ok(object_schema({"ok": {"type": "boolean"}}))}, 401, 403
+                ),
+            }
+        },
+        "/api/v1/admin/stream": {
+            "get": operation(
+                "server-sent events of the fleet's changes, coalesced (docs/console.md)",
+                {
+                    "200": {
+                        "description": "an endless text/event-stream",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    **responses({}, *READ_ERRORS),
+                },
+            )
+        },
+    }
+
+
+def _with_csrf_refusals(paths: dict[str, Any]) -> dict[str, Any]:
+    """Every admin operation that changes something answers 403 to a console session without
+    its CSRF token."""
+    for path, item in paths.items():
+        if not path.startswith("/api/v1/admin/"):
+            continue
+        for method, operation_ in item.items():
+            if (
+                method in {"post", "patch", "put", "delete"}
+                and "403" not in operation_["responses"]
+            ):
+                operation_["responses"] = {**operation_["responses"], **responses({}, 403)}
+    return paths
+
+
 def document() -> dict[str, Any]:
     """The whole document (a new dict each call: callers may change it)."""
     return {
@@ -417,7 +497,16 @@ def document() -> dict[str, Any]:
             "version": __version__,
             "description": "See docs/admin-api.md and docs/device-api.md.",
         },
-        "paths": {**PATHS, **_customer_ops(), **_device_ops(), **_command_ops(), **_log_ops()},
+        "paths": _with_csrf_refusals(
+            {
+                **PATHS,
+                **_customer_ops(),
+                **_device_ops(),
+                **_command_ops(),
+                **_log_ops(),
+                **_console_ops(),
+            }
+        ),
         "components": {
             "schemas": SCHEMAS,
             "parameters": PARAMETERS,
@@ -430,7 +519,13 @@ def document() -> dict[str, Any]:
                     "type": "http",
                     "scheme": "bearer",
                     "description": "setting admin.token, or the file admin.token beside the store",
-                }
+                },
+                "consoleSession": {
+                    "type": "apiKey",
+                    "in": "cookie",
+                    "name": "iotbiz_session",
+                    "description": "POST /api/v1/console/login; changes need X-CSRF-Token",
+                },
             },
         },
     }

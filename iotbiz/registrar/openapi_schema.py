@@ -11,8 +11,8 @@ CUSTOMER_ID = "^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 DEVICE_ID = "^[A-Za-z0-9][A-Za-z0-9:._-]{0,63}$"  # MACs in any notation, or a plain id
 ERRORS = {
     400: "bad input (the message names the field)",
-    401: "missing or wrong admin token",
-    403: "refused",
+    401: "missing or wrong admin token (or console session)",
+    403: "refused (a console session's change without its X-CSRF-Token)",
     404: "no such customer, device or command",
     409: "exists already",
     413: "request body too large",
@@ -59,7 +59,8 @@ def body(schema: dict[str, Any]) -> dict[str, Any]:
     return {"required": True, "content": {JSON: {"schema": schema}}}
 
 
-ADMIN: dict[str, Any] = {"security": [{"adminToken": []}]}
+# the bearer token, or a web console session (with X-CSRF-Token on changes: 403 without it)
+ADMIN: dict[str, Any] = {"security": [{"adminToken": []}, {"consoleSession": []}]}
 PUBLIC: dict[str, Any] = {"security": []}
 READ_ERRORS = (400, 401, 503)
 DEVICE_PARAMETERS = [
