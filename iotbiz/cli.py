@@ -259,7 +259,7 @@ async def _device_tag(args: argparse.Namespace, store: Store) -> None:
 
 
 async def _audit(args: argparse.Namespace, store: Store) -> None:
-    entries = await store.audit_entries(subject=args.subject, limit=args.limit)
+    entries = await store.audit_entries(subject=args.subject, limit=args.limit, before=args.before)
     if args.json:
         _print_json([e.to_json() for e in entries])
         return
@@ -471,6 +471,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
     audit.add_argument("--subject", help="only entries about this customer, device or account")
     audit.add_argument("--limit", type=_count, default=50, help="how many entries (default 50)")
+    audit.add_argument(
+        "--before", type=_count, help="only entries older than this id (the next page)"
+    )
     audit.set_defaults(run=_audit)
 
     cli_remote.add_parsers(commands, store_opts)

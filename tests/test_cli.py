@@ -297,3 +297,7 @@ def test_device_tags_filters_telemetry_columns_and_the_audit_log(
     code, out, _ = cli(capsys, "audit", "--limit", "1", "--db", db)
     assert out.splitlines()[0].split() == ["AT", "ACTOR", "ACTION", "SUBJECT", "DETAIL"]
     assert len(out.splitlines()) == 2
+    code, out, _ = cli(capsys, "audit", "--limit", "2", "--db", db, "--json")
+    first_two = json.loads(out)
+    code, out, _ = cli(capsys, "audit", "--before", str(first_two[0]["id"]), "--db", db, "--json")
+    assert json.loads(out)[0] == first_two[1]

@@ -85,11 +85,13 @@ async def update_customer(request: web.Request) -> web.Response:
 
 
 async def list_audit(request: web.Request) -> web.Response:
-    """Newest first; `subject` (a customer id or device name), `limit`."""
-    query = Query(request, ("subject", "limit"))
+    """Newest first; `subject` (a customer id or device name), `limit`, `before` (an entry id:
+    the last of the previous page)."""
+    query = Query(request, ("subject", "limit", "before"))
     subject = query.text("subject")
     limit = query.limit(default=100, high=MAX_PAGE)
-    entries = await request.app[STORE].audit_entries(subject=subject, limit=limit)
+    before = query.integer("before", default=None, low=1, high=MAX_EVENT_ID)
+    entries = await request.app[STORE].audit_entries(subject=subject, limit=limit, before=before)
     return web.json_response({"entries": [entry.to_json() for entry in entries]})
 
 

@@ -295,6 +295,11 @@ def _log_ops() -> dict[str, Any]:
                         "a customer id or device name",
                     ),
                     limit(100, 1000),
+                    query(
+                        "before",
+                        {"type": "integer", "minimum": 1, "maximum": 2**62},
+                        "an entry id: the entries older than it (the last id of the previous page)",
+                    ),
                 ],
             )
         },

@@ -81,13 +81,20 @@ class AccountOperations(StoreCore):
         return [AuditEntry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
 
     async def audit_entries(
-        self, *, subject: str | None = None, limit: int = 100
+        self, *, subject: str | None = None, limit: int = 100, before: int | None = None
     ) -> list[AuditEntry]:
+        """Newest first; `before`: an entry id (the entries older than it: the next page)."""
         sql = "SELECT entry_id, at, actor, action, subject, detail FROM audit_log"
+        conditions: list[str] = []
         params: list[Any] = []
         if subject is not None:
-            sql += " WHERE subject = ?"
+            conditions.append("subject = ?")
             params.append(subject)
+        if before is not None:
+            conditions.append("entry_id < ?")
+            params.append(before)
+        if conditions:
+            sql += " WHERE " + " AND ".join(conditions)
         sql += " ORDER BY entry_id DESC LIMIT ?"
         params.append(limit)
         rows = await self._call(lambda conn: conn.execute(sql, params).fetchall())

@@ -129,6 +129,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX commands_by_state ON commands (state);
     """,
+    # 5: one subject's audit entries, newest first and paged by id, from an index
+    """
+    CREATE INDEX audit_by_subject ON audit_log (subject, entry_id);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
