@@ -1,0 +1,190 @@
+"""The web console in a real browser against the real platform: log in and out, a device coming
+online live, an app restarted from its page (the new pid shown), its log tail, the telemetry chart,
+the CSRF lock, and markup from a device shown as text."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from playwright.sync_api import Page, expect
+
+from tests.console.conftest import (
+    CUSTOMER,
+    LOG_MARKER,
+    TOKEN,
+    Agent,
+    admin,
+    until,
+)
+from tests.processes import PlatformProcess, enroll_device
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_login_wrong_token_then_right_token_then_logout(
+    new_page: Callable[..., Page], console_platform: PlatformProcess
+) -> None:
+    page = new_page()
+    page.goto("/")
+    page.get_by_test_id("login-token").fill("not-the-token")
+    page.get_by_test_id("login-submit").click()
+    expect(page.get_by_test_id("login-error")).to_have_text("missing or wrong admin token")
+    expect(page.get_by_test_id("fleet-table")).to_have_count(0)
+
+    page.get_by_test_id("login-token").fill(TOKEN)
+    page.get_by_test_id("login-submit").click()
+    expect(page.get_by_test_id("fleet-table")).to_be_visible()
+    expect(page.get_by_test_id("fleet-table")).to_have_attribute("data-loaded", "true")
+    page.reload()  # the session is the cookie: a reload stays logged in
+    expect(page.get_by_test_id("fleet-table")).to_be_visible()
+
+    page.get_by_test_id("logout").click()
+    expect(page.get_by_test_id("login-page")).to_be_visible()
+    expect(page.get_by_test_id("fleet-table")).to_have_count(0)
+    page.reload()  # the session ended on the server, not only in the page
+    expect(page.get_by_test_id("login-page")).to_be_visible()
+    answer = page.request.get("/api/v1/admin/customers")
+    assert answer.status == 401
+
+
+def test_a_device_comes_online_live_and_its_markup_stays_text(
+    console: Page, console_platform: PlatformProcess
+) -> None:
+    """The device is enrolled (offline) and the fleet open; then a paho client connects as the
+    device and sends telemetry whose app name is markup: its row turns online through the event
+    stream (no reload) and the app name shows as text, not as an element."""
+    device_id = "live-1"
+    name = f"{CUSTOMER}/{device_id}"
+    password = enroll_device(console_platform.url, CUSTOMER, device_id)
+    page = console
+    page.goto("/#/fleet")
+    row = page.locator(f'[data-testid="device-row"][data-name="{name}"]')
+    expect(row).to_have_attribute("data-online", "false")
+    page.evaluate("window.notReloaded = true")
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv311)
+    client.username_pw_set(name, password)
+    client.connect("127.0.0.1", console_platform.mqtt_port, keepalive=30)
+    client.loop_start()
+    try:
+        telemetry = {
+            "ts": 1.0,
+            "system": {"cpu_percent": 12.5, "memory": {"percent": 40.0}},
+            "apps": [{"name": "<img src=x id=injected>", "state": "FATAL", "pid": None}],
+        }
+        info = client.publish(f"devices/{name}/telemetry", json.dumps(telemetry).encode(), qos=1)
+        info.wait_for_publish(10)
+        expect(row).to_have_attribute("data-online", "true")
+        expect(row.get_by_test_id("online-dot")).to_have_attribute("data-online", "true")
+        apps = row.get_by_test_id("device-apps")
+        expect(apps).to_contain_text("<img src=x id=injected>FATAL")
+        assert page.locator("#injected").count() == 0
+        assert page.evaluate("window.notReloaded") is True
+        expect(page.get_by_test_id("fleet-online")).not_to_have_text("0")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def open_device(page: Page, agent: Agent) -> None:
+    page.goto(f"/#/devices/{agent.name}")
+    expect(page.get_by_test_id("device-name")).to_have_text(agent.name.split("/")[1])
+    expect(page.get_by_test_id("device-online")).to_have_attribute("data-online", "true")
+
+
+def test_restart_an_app_from_its_page_shows_the_new_pid(console: Page, agent: Agent) -> None:
+    page = console
+    open_device(page, agent)
+    web = page.locator('[data-testid="app-row"][data-app="web"]')
+    expect(web.get_by_test_id("app-state")).to_contain_text("RUNNING")
+    old_pid = until(lambda: agent.starts(), 10, "the app's first start")[-1]
+    expect(web.get_by_test_id("app-pid")).to_have_text(str(old_pid))
+
+    web.get_by_test_id("app-restart").click()
+    expect(web.get_by_test_id("app-state")).to_contain_text("restarting")
+    new_pid = until(lambda: agent.starts()[-1] != old_pid and agent.starts()[-1], 20, "a restart")
+    expect(web.get_by_test_id("app-pid")).to_have_text(str(new_pid))
+    expect(web.get_by_test_id("app-state")).to_have_text("RUNNING")
+    first = page.get_by_test_id("command-row").first
+    expect(first).to_contain_text("app.restart")
+    expect(first).to_have_attribute("data-state", "done")
+    assert len(agent.starts()) == 2  # started once, restarted once
+
+
+def test_the_log_tail_shows_a_line_the_app_printed(console: Page, agent: Agent) -> None:
+    page = console
+    open_device(page, agent)
+    expect(page.get_by_test_id("logs-app")).to_have_value("web")
+    page.get_by_test_id("logs-fetch").click()
+    output = page.get_by_test_id("logs-output")
+    expect(output).to_contain_text(LOG_MARKER)
+    expect(output).to_have_attribute("data-app", "web")
+    expect(page.get_by_test_id("logs-info")).to_contain_text("lines of web")
+
+
+def test_the_cpu_and_memory_charts_draw_the_samples(
+    console: Page, agent: Agent, console_platform: PlatformProcess
+) -> None:
+    def samples() -> list[Any]:
+        status, answer = admin(console_platform, "GET", f"/devices/{agent.name}/telemetry")
+        return answer["samples"] if status == 200 and len(answer["samples"]) >= 3 else []
+
+    until(samples, 20, "three telemetry samples")
+    page = console
+    open_device(page, agent)
+    for chart in ("chart-cpu", "chart-memory"):
+        svg = page.get_by_test_id(chart)
+        expect(svg).to_be_visible()
+        count = int(svg.get_attribute("data-points") or 0)
+        assert count >= 3
+        path = svg.get_by_test_id("chart-line").get_attribute("d") or ""
+        points = re.findall(r"[ML]([\d.]+),([\d.]+)", path)
+        assert len(points) == count, path
+    page.get_by_test_id("range-day").click()
+    expect(page.get_by_test_id("range-day")).to_have_class(re.compile(r"\bactive\b"))
+    expect(page.get_by_test_id("chart-cpu").get_by_test_id("chart-line")).to_have_count(1)
+
+
+def test_a_change_without_the_csrf_header_is_refused(
+    console: Page, console_platform: PlatformProcess
+) -> None:
+    """Page JS with the session cookie but no X-CSRF-Token: 403; with the header: made."""
+    page = console
+    page.goto("/#/customers")
+    expect(page.get_by_test_id("customers-table")).to_be_visible()
+    result = page.evaluate(
+        """async () => {
+            const post = (headers) => fetch("/api/v1/admin/customers", {
+                method: "POST", headers: {"Content-Type": "application/json", ...headers},
+                body: JSON.stringify({customer_id: "csrf-test", device_limit: 1}),
+            }).then(async (r) => [r.status, await r.json()]);
+            const without = await post({});
+            const session = await fetch("/api/v1/console/session").then((r) => r.json());
+            const withToken = await post({"X-CSRF-Token": session.csrf_token});
+            return {without, withToken};
+        }"""
+    )
+    assert result["without"] == [403, {"error": "missing or wrong CSRF token"}]
+    assert result["withToken"][0] == 201
+    status, _ = admin(console_platform, "GET", "/customers/csrf-test")
+    assert status == 200
+
+
+def test_a_failed_call_shows_its_error_in_the_banner(console: Page) -> None:
+    page = console
+    page.goto("/#/customers")
+    expect(
+        page.locator(f'[data-testid="customer-row"][data-customer="{CUSTOMER}"]')
+    ).to_be_visible()
+    page.get_by_test_id("customer-new-id").fill(CUSTOMER)
+    page.get_by_test_id("customer-add").click()
+    banner = page.get_by_test_id("error-banner")
+    expect(banner).to_be_visible()
+    expect(banner).to_contain_text(f"Adding {CUSTOMER} failed")
+    expect(banner).to_contain_text("exists")
