@@ -35,22 +35,30 @@ if TYPE_CHECKING:
     from iotbiz.store import Store
 
 # What `pip install iotbiz` leaves out (the agent does not need it): the [platform] extra.
-PLATFORM_PACKAGES = frozenset({"aiohttp", "aiosqlite", "amqtt", "bcrypt", "uvloop"})
+PLATFORM_PACKAGES = frozenset(
+    {"aiohttp", "aiosqlite", "amqtt", "bcrypt", "cryptography", "prometheus_client", "uvloop"}
+)
 
 Command = Callable[[argparse.Namespace, "Store"], Awaitable[None]]
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "iotbiz") -> int:
     parser = _parser(prog)
+    code: int
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     try:
+        local = getattr(args, "local", None)
+        if local is not None:  # needs neither a store nor a running platform
+            _check_platform_installed(args.command)
+            code = local(args)
+            return code
         settings = _settings(args)
         remote = getattr(args, "remote", None)
         if remote is not None:  # talks to a running platform: no platform packages needed
-            code: int = remote(args, settings)
+            code = remote(args, settings)
             return code
         _check_platform_installed(args.command)
         if args.command == "serve":
@@ -107,6 +115,12 @@ def _settings(args: argparse.Namespace) -> Settings:
             overrides.setdefault("http", {})["port"] = args.http_port
         if args.mqtt_port is not None:
             overrides.setdefault("mqtt", {})["port"] = args.mqtt_port
+        if args.mqtts_port is not None:
+            overrides.setdefault("mqtt", {})["mqtts_port"] = args.mqtts_port
+        if args.tls_cert is not None:
+            overrides["tls"] = {"cert_file": str(args.tls_cert)}
+        if args.tls_key is not None:
+            overrides.setdefault("tls", {})["key_file"] = str(args.tls_key)
         if args.log_level is not None:
             overrides["log"] = {"level": args.log_level}
     return load_settings(args.config, overrides=overrides)
@@ -407,7 +421,16 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
     serve_cmd.add_argument("--host", help="address to listen on for HTTP and MQTT")
     serve_cmd.add_argument("--http-port", type=_port, help="registrar port (default 8080)")
-    serve_cmd.add_argument("--mqtt-port", type=_port, help="MQTT broker port (default 1883)")
+    serve_cmd.add_argument(
+        "--mqtt-port", type=_port, help="plain MQTT port (default 1883; with TLS: allow_plain)"
+    )
+    serve_cmd.add_argument(
+        "--mqtts-port", type=_port, help="MQTT over TLS port (default 8883; with TLS on)"
+    )
+    serve_cmd.add_argument(
+        "--tls-cert", type=Path, help="PEM certificate chain: TLS on both doors (tls.cert_file)"
+    )
+    serve_cmd.add_argument("--tls-key", type=Path, help="PEM key of --tls-cert (tls.key_file)")
     serve_cmd.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     customer = commands.add_parser("customer", help="customers and their device limits")
@@ -476,5 +499,42 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
     audit.set_defaults(run=_audit)
 
+    tls = commands.add_parser("tls", help="TLS certificates for a self-hosted platform")
+    tls_cmds = tls.add_subparsers(dest="tls_command", metavar="COMMAND", required=True)
+    tls_init = tls_cmds.add_parser(
+        "init",
+        help="make a private CA and a server certificate",
+        description="Make a private CA and a server certificate in DIR (keys mode 0600), and "
+        "print the platform's and the agent's settings. Run again to issue a new server "
+        "certificate from the same CA.",
+    )
+    tls_init.add_argument("--dir", type=Path, required=True, help="folder for the files")
+    tls_init.add_argument("--host", required=True, help="the platform's host name (DNS)")
+    tls_init.add_argument(
+        "--ip", action="append", default=[], help="an IP address devices use too (repeatable)"
+    )
+    tls_init.set_defaults(local=_tls_init)
+
     cli_remote.add_parsers(commands, store_opts)
     return parser
+
+
+def _tls_init(args: argparse.Namespace) -> int:
+    from iotbiz.tls_init import init_tls
+
+    issued = init_tls(args.dir, args.host, args.ip)
+    ca = "made a new private CA" if issued.new_ca else "kept the private CA"
+    host = args.host
+    print(f"{ca}: {issued.ca_cert} (give this file to every device)")
+    print(f"issued a server certificate for {', '.join([host, *args.ip])}: {issued.server_cert}")
+    print()
+    print("# the platform's settings (TOML), or --tls-cert/--tls-key:")
+    print("[tls]")
+    print(f'cert_file = "{issued.server_cert.resolve()}"')
+    print(f'key_file = "{issued.server_key.resolve()}"')
+    print()
+    print("# the agent's settings (ca_file: where you copy ca.crt on the device):")
+    print(f'registrar_url = "https://{host}:8080"')
+    print(f'broker_url = "mqtts://{host}:8883"')
+    print('ca_file = "/etc/iotbiz/ca.crt"')
+    return 0

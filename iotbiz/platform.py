@@ -42,6 +42,7 @@ from iotbiz.registrar.service_client import ServiceLink
 from iotbiz.retention import Retention
 from iotbiz.settings import Settings
 from iotbiz.store import Store
+from iotbiz.tls import ServerTLS
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class Platform:
         self.authority: Authority | None = None
         self.broker: EmbeddedBroker | None = None
         self._runner: web.AppRunner | None = None
+        self.tls: ServerTLS | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self.failed = asyncio.Event()  # a long-lived task died: the process must stop, exit 1
@@ -104,6 +106,8 @@ class Platform:
 
     async def _start(self) -> None:
         settings = self.settings
+        if settings.tls.cert_file:  # first: a bad key or certificate stops nothing half-started
+            self.tls = ServerTLS(settings.tls.cert_file, settings.tls.key_file)
         store = self._store = await Store.open(settings.store.path)
         await store.mark_all_offline()
         registrar = settings.registrar
@@ -152,12 +156,24 @@ class Platform:
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
         await self._runner.setup()
         http = settings.http
-        site = web.TCPSite(self._runner, http.host, http.port, reuse_address=True)
+        context = self.tls.context if self.tls is not None else None
+        site = web.TCPSite(
+            self._runner, http.host, http.port, reuse_address=True, ssl_context=context
+        )
         try:
             await site.start()
         except OSError as exc:
             raise _listen_error("HTTP", http.host, http.port, "--http-port", exc) from exc
-        log.info("registrar listening on http://%s:%d", http.host, self.http_port)
+        scheme = "http" if context is None else "https"
+        log.info("registrar listening on %s://%s:%d", scheme, http.host, self.http_port)
+
+    def reload_tls(self) -> None:
+        """SIGHUP: load the certificate and key again (new connections get them; connected
+        devices stay)."""
+        if self.tls is None:
+            log.info("SIGHUP: TLS is off, nothing to reload")
+            return
+        self.tls.reload()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         """Start a long-lived task owned by the platform: `stop()` cancels it, and its death
@@ -273,6 +289,7 @@ async def serve(settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     platform = Platform(settings)
+    loop.add_signal_handler(signal.SIGHUP, platform.reload_tls)
     problems: list[str] = []
     try:
         await platform.start()
@@ -283,7 +300,7 @@ async def serve(settings: Settings) -> None:
             log.info("shutting down")
     finally:
         problems = await platform.stop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
     failures = [*platform.failures, *problems]
     if failures:

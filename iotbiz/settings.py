@@ -46,7 +46,13 @@ class HTTPSettings:
 @dataclass(frozen=True, slots=True)
 class MQTTSettings:
     host: str = setting("127.0.0.1", "address the MQTT broker listens on (0.0.0.0: all interfaces)")
-    port: int = setting(1883, "TCP port of the MQTT broker", min=0, max=65535)
+    port: int = setting(
+        1883, "TCP port of plain MQTT (with TLS on: only if allow_plain)", min=0, max=65535
+    )
+    mqtts_port: int = setting(8883, "TCP port of MQTT over TLS (with TLS on)", min=0, max=65535)
+    allow_plain: bool = setting(
+        False, "with TLS on, also listen for plain MQTT on port (a loopback-only bridge)"
+    )
     keepalive_grace: float = setting(
         1.5, "a client silent for this many keep-alive periods is dropped (its will fires)", min=1
     )
@@ -179,6 +185,14 @@ class AdminSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TLSSettings:
+    cert_file: str = setting(
+        "", "PEM certificate chain of both doors, HTTPS and MQTT over TLS (empty: TLS off)"
+    )
+    key_file: str = setting("", "PEM private key of cert_file (mode 0600 or stricter)")
+
+
+@dataclass(frozen=True, slots=True)
 class ConsoleSettings:
     session_ttl_s: float = setting(
         43200.0, "how long a web console login lasts (seconds)", min=60, max=30 * 86400
@@ -202,6 +216,7 @@ class Settings:
     history: HistorySettings = field(default_factory=HistorySettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
+    tls: TLSSettings = field(default_factory=TLSSettings)
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -241,6 +256,8 @@ def load_settings(
     settings = Settings(**built)
     if settings.log.level.upper() not in LOG_LEVELS:
         raise ConfigError(f"log.level: must be one of {', '.join(LOG_LEVELS)}")
+    if bool(settings.tls.cert_file) != bool(settings.tls.key_file):
+        raise ConfigError("tls.cert_file and tls.key_file: set both (TLS on) or neither")
     return settings
 
 
@@ -423,6 +440,12 @@ class AgentSettings:
     customer_id: str = setting("", "the customer this device belongs to (required)")
     registrar_url: str = setting("http://127.0.0.1:8080", "the platform's registrar")
     broker_url: str = setting("mqtt://127.0.0.1:1883", "the platform's MQTT broker")
+    ca_file: str = setting(
+        "", "PEM CA certificate(s) of the platform's TLS (empty: the system's trust store)"
+    )
+    allow_insecure: bool = setting(
+        False, "allow http:// and mqtt:// to a host that is not loopback (a trusted network)"
+    )
     device_id: str | None = setting(None, "device id; default: the MAC of the primary interface")
     state_dir: Path = setting(Path("/var/lib/iotbiz-agent"), "credentials, outbox and app logs")
     telemetry_interval_s: float = setting(10.0, "seconds between telemetry messages", min=1)
@@ -533,6 +556,7 @@ def _is_user(user: str) -> bool:
 def _check_agent(settings: AgentSettings) -> None:
     # Imported here: settings must not depend on the rest of the package at import time.
     from iotbiz.names import is_customer_id, normalize_device_id
+    from iotbiz.tls import check_plain_url
 
     if not is_customer_id(settings.customer_id):
         raise ConfigError(
@@ -544,6 +568,8 @@ def _check_agent(settings: AgentSettings) -> None:
         raise ConfigError("registrar_url: must start with http:// or https://")
     if not settings.broker_url.startswith(("mqtt://", "mqtts://")):
         raise ConfigError("broker_url: must start with mqtt:// or mqtts://")
+    for key in ("registrar_url", "broker_url"):
+        check_plain_url(key, getattr(settings, key), allow_insecure=settings.allow_insecure)
     if settings.log_level.upper() not in LOG_LEVELS:
         raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}")
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-LISTENING = re.compile(r"registrar listening on http://[^:]+:(\d+)")
+LISTENING = re.compile(r"registrar listening on (https?)://[^:]+:(\d+)")
 MQTT_LISTENING = re.compile(r"MQTT broker listening on mqtt://[^:]+:(\d+)")
 START_TIMEOUT_S = 20.0
 
@@ -27,10 +27,11 @@ class PlatformProcess:
         self.log_path = log_path
         self.http_port = 0
         self.mqtt_port = 0
+        self.scheme = "http"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{self.scheme}://127.0.0.1:{self.http_port}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -40,7 +41,7 @@ class PlatformProcess:
         while time.monotonic() < deadline:
             match = LISTENING.search(self.log())
             if match:
-                self.http_port = int(match.group(1))
+                self.scheme, self.http_port = match.group(1), int(match.group(2))
                 mqtt = MQTT_LISTENING.search(self.log())
                 self.mqtt_port = int(mqtt.group(1)) if mqtt else 0
                 return

@@ -28,6 +28,7 @@ import http.client
 import json
 import logging
 import random
+import ssl
 import threading
 import urllib.error
 import urllib.request
@@ -42,6 +43,7 @@ from iotbiz.agent.files import read_json, write_json
 from iotbiz.errors import ConfigError
 from iotbiz.names import DeviceName, normalize_device_id
 from iotbiz.settings import AgentSettings
+from iotbiz.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +129,12 @@ class Enrollment:
         self._device_id = device_id
         self._path = settings.state_dir / CREDENTIALS_FILE
         self.attempts = 0
+        # https: the platform's certificate and host name verified (ca_file or the system's)
+        self._tls = (
+            client_context(settings.ca_file)
+            if settings.registrar_url.startswith("https:")
+            else None
+        )
 
     @property
     def path(self) -> Path:
@@ -257,7 +265,7 @@ class Enrollment:
 
     async def _post(self, path: str, body: dict[str, str]) -> tuple[int, Any]:
         url = self._settings.registrar_url.rstrip("/") + path
-        return await _in_daemon_thread(_post_json, url, body)
+        return await _in_daemon_thread(_post_json, url, body, self._tls)
 
 
 def refusal_hint(reason: str, name: DeviceName) -> str:
@@ -319,7 +327,7 @@ class _RetryLater(Exception):
         self.after_s = after_s
 
 
-def _post_json(url: str, body: dict[str, str]) -> tuple[int, Any]:
+def _post_json(url: str, body: dict[str, str], tls: ssl.SSLContext | None) -> tuple[int, Any]:
     """POST JSON; (status, parsed body or None). Network failures raise _RetryLater."""
     request = urllib.request.Request(  # noqa: S310 - the configured registrar URL (http/https)
         url,
@@ -329,7 +337,9 @@ def _post_json(url: str, body: dict[str, str]) -> tuple[int, Any]:
     )
     try:
         try:
-            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:  # noqa: S310
+            with urllib.request.urlopen(  # noqa: S310 - the configured registrar URL
+                request, timeout=HTTP_TIMEOUT_S, context=tls
+            ) as response:
                 return response.status, _parse(response.read())
         except urllib.error.HTTPError as exc:
             retry_after = exc.headers.get("Retry-After")

@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import random
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -34,6 +33,7 @@ from iotbiz import __version__, topics
 from iotbiz.agent.identity import Credentials
 from iotbiz.agent.outbox import Outbox
 from iotbiz.settings import AgentSettings
+from iotbiz.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,11 @@ class Link:
         publish_timeout_s: float = PUBLISH_TIMEOUT_S,
     ) -> None:
         url = urlsplit(settings.broker_url)
-        self._tls = url.scheme == "mqtts"
+        tls = url.scheme == "mqtts"
         self._host = url.hostname or "127.0.0.1"
-        self._port = url.port or (8883 if self._tls else 1883)
+        self._port = url.port or (8883 if tls else 1883)
+        # mqtts: the platform's certificate and host name verified (ca_file or the system's)
+        self._tls_context = client_context(settings.ca_file) if tls else None
         self._keepalive = settings.keepalive_s
         self._credentials = credentials
         self._queues = tuple(queues)
@@ -152,7 +154,7 @@ class Link:
             keepalive=self._keepalive,
             clean_session=False,  # commands sent while the link was down still arrive
             will=aiomqtt.Will(self._status_topic, status_payload("offline"), qos=1, retain=True),
-            tls_context=ssl.create_default_context() if self._tls else None,
+            tls_context=self._tls_context,
             timeout=self._publish_timeout_s,
         ) as client:
             _raise_if_cancelled()  # each aiomqtt wait may have swallowed it (see below)
