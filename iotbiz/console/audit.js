@@ -6,6 +6,15 @@ import { emptyRow, hideError, loadingRow, pageHeader, showError } from "./ui.js"
 
 const PAGE_SIZE = 50;
 
+/** `key=value  key=value` of an entry's detail ("—" for none). */
+function detailText(detail) {
+  if (!detail || typeof detail !== "object") return detail ? String(detail) : "—";
+  const parts = Object.entries(detail).map(
+    ([key, value]) => `${key}=${typeof value === "string" ? value : compactJson(value)}`,
+  );
+  return parts.length ? parts.join("  ") : "—";
+}
+
 export function auditPage(main) {
   const controller = new AbortController();
   const signal = controller.signal;
@@ -25,8 +34,25 @@ export function auditPage(main) {
       h("td", { class: "nowrap small" }, dateTime(entry.at)),
       h("td", { class: "small" }, entry.actor),
       h("td", {}, h("span", { class: "badge badge-plain" }, entry.action)),
-      h("td", { class: "mono small" }, entry.subject),
-      h("td", { class: "mono small detail" }, compactJson(entry.detail)),
+      h(
+        "td",
+        { class: "mono small" },
+        h(
+          "button",
+          {
+            class: "link-button",
+            type: "button",
+            title: "Only this subject",
+            testid: "audit-subject-link",
+            onclick: () => {
+              subject.value = entry.subject;
+              load(true);
+            },
+          },
+          entry.subject,
+        ),
+      ),
+      h("td", { class: "mono small detail", title: compactJson(entry.detail) }, detailText(entry.detail)),
     );
   }
 

@@ -47,7 +47,7 @@ export function lineChart({ samples, key, since, until, title, tone = "blue", te
   }
   // x ticks
   const span = until - since;
-  const step = span <= 3600 ? 600 : span <= 6 * 3600 ? 3600 : 4 * 3600;
+  const step = span <= 2 * 3600 ? 600 : span <= 12 * 3600 ? 2 * 3600 : 4 * 3600;
   const offset = new Date().getTimezoneOffset() * 60;
   for (let t = Math.ceil((since - offset) / step) * step + offset; t <= until; t += step) {
     const px = x(t);

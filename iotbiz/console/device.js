@@ -4,6 +4,7 @@
 import { ADMIN, devicePath, get, patch, post, query, runCommand } from "./api.js";
 import { lineChart } from "./chart.js";
 import {
+  append,
   appBadge,
   appsOf,
   clear,
@@ -245,11 +246,11 @@ export function devicePage(main, customerId, deviceId) {
     input.addEventListener("keydown", (event) => {
       if (event.key === "Enter") add().catch((error) => showError(error));
     });
-    clear(tagsBody).append(
-      ...chips,
+    append(clear(tagsBody), [
+      chips,
       chips.length ? null : h("span", { class: "muted small" }, "No tags"),
       h("span", { class: "tag-add" }, input, actionButton("Add", add, { class: "btn btn-sm", testid: "tag-add" })),
-    );
+    ]);
   }
 
   async function setTags(tags, message) {
@@ -534,6 +535,8 @@ export function devicePage(main, customerId, deviceId) {
     }
   });
 
+  refetch.touch();
+  refetchTelemetry.touch();
   loadDevice();
   loadTelemetry();
   loadCommands();

@@ -15,7 +15,7 @@ import {
 import { counts, subscribe, throttled } from "./live.js";
 import { emptyRow, loadingRow, pageHeader, showError, hideError } from "./ui.js";
 
-const PAGE_SIZE = 50;
+const PAGE_SIZE = 100;
 const COLUMNS = 7;
 
 // Kept while the console is open, so that coming back from a device finds the same view.
@@ -223,6 +223,7 @@ export function fleetPage(main) {
 
   async function load(userAction = false) {
     const mine = ++serial;
+    refetch.touch();
     const f = view.filters;
     const params = {
       q: f.q,
@@ -271,6 +272,7 @@ export function fleetPage(main) {
     if (firstRender) {
       firstRender = false;
       performance.mark("iotbiz-fleet-rows");
+      setTimeout(loadCustomers, 0);
     }
   }
 
@@ -286,8 +288,13 @@ export function fleetPage(main) {
     if (touchesPage) refetch();
   });
 
-  // customers for the filter
-  get(`${ADMIN}/customers`, { signal: controller.signal })
+  // customers for the filter: asked for after the first page (at 10,000 devices the list with
+  // its counts takes longer than a page of devices, and the store answers one query at a time)
+  let customersAsked = false;
+  const loadCustomers = () => {
+    if (customersAsked) return;
+    customersAsked = true;
+    get(`${ADMIN}/customers`, { signal: controller.signal })
     .then((answer) => {
       for (const customer of answer.customers || []) {
         customerSelect.append(h("option", { value: customer.customer_id }, customer.customer_id));
@@ -297,6 +304,8 @@ export function fleetPage(main) {
     .catch((error) => {
       if (error.name !== "AbortError") showError(error, "Loading the customers failed");
     });
+  };
+  customerSelect.addEventListener("focus", loadCustomers);
 
   main.append(
     pageHeader("Fleet", "Every device, its connection and its apps, updated live."),

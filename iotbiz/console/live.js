@@ -113,6 +113,10 @@ export function throttled(run, intervalMs = 1000) {
     }
     timer = setTimeout(fire, Math.max(0, last + intervalMs - Date.now()));
   };
+  // a load made by other means (the page's first) counts as a run: the next waits its interval
+  schedule.touch = () => {
+    last = Date.now();
+  };
   schedule.cancel = () => {
     if (timer !== null) clearTimeout(timer);
     timer = null;
