@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from tests.processes import PlatformProcess, platform_process
 
@@ -49,6 +49,7 @@ poll_s = 0.1
 stream_interval_s = 0.2
 """
 WAIT_MS = 15_000
+expect.set_options(timeout=WAIT_MS)
 
 
 def launch_chromium(playwright: Any) -> Browser:
@@ -125,8 +126,8 @@ def logged_in_state(browser: Browser, console_platform: PlatformProcess) -> Any:
 
 @pytest.fixture
 def new_page(browser: Browser, console_platform: PlatformProcess) -> Iterator[Callable[..., Page]]:
-    """Pages in fresh contexts (`logged_in=True`: with the module's session); uncaught JS errors
-    on any of them fail the test."""
+    """Pages in fresh contexts (`make(logged_in_state)`: with the module's session); uncaught JS
+    errors and Content-Security-Policy violations on any of them fail the test."""
     contexts = []
     errors: list[str] = []
 
@@ -140,6 +141,12 @@ def new_page(browser: Browser, console_platform: PlatformProcess) -> Iterator[Ca
         contexts.append(context)
         page = context.new_page()
         page.on("pageerror", lambda error: errors.append(str(error)))
+        page.on(
+            "console",
+            lambda message: (
+                errors.append(message.text) if "Content Security Policy" in message.text else None
+            ),
+        )
         return page
 
     yield make

@@ -22,7 +22,7 @@ from tests.console.conftest import (
     admin,
     until,
 )
-from tests.processes import PlatformProcess, enroll_device
+from tests.processes import PlatformProcess, enroll_device, post_json
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -188,3 +188,85 @@ def test_a_failed_call_shows_its_error_in_the_banner(console: Page) -> None:
     expect(banner).to_be_visible()
     expect(banner).to_contain_text(f"Adding {CUSTOMER} failed")
     expect(banner).to_contain_text("exists")
+
+
+def test_the_fleet_pages_forward_and_back_by_cursor(
+    console: Page, console_platform: PlatformProcess
+) -> None:
+    """105 registrations of one customer: 100 on the first page, 5 on the next, and back."""
+    customer = "bulk"
+    status, answer = admin(
+        console_platform, "POST", "/customers", {"customer_id": customer, "device_limit": 200}
+    )
+    assert status == 201, answer
+    for i in range(105):
+        status, answer = post_json(
+            console_platform.url + "/api/v1/register",
+            {"customer_id": customer, "mac_address": f"dev-{i:03d}"},
+        )
+        assert status == 201, answer
+    page = console
+    page.goto("/#/fleet")
+    expect(page.get_by_test_id("fleet-table")).to_have_attribute("data-loaded", "true")
+    page.get_by_test_id("fleet-filter-customer").focus()
+    page.get_by_test_id("fleet-filter-customer").select_option(customer)
+    rows = page.get_by_test_id("device-row")
+    info = page.get_by_test_id("fleet-page-info")
+    expect(info).to_have_text("1\u2013100 of 105")
+    expect(rows).to_have_count(100)
+    expect(rows.first).to_have_attribute("data-name", f"{customer}/dev-000")
+    expect(page.get_by_test_id("fleet-prev")).to_be_disabled()
+
+    page.get_by_test_id("fleet-next").click()
+    expect(info).to_have_text("101\u2013105 of 105")
+    expect(rows).to_have_count(5)
+    expect(rows.first).to_have_attribute("data-name", f"{customer}/dev-100")
+    expect(page.get_by_test_id("fleet-next")).to_be_disabled()
+
+    page.get_by_test_id("fleet-prev").click()
+    expect(info).to_have_text("1\u2013100 of 105")
+    expect(rows.first).to_have_attribute("data-name", f"{customer}/dev-000")
+
+    page.get_by_test_id("fleet-search").fill("dev-10")  # dev-100 ... dev-104
+    expect(rows).to_have_count(5)
+    expect(page.get_by_test_id("fleet-matching")).to_have_text("5")
+    expect(info).to_have_text("1\u20135 of 5")
+
+
+def test_tags_offline_live_and_revoke_with_a_confirm(
+    console: Page, console_platform: PlatformProcess
+) -> None:
+    device_id = "edit-1"
+    name = f"{CUSTOMER}/{device_id}"
+    password = enroll_device(console_platform.url, CUSTOMER, device_id)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv311)
+    client.username_pw_set(name, password)
+    client.connect("127.0.0.1", console_platform.mqtt_port, keepalive=30)
+    client.loop_start()
+    page = console
+    try:
+        page.goto(f"/#/devices/{name}")
+        expect(page.get_by_test_id("device-online")).to_have_attribute("data-online", "true")
+
+        page.get_by_test_id("tag-input").fill("site=berlin")
+        page.get_by_test_id("tag-add").click()
+        expect(page.locator('[data-testid="tag"][data-key="site"]')).to_contain_text("berlin")
+        assert admin(console_platform, "GET", f"/devices/{name}")[1]["tags"] == {"site": "berlin"}
+        page.locator('[data-testid="tag"][data-key="site"]').get_by_test_id("tag-remove").click()
+        expect(page.get_by_test_id("tag")).to_have_count(0)
+        assert admin(console_platform, "GET", f"/devices/{name}")[1]["tags"] == {}
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    # the device page follows the device: offline without a reload
+    expect(page.get_by_test_id("device-online")).to_have_attribute("data-online", "false")
+
+    page.get_by_test_id("device-revoke").click()
+    page.get_by_test_id("confirm-cancel").click()
+    expect(page.get_by_test_id("confirm-dialog")).to_have_count(0)
+    assert admin(console_platform, "GET", f"/devices/{name}")[1]["state"] == "active"
+    page.get_by_test_id("device-revoke").click()
+    page.get_by_test_id("confirm-ok").click()
+    expect(page.get_by_test_id("device-header")).to_contain_text("revoked")
+    expect(page.get_by_test_id("device-revoke")).to_be_disabled()
+    assert admin(console_platform, "GET", f"/devices/{name}")[1]["state"] == "revoked"
