@@ -18,6 +18,25 @@ function timeLabel(seconds, withDay) {
     : hm;
 }
 
+const MAX_POINTS = 720; // about one per pixel of the plot at its widest
+
+/** At most MAX_POINTS points: the samples of each time bucket averaged (a day at one sample a
+ * second would otherwise be a path of 86,400 points). */
+function downsample(points, since, until) {
+  if (points.length <= MAX_POINTS) return points;
+  const width = (until - since) / MAX_POINTS;
+  const buckets = new Map();
+  for (const p of points) {
+    const index = Math.floor((p.t - since) / width);
+    const bucket = buckets.get(index) || { t: 0, v: 0, n: 0 };
+    bucket.t += p.t;
+    bucket.v += p.v;
+    bucket.n += 1;
+    buckets.set(index, bucket);
+  }
+  return [...buckets.values()].map((b) => ({ t: b.t / b.n, v: b.v / b.n }));
+}
+
 /**
  * A line chart of `samples[key]` (0 to 100) from `since` to `until` (epoch seconds).
  * Gaps longer than three sampling intervals break the line.
@@ -25,9 +44,13 @@ function timeLabel(seconds, withDay) {
 export function lineChart({ samples, key, since, until, title, tone = "blue", testid }) {
   const x = (t) => PAD.left + ((t - since) / (until - since)) * (W - PAD.left - PAD.right);
   const y = (v) => PAD.top + (1 - Math.max(0, Math.min(100, v)) / 100) * (H - PAD.top - PAD.bottom);
-  const points = samples
-    .filter((s) => typeof s.ts === "number" && typeof s[key] === "number" && s.ts >= since)
-    .map((s) => ({ t: s.ts, v: s[key] }));
+  const points = downsample(
+    samples
+      .filter((s) => typeof s.ts === "number" && typeof s[key] === "number" && s.ts >= since)
+      .map((s) => ({ t: s.ts, v: s[key] })),
+    since,
+    until,
+  );
 
   const root = svg("svg", {
     class: `chart chart-${tone}`,

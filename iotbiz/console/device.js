@@ -66,7 +66,12 @@ export function devicePage(main, customerId, deviceId) {
   const busyApps = new Map(); // app name -> action word while its command runs
 
   // ---- layout ----
-  const header = h("section", { class: "card device-header", testid: "device-header" }, loadingRow(1));
+  const header = h(
+    "section",
+    { class: "card device-header", testid: "device-header" },
+    h("div", { class: "loading-block" }, h("span", { class: "spinner" }), " Loading the device…"),
+  );
+  const appsNote = h("span", { class: "muted small", testid: "apps-note" });
   const tagsBody = h("div", { class: "tags", testid: "device-tags" });
   const appsBody = h("tbody", { testid: "apps-rows" }, loadingRow(6));
   const chartsBody = h("div", { class: "charts", testid: "charts" });
@@ -101,7 +106,10 @@ export function devicePage(main, customerId, deviceId) {
     h(
       "div",
       { class: "grid-2" },
-      card("Apps", { testid: "apps-card", class: "card span-2" }, h(
+      card(
+        h("div", { class: "card-header-row" }, h("h2", { class: "card-title" }, "Apps"), appsNote),
+        { testid: "apps-card", class: "card span-2" },
+        h(
         "div",
         { class: "table-wrap" },
         h(
@@ -112,7 +120,8 @@ export function devicePage(main, customerId, deviceId) {
           ))),
           appsBody,
         ),
-      )),
+      ),
+      ),
       card(
         h("div", { class: "card-header-row" }, h("h2", { class: "card-title" }, "Telemetry"), h("div", { class: "seg" }, rangeButtons)),
         { testid: "telemetry-card", class: "card span-2" },
@@ -303,6 +312,12 @@ export function devicePage(main, customerId, deviceId) {
 
   function renderApps() {
     const apps = currentApps();
+    const active = device.state === "active";
+    appsNote.textContent = !active
+      ? `The device is ${device.state}: it takes no commands.`
+      : device.online
+        ? ""
+        : "The device is offline: a command waits until it connects (or expires).";
     clear(appsBody);
     if (!apps.length) {
       appsBody.append(emptyRow(6, device.telemetry ? "The device reports no apps." : "No telemetry from this device yet."));
@@ -318,7 +333,7 @@ export function devicePage(main, customerId, deviceId) {
             class: `btn btn-sm ${action === "app.restart" ? "btn-primary-outline" : ""}`,
             type: "button",
             testid: `app-${ACTION_WORDS[action]}`,
-            disabled: Boolean(busy) || disabled,
+            disabled: Boolean(busy) || disabled || !active,
             onclick: () => appCommand(app.name, action),
           },
           label,
@@ -411,8 +426,7 @@ export function devicePage(main, customerId, deviceId) {
     const until = Date.now() / 1000;
     const since = Math.floor(until - RANGES[chartRange]);
     try {
-      const answer = await get(`${path}/telemetry${query({ since, limit: 10000 })}`, { signal });
-      const samples = Array.isArray(answer.samples) ? answer.samples : [];
+      const samples = await fetchSamples(since);
       clear(chartsBody).append(
         h(
           "div",
@@ -431,6 +445,22 @@ export function devicePage(main, customerId, deviceId) {
     } catch (error) {
       if (error.name !== "AbortError") showError(error, "Loading the telemetry failed");
     }
+  }
+
+  /** Every sample since `since`, oldest first: pages of 10,000 (a day at a 1 s sampling
+   * interval is 86,400), at most ten of them. */
+  async function fetchSamples(since) {
+    const limit = 10000;
+    let samples = [];
+    let from = since;
+    for (let page = 0; page < 10; page++) {
+      const answer = await get(`${path}/telemetry${query({ since: from, limit })}`, { signal });
+      const got = Array.isArray(answer.samples) ? answer.samples : [];
+      samples = samples.concat(got);
+      if (got.length < limit || typeof got[got.length - 1].ts !== "number") break;
+      from = got[got.length - 1].ts + 0.001;
+    }
+    return samples;
   }
 
   function latest(samples, key) {

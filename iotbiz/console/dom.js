@@ -56,6 +56,7 @@ export function epoch(iso) {
 export function ago(seconds, now = Date.now() / 1000) {
   if (seconds === null || seconds === undefined) return "never";
   const d = Math.max(0, now - seconds);
+  if (d < 2) return "just now";
   if (d < 60) return `${Math.floor(d)} s ago`;
   if (d < 3600) return `${Math.floor(d / 60)} min ago`;
   if (d < 86400) return `${Math.floor(d / 3600)} h ago`;
@@ -92,7 +93,7 @@ export function dateTime(iso) {
 }
 
 export function percent(value) {
-  return typeof value === "number" && Number.isFinite(value) ? `${Math.round(value)} %` : "—";
+  return typeof value === "number" && Number.isFinite(value) ? `${Math.round(value)}%` : "—";
 }
 
 export function number(value) {

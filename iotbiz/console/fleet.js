@@ -121,7 +121,7 @@ export function fleetPage(main) {
   const search = h("input", {
     class: "input input-search",
     type: "search",
-    placeholder: "Search devices by name…",
+    placeholder: "Search devices by name…  ( / )",
     value: view.filters.q,
     testid: "fleet-search",
     "aria-label": "Search",
@@ -189,6 +189,12 @@ export function fleetPage(main) {
 
   // ---- table and paging ----
   const tbody = h("tbody", { testid: "fleet-rows" }, loadingRow(COLUMNS));
+  tbody.addEventListener("click", (event) => {
+    const row = event.target.closest("tr[data-name]");
+    if (!row || event.target.closest("a, button") || window.getSelection().toString()) return;
+    const link = row.querySelector("a.device-link");
+    if (link) location.hash = link.getAttribute("href");
+  });
   const table = h(
     "table",
     { class: "table table-fleet", testid: "fleet-table" },
@@ -258,9 +264,11 @@ export function fleetPage(main) {
     lastTotal = counts.total;
     nextCursor = page.next_cursor || null;
     const rows = devices.map(deviceRow);
-    clear(tbody).append(
-      ...(rows.length ? rows : [emptyRow(COLUMNS, "No devices match these filters.", "fleet-empty")]),
-    );
+    const filtered = Object.values(view.filters).some(Boolean);
+    const empty = filtered
+      ? "No devices match these filters."
+      : "No devices yet. A device appears here once its agent registers (see docs/agent.md).";
+    clear(tbody).append(...(rows.length ? rows : [emptyRow(COLUMNS, empty, "fleet-empty")]));
     matching.set(page.total);
     const first = view.previous.length * PAGE_SIZE;
     pageInfo.textContent = devices.length
@@ -307,6 +315,14 @@ export function fleetPage(main) {
   };
   customerSelect.addEventListener("focus", loadCustomers);
 
+  const onKey = (event) => {
+    if (event.key === "/" && document.activeElement === document.body) {
+      event.preventDefault();
+      search.focus();
+    }
+  };
+  document.addEventListener("keydown", onKey);
+
   main.append(
     pageHeader("Fleet", "Every device, its connection and its apps, updated live."),
     h("div", { class: "stats", testid: "fleet-stats" }, total.el, online.el, offline.el, matching.el),
@@ -334,5 +350,6 @@ export function fleetPage(main) {
     refetch.cancel();
     unsubscribe();
     clearTimeout(searchTimer);
+    document.removeEventListener("keydown", onKey);
   };
 }
