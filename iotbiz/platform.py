@@ -25,6 +25,7 @@ import gc
 import logging
 import secrets
 import signal
+import ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -124,7 +125,12 @@ class Platform:
         self.authority = Authority(
             store, hasher, service_username=SERVICE_USERNAME, service_password=service_password
         )
-        self.broker = EmbeddedBroker(settings.mqtt, self.authority, presence)
+        self.broker = EmbeddedBroker(
+            settings.mqtt,
+            self.authority,
+            presence,
+            tls_context=self.tls.context if self.tls is not None else None,
+        )
         await self.broker.start()
         self._spawn(presence.run(), "presence")
         self._spawn(self.authority.follow_changes(self.broker.kick), "store-changes")
@@ -135,6 +141,7 @@ class Platform:
             SERVICE_USERNAME,
             service_password,
             follow_telemetry=False,  # the embedded broker hands telemetry to presence
+            tls_context=None if self.broker.plain else _own_listener_context(),
         )
         app = create_app(
             settings,
@@ -307,6 +314,17 @@ async def serve(settings: Settings) -> None:
         log.error("platform: STOPPING -> STOPPED (exit 1)")
         raise PlatformFailed("; ".join(failures))
     log.info("stopped")
+
+
+def _own_listener_context() -> ssl.SSLContext:
+    """TLS for the service client's connection to the platform's own TLS listener (when there
+    is no plain one), on this machine: encrypted, but not verified, because the certificate
+    names the platform's public host name, not the local address the client dials."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # its own listener, see the docstring
+    return context
 
 
 async def _first_set(*events: asyncio.Event) -> None:

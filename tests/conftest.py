@@ -47,7 +47,7 @@ def make_settings(db_path: Path) -> Callable[..., Settings]:
         overrides: dict[str, dict[str, Any]] = {
             "store": {"path": db_path},
             "http": {"port": 0},
-            "mqtt": {"port": 0},
+            "mqtt": {"port": 0, "mqtts_port": 0},
         }
         for section, values in sections.items():
             overrides.setdefault(section, {}).update(values)

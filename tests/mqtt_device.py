@@ -71,7 +71,11 @@ class PahoDevice:
 
     async def connect(self) -> int:
         """Connect and return the CONNACK return code (0: accepted)."""
-        self.client.connect("127.0.0.1", self.port, keepalive=self.keepalive)
+        # in a thread: with TLS, paho's connect does the handshake, which needs this event loop
+        # (the in-process broker's) to go on
+        await asyncio.to_thread(
+            self.client.connect, "127.0.0.1", self.port, keepalive=self.keepalive
+        )
         self.client.loop_start()
         try:
             return await asyncio.to_thread(self.connack.get, timeout=WAIT_S)

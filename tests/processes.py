@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 LISTENING = re.compile(r"registrar listening on (https?)://[^:]+:(\d+)")
-MQTT_LISTENING = re.compile(r"MQTT broker listening on mqtt://[^:]+:(\d+)")
+MQTT_LISTENING = re.compile(r"MQTT (?:broker|over TLS) listening on mqtts?://[^:]+:(\d+)")
 START_TIMEOUT_S = 20.0
 
 

@@ -4,6 +4,8 @@ verifies the platform's certificate and refuses plain text to other hosts)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import signal
 import socket
 import ssl
@@ -17,13 +19,16 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
+from cryptography import x509
 
 from iotbiz.errors import ConfigError
 from iotbiz.names import DeviceName
 from iotbiz.platform import Platform
 from iotbiz.settings import Settings, load_agent_settings
 from iotbiz.tls import client_context
+from tests.mqtt_device import PahoDevice
 from tests.processes import platform_process, run_cli
 from tests.test_dispatch_agent import agent_process, until
 
@@ -45,16 +50,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def serial_of(port: int, ca: Path) -> int:
-    context = ssl.create_default_context(cafile=str(ca))
+def serial_of(port: int, pki: Path) -> int:
+    context = trusting(pki)
     with (
         socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
         context.wrap_socket(raw, server_hostname="localhost") as tls,
     ):
         der = tls.getpeercert(binary_form=True)
     assert der is not None
-    from cryptography import x509
-
     return x509.load_der_x509_certificate(der).serial_number
 
 
@@ -70,8 +73,6 @@ def test_tls_init_makes_a_ca_and_a_server_certificate(tmp_path: Path) -> None:
     # the server certificate chains to the CA and names the host and the address
     context = ssl.create_default_context(cafile=str(folder / "ca.crt"))
     context.load_cert_chain(folder / "server.crt", folder / "server.key")  # key matches cert
-    from cryptography import x509
-
     cert = x509.load_pem_x509_certificate((folder / "server.crt").read_bytes())
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert names.get_values_for_type(x509.DNSName) == ["iot.example.com"]
@@ -121,8 +122,6 @@ async def test_the_registrar_serves_https_and_only_https(
             with urllib.request.urlopen(url, timeout=5, context=context) as response:  # noqa: S310
                 return int(response.status)
 
-        import asyncio
-
         assert await asyncio.to_thread(get, f"https://localhost:{port}/healthz", trusted) == 200
         # the system's trust store does not know the private CA: refused
         with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
@@ -170,22 +169,63 @@ def test_half_a_tls_setting_or_a_missing_file_is_a_start_up_error(
         assert "Traceback" not in p.log()
 
 
-def test_sighup_reloads_the_certificate(tmp_path: Path) -> None:
+def test_sighup_reloads_the_certificate_and_keeps_connected_devices(tmp_path: Path) -> None:
     pki = tmp_path / "pki"
     assert tls_init(pki, "localhost", "127.0.0.1").returncode == 0
     tls = ("--tls-cert", str(pki / "server.crt"), "--tls-key", str(pki / "server.key"))
     with platform_process(tmp_path, *tls) as platform:
         assert platform.scheme == "https"
-        before = serial_of(platform.http_port, pki / "ca.crt")
-        assert tls_init(pki, "localhost", "127.0.0.1").returncode == 0  # a renewal
-        platform.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while "TLS certificate reloaded" not in platform.log():
-            assert time.monotonic() < deadline, platform.log()
-            time.sleep(0.05)
-        after = serial_of(platform.http_port, pki / "ca.crt")
-        assert after != before
+        assert (
+            run_cli("customer", "add", NAME.customer_id, "--limit", "5", cwd=tmp_path).returncode
+            == 0
+        )
+        password = enroll_sync(platform.http_port, pki, NAME)
+        device = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=str(NAME), protocol=mqtt.MQTTv311
+        )
+        device.username_pw_set(str(NAME), password)
+        device.tls_set_context(trusting(pki))
+        device.connect("127.0.0.1", platform.mqtt_port)
+        device.loop_start()
+        try:
+            deadline = time.monotonic() + 10
+            while not device.is_connected():
+                assert time.monotonic() < deadline, "no MQTT/TLS connection"
+                time.sleep(0.05)
+            before = (serial_of(platform.http_port, pki), serial_of(platform.mqtt_port, pki))
+            assert before[0] == before[1]  # one certificate for both doors
+            assert tls_init(pki, "localhost", "127.0.0.1").returncode == 0  # a renewal
+            platform.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while "TLS certificate reloaded" not in platform.log():
+                assert time.monotonic() < deadline, platform.log()
+                time.sleep(0.05)
+            after = (serial_of(platform.http_port, pki), serial_of(platform.mqtt_port, pki))
+            assert after[0] == after[1] != before[0]
+            # the device connected before the reload is still connected and still heard
+            assert device.is_connected()
+            info = device.publish(f"devices/{NAME}/telemetry", b'{"cpu_percent": 2}', qos=1)
+            info.wait_for_publish(10)
+            assert info.is_published()
+        finally:
+            device.loop_stop()
+            device.disconnect()
         assert platform.stop() == 0
+
+
+def enroll_sync(port: int, pki: Path, name: DeviceName) -> str:
+    def post(path: str, body: dict[str, str]) -> dict[str, str]:
+        request = urllib.request.Request(
+            f"https://127.0.0.1:{port}{path}", data=json.dumps(body).encode(), method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=10, context=trusting(pki)) as answer:  # noqa: S310
+            data = answer.read()
+            return dict(json.loads(data)) if data else {}
+
+    body = {"customer_id": name.customer_id, "mac_address": name.device_id}
+    password = post("/api/v1/register", body)["password"]
+    post("/api/v1/activate", {**body, "password": password})
+    return password
 
 
 # -- the agent -------------------------------------------------------------------------------
@@ -234,14 +274,86 @@ def test_plain_text_to_loopback_needs_no_permission(tmp_path: Path) -> None:
         client_context(str(tmp_path / "nope.pem"))
 
 
-async def test_an_agent_enrolls_over_https_and_refuses_a_platform_it_does_not_trust(
-    make_settings: Callable[..., Settings], pki: Path, tmp_path: Path
-) -> None:
-    settings = make_settings(
+# -- MQTT over TLS ---------------------------------------------------------------------------
+
+
+def tls_settings(make_settings: Callable[..., Settings], pki: Path, **mqtt: object) -> Settings:
+    return make_settings(
         http={"host": "127.0.0.1"},
+        mqtt={"host": "127.0.0.1", **mqtt},
         tls={"cert_file": str(pki / "server.crt"), "key_file": str(pki / "server.key")},
     )
-    platform = Platform(settings)
+
+
+def trusting(pki: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(pki / "ca.crt"))
+
+
+async def enroll_over_https(platform: Platform, pki: Path, name: DeviceName) -> str:
+    return await asyncio.to_thread(enroll_sync, platform.http_port, pki, name)
+
+
+async def test_with_tls_mqtt_is_tls_only_and_verified(
+    make_settings: Callable[..., Settings], pki: Path
+) -> None:
+    platform = Platform(tls_settings(make_settings, pki))
+    await platform.start()
+    try:
+        assert platform.broker is not None
+        assert platform.broker.plain is False
+        port = platform.broker.tls_port
+        assert port is not None
+        assert platform.mqtt_port == port
+        await platform.store.add_customer(NAME.customer_id, 10, actor="test")
+        password = await enroll_over_https(platform, pki, NAME)
+
+        device = PahoDevice(port, str(NAME), password)
+        device.client.tls_set_context(trusting(pki))
+        try:
+            assert await device.connect() == 0
+            await device.publish(f"devices/{NAME}/telemetry", b'{"cpu_percent": 1}')
+
+            async def online() -> bool:
+                found = await platform.store.get_device(NAME)
+                return found is not None and found.online
+
+            await until(online, 10, "the device online over MQTT/TLS")
+        finally:
+            device.close()
+
+        # plain MQTT to the TLS port: the handshake fails, no CONNACK, the connection closes
+        plain = PahoDevice(port, str(NAME), password)
+        with pytest.raises(AssertionError, match="no CONNACK"):
+            await plain.connect()
+        plain.close()
+    finally:
+        assert await platform.stop() == []
+
+
+async def test_allow_plain_adds_the_plain_listener(
+    make_settings: Callable[..., Settings], pki: Path
+) -> None:
+    platform = Platform(tls_settings(make_settings, pki, allow_plain=True))
+    await platform.start()
+    try:
+        assert platform.broker is not None
+        assert platform.broker.plain is True
+        assert platform.broker.tls_port not in (None, platform.mqtt_port)
+        await platform.store.add_customer(NAME.customer_id, 10, actor="test")
+        password = await enroll_over_https(platform, pki, NAME)
+        device = PahoDevice(platform.mqtt_port, str(NAME), password)
+        try:
+            assert await device.connect() == 0
+        finally:
+            device.close()
+    finally:
+        assert await platform.stop() == []
+
+
+async def test_an_agent_over_https_and_mqtts_refusing_a_platform_it_does_not_trust(
+    make_settings: Callable[..., Settings], pki: Path, tmp_path: Path
+) -> None:
+    platform = Platform(tls_settings(make_settings, pki))
     await platform.start()
     try:
         await platform.store.add_customer(NAME.customer_id, 10, actor="test")
@@ -253,7 +365,7 @@ async def test_an_agent_enrolls_over_https_and_refuses_a_platform_it_does_not_tr
         config = agent_toml(
             wrong,
             f"https://localhost:{platform.http_port}",
-            f"mqtt://127.0.0.1:{platform.mqtt_port}",
+            f"mqtts://localhost:{platform.mqtt_port}",
             f'ca_file = "{other / "ca.crt"}"',
         )
         with agent_process(wrong, config):
@@ -268,15 +380,16 @@ async def test_an_agent_enrolls_over_https_and_refuses_a_platform_it_does_not_tr
         config = agent_toml(
             right,
             f"https://localhost:{platform.http_port}",
-            f"mqtt://127.0.0.1:{platform.mqtt_port}",
+            f"mqtts://localhost:{platform.mqtt_port}",
             f'ca_file = "{pki / "ca.crt"}"',
+            "telemetry_interval_s = 1",
         )
         with agent_process(right, config):
 
-            async def online() -> bool:
-                device = await platform.store.get_device(NAME)
-                return device is not None and device.online
+            async def reporting() -> bool:
+                found = await platform.store.get_device(NAME)
+                return found is not None and found.online and found.telemetry is not None
 
-            await until(online, 30, "the agent enrolled over HTTPS and online")
+            await until(reporting, 30, "the agent enrolled over HTTPS, online over MQTT/TLS")
     finally:
         assert await platform.stop() == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import ssl
 from typing import Any
 
 from amqtt.errors import BrokerError
@@ -19,14 +20,25 @@ from iotbiz.settings import MQTTSettings
 
 log = logging.getLogger(__name__)
 
-LISTENER = "default"
+LISTENER = "default"  # plain MQTT: without TLS, or with it only if mqtt.allow_plain
+TLS_LISTENER = "tls"
 # An explicit plugin list: no anonymous access, no event/packet logging, no $SYS tree.
 PLUGINS = [AuthPlugin, TopicPlugin, PresencePlugin]
 
 
-def broker_config(settings: MQTTSettings) -> dict[str, Any]:
+def broker_config(settings: MQTTSettings, *, tls: bool = False) -> dict[str, Any]:
+    """amqtt's configuration: with `tls`, a TLS listener on `mqtts_port` and a plain one on
+    `port` only if `allow_plain`; without, the plain one."""
+    # amqtt needs a "default" listener (the others inherit its fields); without `bind` it
+    # does not listen
+    listeners: dict[str, Any] = {LISTENER: {"type": "tcp"}}
+    if not tls or settings.allow_plain:
+        listeners[LISTENER]["bind"] = f"{settings.host}:{settings.port}"
+    if tls:
+        bind = f"{settings.host}:{settings.mqtts_port}"
+        listeners[TLS_LISTENER] = {"type": "tcp", "bind": bind, "ssl": True}
     return {
-        "listeners": {LISTENER: {"type": "tcp", "bind": f"{settings.host}:{settings.port}"}},
+        "listeners": listeners,
         "session_expiry_interval": settings.session_expiry_s,
         "plugins": {f"{cls.__module__}.{cls.__qualname__}": {} for cls in PLUGINS},
     }
@@ -46,13 +58,24 @@ class IotbizBroker(HardenedBroker):
     QoS 1 delivery of every message and the client's work on it.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, tls_context: ssl.SSLContext | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self.tls_context = tls_context
         self.presence: PresenceRecorder | None = None
         topic_plugins = [p for p in self.plugins_manager.plugins if hasattr(p, "topic_filtering")]
         self._acl = topic_plugins[0] if len(topic_plugins) == 1 else None
         if not isinstance(self._acl, TopicPlugin):
             self._acl = None
+
+    def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:
+        """Replaces amqtt's `Broker._create_ssl_context` (a static method that builds a context
+        from the listener's files, with no minimum TLS version): the platform's one server
+        context (`iotbiz.tls.ServerTLS`), shared with HTTPS and reloaded in place on SIGHUP."""
+        if self.tls_context is None:
+            raise ConfigError("a TLS listener without the platform's TLS context")
+        return self.tls_context
 
     async def _topic_filtering(self, session: Any, topic: str, action: Any) -> bool:
         if self._acl is not None:
@@ -79,12 +102,19 @@ class IotbizBroker(HardenedBroker):
 
 class EmbeddedBroker:
     def __init__(
-        self, settings: MQTTSettings, authority: Authority, presence: PresenceRecorder
+        self,
+        settings: MQTTSettings,
+        authority: Authority,
+        presence: PresenceRecorder,
+        *,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self._settings = settings
+        self._tls = tls_context is not None
         authority.login_hash_share = settings.login_hash_share
         self._broker = IotbizBroker(
-            broker_config(settings),
+            broker_config(settings, tls=self._tls),
+            tls_context=tls_context,
             ack_timeout=settings.ack_timeout_s,
             keepalive_grace=settings.keepalive_grace,
             connect_timeout=settings.connect_timeout_s,
@@ -103,7 +133,16 @@ class EmbeddedBroker:
 
     @property
     def port(self) -> int:
-        return self._broker.listener_port(LISTENER)
+        """The plain listener's port, or the TLS listener's when there is no plain one."""
+        return self._broker.listener_port(LISTENER if self.plain else TLS_LISTENER)
+
+    @property
+    def plain(self) -> bool:
+        return not self._tls or self._settings.allow_plain
+
+    @property
+    def tls_port(self) -> int | None:
+        return self._broker.listener_port(TLS_LISTENER) if self._tls else None
 
     @property
     def broker(self) -> IotbizBroker:
@@ -114,14 +153,20 @@ class EmbeddedBroker:
             await self._broker.start()
         except BrokerError as exc:
             cause = exc.__cause__
-            host, port = self._settings.host, self._settings.port
+            host = self._settings.host
+            port, flag = self._settings.port, "--mqtt-port"
+            if self._tls and (not self.plain or f":{self._settings.mqtts_port}" in str(exc)):
+                port, flag = self._settings.mqtts_port, "--mqtts-port"
             if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
                 raise ConfigError(
-                    f"MQTT port {port} on {host} is in use; choose another with --mqtt-port"
+                    f"MQTT port {port} on {host} is in use; choose another with {flag}"
                 ) from exc
             raise ConfigError(f"cannot start the MQTT broker on {host}:{port}: {exc}") from exc
         self._started = True
-        log.info("MQTT broker listening on mqtt://%s:%d", self._settings.host, self.port)
+        if self.plain:
+            log.info("MQTT broker listening on mqtt://%s:%d", self._settings.host, self.port)
+        if self.tls_port is not None:
+            log.info("MQTT over TLS listening on mqtts://%s:%d", self._settings.host, self.tls_port)
 
     async def kick(self, username: str, *, drop_retained: bool = False) -> None:
         """Disconnect every session of `username` and discard it (after a revoke or reset).

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 from dataclasses import dataclass
 
 import aiomqtt
@@ -44,6 +45,7 @@ class ServiceLink:
     username: str
     password: str
     follow_telemetry: bool = True  # False: the embedded broker records telemetry directly
+    tls_context: ssl.SSLContext | None = None  # MQTT over TLS
 
 
 class ServiceClient:
@@ -71,6 +73,7 @@ class ServiceClient:
                     clean_session=True,
                     timeout=PUBLISH_TIMEOUT_S,
                     max_inflight_messages=MAX_INFLIGHT,
+                    tls_context=self._link.tls_context,
                 ) as client:
                     await client.subscribe(self._subscriptions)
                     self._client = client
