@@ -9,7 +9,13 @@ console's login, and then RUNS times opens a fresh tab at `/#/fleet` and measure
   own `performance.mark("iotbiz-fleet-rows")`, made when it inserted them);
 - `visible_ms`: from `page.goto` in this script to the first row visible to Playwright (what a
   person waits, with the test driver's overhead);
+- where the time went (the page's resource timing): `request_start_ms`, navigation to the start
+  of the first `GET /api/v1/admin/devices` (HTML, modules, the session check), and `request_ms`,
+  that request's own duration;
 - the JS heap the tab uses then (Chrome's `Performance.getMetrics`, `JSHeapUsedSize`).
+
+The load average is printed with the figures: on a machine busy with other work, every figure
+grows with it.
 
 The first run is a warm-up (nothing cached yet) and reported on its own. Chromium is Debian's
 (`scripts/browser-setup`), headless.
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -59,6 +66,8 @@ async def prepare(db: Path, devices: int) -> None:
 def measure(url: str, runs: int) -> dict[str, Any]:
     rows_ms: list[float] = []
     visible_ms: list[float] = []
+    request_start_ms: list[float] = []
+    request_ms: list[float] = []
     heap_mb: list[float] = []
     shown = total = 0
     with sync_playwright() as playwright:
@@ -76,6 +85,15 @@ def measure(url: str, runs: int) -> dict[str, Any]:
             visible_ms.append((time.perf_counter() - start) * 1000)
             mark = page.evaluate("performance.getEntriesByName('iotbiz-fleet-rows')[0].startTime")
             rows_ms.append(float(mark))
+            start_ms, duration_ms = page.evaluate(
+                """() => {
+                    const [r] = performance.getEntriesByType("resource")
+                        .filter((e) => e.name.includes("/api/v1/admin/devices"));
+                    return [r.startTime, r.responseEnd - r.startTime];
+                }"""
+            )
+            request_start_ms.append(float(start_ms))
+            request_ms.append(float(duration_ms))
             metrics = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
             heap_mb.append(metrics["JSHeapUsedSize"] / 2**20)
             shown = page.get_by_test_id("device-row").count()
@@ -95,6 +113,8 @@ def measure(url: str, runs: int) -> dict[str, Any]:
     return {
         "rows_ms": summary(rows_ms),
         "visible_ms": summary(visible_ms),
+        "request_start_ms": summary(request_start_ms),
+        "request_ms": summary(request_ms),
         "heap_mb": summary(heap_mb),
         "rows_shown": shown,
         "total": total,
@@ -120,7 +140,13 @@ def main() -> None:
             child.terminate()
             loop.run_until_complete(asyncio.wait_for(child.wait(), 30))
             loop.close()
-    report = {"devices": args.devices, "runs": args.runs, **report}
+    report = {
+        "devices": args.devices,
+        "runs": args.runs,
+        **report,
+        "load_average": [round(n, 2) for n in os.getloadavg()],
+        "cpus": os.cpu_count(),
+    }
     if args.json:
         print(json.dumps(report, indent=2))
         return
@@ -131,6 +157,8 @@ def main() -> None:
     for key, label in (
         ("rows_ms", "navigation -> rows in the DOM"),
         ("visible_ms", "goto -> first row visible"),
+        ("request_start_ms", "  navigation -> devices request"),
+        ("request_ms", "  devices request"),
     ):
         row = report[key]
         print(
@@ -141,6 +169,7 @@ def main() -> None:
     print(
         f"  JS heap used                     p50 {heap['p50']:7.1f} MB  max {heap['max']:7.1f} MB"
     )
+    print(f"  load average at the end {report['load_average']} on {report['cpus']} CPUs")
 
 
 if __name__ == "__main__":
