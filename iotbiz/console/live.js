@@ -113,8 +113,11 @@ export function throttled(run, intervalMs = 1000) {
     }
     timer = setTimeout(fire, Math.max(0, last + intervalMs - Date.now()));
   };
-  // a load made by other means (the page's first) counts as a run: the next waits its interval
+  // A load made by other means (the page's first, a new filter) is a run: what was asked for
+  // before it started is in its answer, and the next run waits its interval.
   schedule.touch = () => {
+    if (timer !== null) clearTimeout(timer);
+    timer = null;
     last = Date.now();
   };
   schedule.cancel = () => {

@@ -4,8 +4,10 @@ the CSRF lock, and markup from a device shown as text."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -270,3 +272,52 @@ def test_tags_offline_live_and_revoke_with_a_confirm(
     expect(page.get_by_test_id("device-header")).to_contain_text("revoked")
     expect(page.get_by_test_id("device-revoke")).to_be_disabled()
     assert admin(console_platform, "GET", f"/devices/{name}")[1]["state"] == "revoked"
+
+
+def test_the_fleet_refetches_at_most_once_a_second_while_devices_report(
+    console: Page, console_platform: PlatformProcess
+) -> None:
+    """Three devices on the page send telemetry 20 times a second for 4 s; the stream sends an
+    event every 0.2 s naming them; the page asks for its rows at most once a second."""
+    clients = []
+    for i in range(3):
+        name = f"{CUSTOMER}/busy-{i}"
+        password = enroll_device(console_platform.url, CUSTOMER, f"busy-{i}")
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv311)
+        client.username_pw_set(name, password)
+        client.connect("127.0.0.1", console_platform.mqtt_port, keepalive=30)
+        client.loop_start()
+        clients.append((name, client))
+    page = console
+    page.goto("/#/fleet")
+    with page.expect_response(lambda response: "q=busy-" in response.url):
+        page.get_by_test_id("fleet-search").fill("busy-")
+    rows = page.get_by_test_id("device-row")
+    expect(rows).to_have_count(3)
+    for row in rows.all():
+        expect(row).to_have_attribute("data-online", "true")
+    fetched: list[float] = []
+    page.on(
+        "request",
+        lambda request: (
+            fetched.append(time.monotonic()) if "/api/v1/admin/devices?" in request.url else None
+        ),
+    )
+    try:
+        end = time.monotonic() + 4
+        n = 0
+        while time.monotonic() < end:
+            n += 1
+            for name, client in clients:
+                body = {"ts": time.time(), "system": {"cpu_percent": n % 100}, "apps": []}
+                client.publish(f"devices/{name}/telemetry", json.dumps(body), qos=0)
+            page.wait_for_timeout(50)  # (Playwright delivers the page's events while it waits)
+        expect(rows.first.locator("td.cell-num").first).to_contain_text(f"{n % 100}%")
+        page.wait_for_timeout(1500)  # any refetch still to come
+    finally:
+        for _, client in clients:
+            client.disconnect()
+            client.loop_stop()
+    gaps = [later - earlier for earlier, later in itertools.pairwise(fetched)]
+    assert 3 <= len(fetched) <= 7, fetched  # 5.5 s: not the 20 or more events' worth
+    assert min(gaps) >= 0.9, gaps
