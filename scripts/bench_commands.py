@@ -146,11 +146,16 @@ class AgentLikeDevice(SimDevice):
 class Fleet:
     """Connects devices the way the agent does: a refused or failed connect (CONNACK 3 while the
     platform's password checks are busy, as in a cold connect storm) is tried again after a
-    jittered backoff (the agent's: 1 s doubling to 60 s), until the setup time is up."""
+    jittered backoff (the agent's: 1 s doubling to 60 s), until the setup time is up. Each
+    device sends telemetry from the moment it is connected, as the agent does (an idle one would
+    be dropped by the broker's keep-alive check while the rest of the fleet is still connecting).
+    A device whose connection is lost later is not connected again: `still_connected` says."""
 
     port: int
     arrivals: dict[str, float]
+    telemetry_rate: float
     devices: list[AgentLikeDevice] = field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)  # telemetry, cancelled at end
     refusals: Counter[str] = field(default_factory=Counter)
     gave_up: int = 0
     seconds: float = 0.0
@@ -173,6 +178,8 @@ class Fleet:
                     raise MqttError(f"{credentials.name}: SUBACK refused")
                 device.say_online()
                 self.devices.append(device)
+                stop_at = time.monotonic() + 24 * 3600  # the task is cancelled instead
+                self.tasks.append(asyncio.create_task(device.run(self.telemetry_rate, stop_at, 60)))
                 return
             except MqttError as exc:
                 # "NAME: CONNACK refused with code 3", "NAME: cannot connect (...)", ...
@@ -494,7 +501,9 @@ async def bench(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             "errors": dict(enrolled.errors),
         }
         arrivals: dict[str, float] = {}
-        fleet = Fleet(platform.mqtt_port, arrivals)
+        rate = 1 / args.telemetry_interval if args.telemetry_interval > 0 else 0.0
+        fleet = Fleet(platform.mqtt_port, arrivals, rate)
+        tasks = fleet.tasks
         devices = fleet.devices  # filled as they connect
         await fleet.connect(enrolled.credentials, args.setup_timeout)
         report["connect"] = {
@@ -503,9 +512,6 @@ async def bench(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             "refused_attempts": dict(fleet.refusals),
             "gave_up": fleet.gave_up,
         }
-        rate = 1 / args.telemetry_interval if args.telemetry_interval > 0 else 0.0
-        stop_at = time.monotonic() + 24 * 3600  # the tasks are cancelled at the end
-        tasks += [asyncio.create_task(d.run(rate, stop_at, 60)) for d in devices]
         meters = (Meter(platform.proc.pid), Meter(psutil.Process().pid))
         tasks.append(asyncio.create_task(sample_every(meters, 1.0)))
 
