@@ -1,6 +1,7 @@
 """IoTBiz benchmark: the platform against plain amqtt 0.12.1 and mosquitto 2, in one run.
 
     python scripts/bench.py [--quick] [--out bench.json] [--py-spy profile.txt]
+    python scripts/bench.py --fleet-scale 1000,2000,5000,10000 [--scale-rate 1000] ...
 
 Every broker is its own process on a free loopback port; the load (simulated devices from
 scripts/fleet_sim.py: raw asyncio sockets, hand-built packets) comes from this process.
@@ -25,6 +26,10 @@ Measured, at default sizes (about 5 minutes on 2 cores; --quick is a CI-size run
   e. the agent: RSS and CPU of `python -m iotbiz.agent` with three apps and telemetry every
      10 s (scripts/bench_agent.py), sampled for 60 s (20 s with --quick).
 
+--fleet-scale runs only the fleet-scale step instead (IoTBiz alone; scripts/bench_fleet.py):
+the same total telemetry rate and command rate at each fleet size, broker CPU per message,
+delivery and command latency, losses, cold and warm connect and memory per device.
+
 Plain amqtt runs with the only plugin it needs to accept connections (anonymous auth).
 If the `mosquitto` binary is missing, its columns are skipped with a message.
 Output: a markdown table (with ratios and the goals) on stdout, JSON in --out.
@@ -36,6 +41,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -57,6 +63,7 @@ import bcrypt
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_fleet
 from bench_agent import measure as measure_agent
 from fleet_sim import (
     Credentials,
@@ -814,6 +821,56 @@ def _safe(get: Callable[[dict[str, Any]], Any], data: dict[str, Any]) -> Any:
         return None
 
 
+def run_fleet_scale(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """The fleet-scale step alone (see scripts/bench_fleet.py)."""
+    sizes = sorted({int(n) for n in args.fleet_scale.split(",")})
+    load = bench_fleet.ScaleLoad(
+        args.scale_rate, args.scale_qos, args.scale_seconds, args.commands_per_s
+    )
+    cost = int(os.environ.get("IOTBIZ_REGISTRAR_BCRYPT_COST", "6"))
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "open_files_limit": raise_open_files_limit(),
+        "bcrypt": {"cost": cost, "pair_ms": round(bcrypt_pair_seconds(cost) * 1000, 2)},
+        "fleet_scale": {"load": dataclasses.asdict(load), "sizes": {}, "profiles": {}},
+    }
+    db = folder / "bench.db"
+    add_customer(db, CUSTOMER, max(sizes) + 10)
+    password = add_account(db, SUBSCRIBER)
+    spec = iotbiz_spec(folder, db, cost, args.log_level, password)
+    print(f"enrolling {max(sizes)} devices ...", file=sys.stderr, flush=True)
+    with spec.start() as running:
+        url = f"http://127.0.0.1:{running.http_port}"
+        enrolled = asyncio.run(
+            enroll_devices(
+                url, CUSTOMER, device_ids(max(sizes)), concurrency=2 * (os.cpu_count() or 1)
+            )
+        )
+    fleet = sorted(enrolled.credentials, key=lambda c: c.device_id)
+    if len(fleet) < max(sizes):
+        raise RuntimeError(f"only {len(fleet)} of {max(sizes)} devices enrolled")
+    for size in sizes:
+        print(f"  {size} devices", file=sys.stderr, flush=True)
+        out = bench_fleet.profile_path(args.py_spy, size)
+        with spec.start() as running:
+            pid = running.pid
+            measured = asyncio.run(
+                bench_fleet.measure_size(
+                    running.port,
+                    fleet[:size],
+                    spec.subscriber,
+                    load,
+                    cpu=functools.partial(cpu_seconds, pid),
+                    rss=functools.partial(rss, pid),
+                    profile=functools.partial(profiling, out, pid),
+                )
+            )
+        result["fleet_scale"]["sizes"][str(size)] = measured
+        if out is not None and out.exists():
+            result["fleet_scale"]["profiles"][str(size)] = summarize_profile(out)
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CI-size run (about 1.5 minutes)")
@@ -823,18 +880,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--py-spy", type=Path, help="profile IoTBiz under the telemetry load into this raw file"
     )
+    parser.add_argument(
+        "--fleet-scale", metavar="N,N,...", help="run only the fleet-scale step at these sizes"
+    )
+    parser.add_argument("--scale-rate", type=float, default=1000.0, help="fleet-scale msgs/s")
+    parser.add_argument("--scale-qos", type=int, choices=(0, 1), default=1, help="its QoS")
+    parser.add_argument("--scale-seconds", type=float, default=20.0, help="measured per size")
+    parser.add_argument("--commands-per-s", type=float, default=10.0, help="operator commands")
     args = parser.parse_args(argv)
     started = time.perf_counter()
+    step = run_fleet_scale if args.fleet_scale else run
     with tempfile.TemporaryDirectory(prefix="iotbiz-bench-") as tmp:
         try:
-            result = run(args, Path(tmp))
+            result = step(args, Path(tmp))
         except Exception:
             for log in sorted(Path(tmp).glob("*.log")):
                 print(f"--- {log.name} (tail)\n{log.read_text(errors='replace')[-3000:]}")
             raise
     result["seconds"] = round(time.perf_counter() - started, 1)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(markdown(result))
+    print(bench_fleet.markdown(result) if args.fleet_scale else markdown(result))
     print(f"\n{result['seconds']} s; JSON in {args.out}")
 
 

@@ -1,0 +1,219 @@
+"""The fleet-scale step of scripts/bench.py: what a message and a connect cost as the fleet grows.
+
+    python scripts/bench.py --fleet-scale 1000,2000,5000,10000 [--scale-rate 1000] [--scale-qos 1]
+        [--scale-seconds 20] [--commands-per-s 10] [--py-spy profile.txt] [--out fleet.json]
+
+The largest fleet is enrolled once; then, for each size, a fresh platform process: the fleet
+connects at once (cold: every login pays bcrypt; each device subscribes to its `cmd`), leaves,
+connects again (warm), and then sends telemetry at the SAME total rate whatever the fleet size
+(round-robin over the devices, so each sends rate/size msgs/s) while an operator account
+follows `devices/+/+/telemetry` and `devices/+/+/reply` and sends `ping` commands to random
+devices, which answer at once. Measured per size: broker CPU per telemetry message received by
+the operator (the platform's process CPU over the window, all of it: presence, the service
+client and the store included), delivery p50/p99, messages lost (sent minus received after a
+drain), command round trip p50/p99 and unanswered commands, cold and warm connect of the whole
+fleet, RSS per connected device. With --py-spy, each size is profiled into PATH.SIZE (raw
+collapsed stacks) and summarized in the JSON.
+
+The platform runs from the current directory's `iotbiz` (`python -m iotbiz.broker`), so running
+this from a `git worktree` of another commit measures that commit with the same load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fleet_sim import (
+    Credentials,
+    Login,
+    MqttClient,
+    Operator,
+    SimDevice,
+    connect_storm,
+    device_topic,
+    disconnect_all,
+    encode_topic,
+    ms,
+    open_mqtt,
+    percentile,
+    telemetry_payload,
+)
+
+KEEPALIVE_S = 600  # the devices publish rarely at large sizes; the step is shorter than this
+WARMUP_S = 3.0
+DRAIN_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleLoad:
+    rate: float  # total telemetry msgs/s, whatever the fleet size
+    qos: int
+    seconds: float  # measured window
+    commands_per_s: float
+
+
+async def _storm(port: int, logins: Sequence[Login], cpu: Callable[[], float]) -> tuple[Any, Any]:
+    before = cpu()
+    report = await connect_storm(
+        port,
+        logins,
+        subscribe=lambda login: device_topic(login.client_id, "cmd"),
+        keepalive_s=KEEPALIVE_S,
+        wait_s=120.0,
+    )
+    result = {
+        "connected": report.connected,
+        "connack_s": round(report.connack_s, 2),
+        "suback_s": round(report.suback_s, 2),
+        "broker_cpu_s": round(cpu() - before, 2),
+        "errors": dict(report.errors),
+    }
+    return result, report.clients
+
+
+async def _drive(
+    devices: Sequence[SimDevice], load: ScaleLoad, stop_at: float, sent: list[int]
+) -> None:
+    """Telemetry round-robin over the fleet at `load.rate` msgs/s in all until `stop_at`."""
+    topics = [encode_topic(device_topic(d.credentials.name, "telemetry")) for d in devices]
+    order = itertools.cycle(range(len(devices)))
+    start = time.monotonic()
+    while (now := time.monotonic()) < stop_at:
+        due = int((now - start) * load.rate) - sent[0]
+        for _ in range(max(0, due)):
+            index = next(order)
+            client = devices[index].client
+            if client.is_open:
+                client.publish(topics[index], telemetry_payload(sent[0]), load.qos)
+            sent[0] += 1
+        await asyncio.sleep(0.005)
+
+
+async def measure_size(
+    port: int,
+    fleet: Sequence[Credentials],
+    operator_login: Login,
+    load: ScaleLoad,
+    cpu: Callable[[], float],
+    rss: Callable[[], int],
+    profile: Callable[[], Any],
+) -> dict[str, Any]:
+    """One fleet size against a freshly started platform on `port`."""
+    logins = [c.login() for c in fleet]
+    await asyncio.sleep(1.0)
+    idle = rss()
+    cold, clients = await _storm(port, logins, cpu)
+    await disconnect_all(clients)
+    await asyncio.sleep(2.0)  # amqtt's session monitor forgets clean sessions every second
+    warm, clients = await _storm(port, logins, cpu)
+    await asyncio.sleep(1.5)
+    loaded = rss()
+    by_name = {c.name: c for c in fleet}
+    devices = [SimDevice(by_name[c.client_id], c, qos=load.qos) for c in clients]
+    operator = Operator()
+    op_client: MqttClient = await open_mqtt(
+        port, operator_login, on_publish=operator.on_message, wait_s=30
+    )
+    try:
+        for topic_filter in ("devices/+/+/reply", "devices/+/+/telemetry"):
+            if await op_client.subscribe(topic_filter, 1) == 0x80:
+                raise RuntimeError(f"subscription to {topic_filter} refused")
+        sent = [0]
+        stop_at = time.monotonic() + WARMUP_S + load.seconds
+        names = [d.credentials.name for d in devices]
+        tasks = [
+            asyncio.create_task(_drive(devices, load, stop_at, sent)),
+            asyncio.create_task(operator.run(op_client, names, load.commands_per_s, stop_at)),
+        ]
+        await asyncio.sleep(WARMUP_S)
+        sent_before, received_before = sent[0], operator.telemetry_received
+        latencies_from = len(operator.telemetry_latencies)
+        rtts_from = len(operator.command_rtts)
+        began, cpu_before = time.monotonic(), cpu()
+        with profile():
+            await asyncio.sleep(load.seconds)
+        elapsed, broker_cpu = time.monotonic() - began, cpu() - cpu_before
+        received = operator.telemetry_received - received_before
+        window_sent = sent[0] - sent_before
+        await asyncio.gather(*tasks)
+        for _ in range(int(DRAIN_S * 10)):  # drain (bounded): the rest is counted as lost
+            if operator.telemetry_received >= sent[0] and not operator.unanswered:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await disconnect_all([*(d.client for d in devices), op_client])
+    latencies = operator.telemetry_latencies[latencies_from:]
+    rtts = operator.command_rtts[rtts_from:]
+    return {
+        "devices": len(fleet),
+        "cold": cold,
+        "warm": warm,
+        "rss_idle_mb": round(idle / 2**20, 1),
+        "rss_connected_mb": round(loaded / 2**20, 1),
+        "kb_per_device": round((loaded - idle) / 1024 / len(fleet), 1),
+        "traffic": {
+            "qos": load.qos,
+            "offered_per_s": load.rate,
+            "seconds": round(elapsed, 1),
+            "sent_in_window": window_sent,
+            "received_in_window": received,
+            "msgs_per_s": round(received / elapsed),
+            "broker_cpu": round(broker_cpu / elapsed, 2),  # cores
+            "broker_us_per_msg": round(broker_cpu / received * 1e6, 1) if received else None,
+            "p50_ms": ms(percentile(latencies, 50)),
+            "p99_ms": ms(percentile(latencies, 99)),
+            "sent": sent[0],
+            "lost": sent[0] - operator.telemetry_received,
+            "commands_sent": operator.commands_sent,
+            "commands_unanswered": operator.unanswered,
+            "command_rtt_p50_ms": ms(percentile(rtts, 50)),
+            "command_rtt_p99_ms": ms(percentile(rtts, 99)),
+        },
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    sizes = result["fleet_scale"]["sizes"]
+    load = result["fleet_scale"]["load"]
+    out = [
+        f"Fleet scale: {load['rate']:g} telemetry msgs/s in all at QoS {load['qos']}, "
+        f"{load['commands_per_s']:g} commands/s, {load['seconds']:g} s measured per size.",
+        "",
+        "| devices | broker us/msg | broker cores | msgs/s | p50 ms | p99 ms | lost "
+        "| cmd p99 ms | cmd unanswered | cold s | warm s | KB/device |",
+        "|---" * 12 + "|",
+    ]
+    for size, s in sizes.items():
+        t = s["traffic"]
+        cells = [
+            t["broker_us_per_msg"],
+            t["broker_cpu"],
+            t["msgs_per_s"],
+            t["p50_ms"],
+            t["p99_ms"],
+            t["lost"],
+            t["command_rtt_p99_ms"],
+            t["commands_unanswered"],
+            s["cold"]["connack_s"],
+            s["warm"]["connack_s"],
+            s["kb_per_device"],
+        ]
+        out.append(f"| {size} | " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
+    first, last = next(iter(sizes.values())), list(sizes.values())[-1]
+    a, b = first["traffic"]["broker_us_per_msg"], last["traffic"]["broker_us_per_msg"]
+    if a and b:
+        out += ["", f"CPU per message at {last['devices']} / at {first['devices']}: {b / a:.2f}"]
+    for size, profile in result["fleet_scale"].get("profiles", {}).items():
+        out += ["", f"py-spy at {size} devices (own share of samples):", ""]
+        out += [f"- {share:.1%}: {frame}" for frame, share in profile["own"]]
+    return "\n".join(out)
+
+
+def profile_path(base: Path | None, size: int) -> Path | None:
+    return None if base is None else base.with_name(f"{base.name}.{size}")
