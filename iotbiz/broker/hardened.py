@@ -59,6 +59,16 @@ published QoS passed on by `_handle_message_delivery`); the broadcast loop runs 
 inline, without amqtt's per-filter log formatting or a task per message; TCP listeners use a
 listen backlog of `LISTEN_BACKLOG`; sessions and their queues are lean (`iotbiz.broker.sessions`).
 
+Cost at fleet scale: amqtt walked every subscription of every client for each PUBLISH, all
+subscriptions for each CONNECT and all retained messages for each SUBSCRIBE. Subscriptions now
+live in a `SubscriptionIndex` (exact filters by one dict lookup, wildcard filters in a trie, by
+client id too) and retained messages in a `RetainedIndex` (`iotbiz.broker.topic_index`). The
+index is the one seam: `add_subscription`, `_del_subscription`, `_del_all_subscriptions`,
+`_subscriptions_of`, `_run_broadcast` and `_publish_retained_messages_for_subscription` use it,
+and amqtt's `_subscriptions` dict stays empty (`subscriptions` returns a snapshot in its shape).
+A message matching several of one client's filters reaches it once, at the highest of their
+QoS [MQTT-3.3.5-1] (amqtt sent one copy per filter).
+
 Bounds on what one client can make the broker hold (amqtt bounded none of them): a connection's
 received-but-unprocessed packets (`max_inflight_in`; beyond it the reader stops, so TCP slows
 the client: `iotbiz.broker.guards.InflowGate`); accepted messages waiting for the broadcast loop
@@ -107,6 +117,7 @@ from iotbiz.broker.handler import (
     HardenedProtocolHandler,
     log_task_failure,
 )
+from iotbiz.broker.topic_index import RetainedIndex, SubscriptionIndex, is_valid_filter
 
 AMQTT_VERSION = "0.12.1"
 if amqtt.__version__ != AMQTT_VERSION:
@@ -135,6 +146,7 @@ _PUBLISHED_QOS: contextvars.ContextVar[int | None] = contextvars.ContextVar(
 # Session attribute an auth plugin may set to the CONNACK return code of its refusal (default 5).
 REFUSAL_CODE = "hardened.refusal_code"
 
+SUBACK_FAILURE = 0x80  # SUBACK return code of a refused subscription
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_MAX_PACKET_SIZE = 256 * 1024
 DEFAULT_WRITE_TIMEOUT = 30.0
@@ -288,6 +300,10 @@ class HardenedBroker(Broker):
         self._delivery_drops_logged = _Throttle(DROP_LOG_PERIOD_S)
         self._connections: dict[str, _Connection] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self._index: SubscriptionIndex[Session] = SubscriptionIndex()
+        # amqtt's own code (retain_message, shutdown) keeps using it as its dict.
+        self._retained: RetainedIndex[Any] = RetainedIndex()
+        self._retained_messages = self._retained
 
     async def _create_server_instance(
         self,
@@ -354,6 +370,7 @@ class HardenedBroker(Broker):
         """
         quiet = _StartupFailureFilter()
         self.logger.addFilter(quiet)
+        self._index.clear()  # as amqtt clears its subscriptions (a restarted broker)
         try:
             await super().start()
         finally:
@@ -624,12 +641,44 @@ class HardenedBroker(Broker):
         return existing
 
     def _subscriptions_of(self, session: Session) -> list[tuple[str, int]]:
-        return [
-            (topic_filter, qos)
-            for topic_filter, subscribers in self._subscriptions.items()
-            for subscriber, qos in subscribers
-            if subscriber.client_id == session.client_id
-        ]
+        """The client's own subscriptions, from the index (no walk over everyone's)."""
+        return self._index.filters_of(session.client_id)
+
+    # -- subscriptions (the index is the seam: iotbiz.broker.topic_index) ---------------------
+
+    @property
+    def subscriptions(self) -> dict[str, list[tuple[Session, int]]]:
+        """amqtt's `{filter: [(session, qos), ...]}`, as a snapshot of the index (amqtt's
+        property returned its live dict, which the broker no longer fills)."""
+        return self._index.as_dict()
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        """amqtt's `Broker.add_subscription`, storing into the `SubscriptionIndex`.
+
+        Same checks in the same order (filter syntax, SUBSCRIBE ACL, `max-qos`), and also an
+        empty filter refused [MQTT-4.7.3-1] (amqtt accepted it). A second SUBSCRIBE to the same
+        filter replaces the QoS [MQTT-3.8.4-3] (amqtt kept the first one).
+        """
+        topic_filter, qos = subscription
+        if not is_valid_filter(topic_filter):
+            return SUBACK_FAILURE
+        if not await self._topic_filtering(session, topic_filter, Action.SUBSCRIBE):
+            return SUBACK_FAILURE
+        max_qos = self.config.get("max-qos", qos)
+        if not isinstance(max_qos, int):
+            max_qos = qos
+        qos = min(qos, max_qos)
+        self._index.add(session.client_id, session, topic_filter, qos)
+        return qos
+
+    def _del_subscription(self, a_filter: str, session: Session) -> int:
+        """amqtt's (UNSUBSCRIBE one filter), in the index: only this client's entry."""
+        return 1 if self._index.remove(session.client_id, a_filter) else 0
+
+    async def _del_all_subscriptions(self, session: Session) -> None:
+        """amqtt's (a session deleted or cleaned up) walked every filter; now only the
+        client's own entries are touched."""
+        self._index.remove_client(session.client_id)
 
     # -- delivery ----------------------------------------------------------------------------
 
@@ -720,21 +769,16 @@ class HardenedBroker(Broker):
         will reached a QoS 0 subscriber at QoS 2); each delivery is started by `_deliver`
         (bounded per client, not kept in `running_tasks`); and no log text is built per
         subscription (amqtt formatted several f-strings for every filter of every session,
-        matching or not, for every message, whatever the log level). Filters are matched
-        before anything is awaited, so subscriptions changing meanwhile cannot break the
-        iteration.
+        matching or not, for every message, whatever the log level). The subscribers come
+        from the `SubscriptionIndex` (amqtt compared the topic with every filter of every
+        client), each once at the highest QoS of its matching filters [MQTT-3.3.5-1]; they are
+        collected before anything is awaited, so subscriptions changing meanwhile cannot break
+        the iteration.
         """
         broadcast = await self._broadcast_queue.get()
         topic: str = broadcast["topic"]
         message_qos: int | None = broadcast.get("qos")
-        targets = [
-            (session, sub_qos)
-            for topic_filter, subscriptions in self._subscriptions.items()
-            if topic_filter == topic
-            or (("+" in topic_filter or "#" in topic_filter) and self._matches(topic, topic_filter))
-            for session, sub_qos in subscriptions
-        ]
-        for target, sub_qos in targets:
+        for target, sub_qos in self._index.match(topic):
             qos = sub_qos if message_qos is None else min(message_qos, sub_qos)
             if not await self._may_receive(target, topic):
                 continue
@@ -817,16 +861,15 @@ class HardenedBroker(Broker):
 
         Copy of amqtt's method, changed: each message passes the RECEIVE ACL; QoS is
         min(subscription, message) (amqtt sent QoS-0 messages at the subscription's QoS); acks
-        are not awaited here.
+        are not awaited here; the messages come from the `RetainedIndex` (amqtt matched the
+        filter against every retained message: one lookup now for a filter without wildcards).
         """
         topic_filter, sub_qos = subscription
         handler = self._get_handler(session)
         if handler is None:
             return
-        for topic, retained in list(self._retained_messages.items()):
-            if not self._matches(topic, topic_filter) or not await self._may_receive(
-                session, topic
-            ):
+        for topic, retained in self._retained.matching(topic_filter):
+            if not await self._may_receive(session, topic):
                 continue
             qos = sub_qos if retained.qos is None else min(sub_qos, retained.qos)
             self._deliver(handler, session, retained.topic, retained.data, qos, retain=True)
