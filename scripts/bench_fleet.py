@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -135,10 +136,11 @@ async def measure_size(
         sent_before, received_before = sent[0], operator.telemetry_received
         latencies_from = len(operator.telemetry_latencies)
         rtts_from = len(operator.command_rtts)
-        began, cpu_before = time.monotonic(), cpu()
+        began, cpu_before, client_before = time.monotonic(), cpu(), _own_cpu()
         with profile():
             await asyncio.sleep(load.seconds)
         elapsed, broker_cpu = time.monotonic() - began, cpu() - cpu_before
+        client_cpu = _own_cpu() - client_before
         received = operator.telemetry_received - received_before
         window_sent = sent[0] - sent_before
         await asyncio.gather(*tasks)
@@ -166,6 +168,7 @@ async def measure_size(
             "msgs_per_s": round(received / elapsed),
             "broker_cpu": round(broker_cpu / elapsed, 2),  # cores
             "broker_us_per_msg": round(broker_cpu / received * 1e6, 1) if received else None,
+            "client_cpu": round(client_cpu / elapsed, 2),  # this load generator, cores
             "p50_ms": ms(percentile(latencies, 50)),
             "p99_ms": ms(percentile(latencies, 99)),
             "sent": sent[0],
@@ -178,6 +181,11 @@ async def measure_size(
     }
 
 
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def markdown(result: dict[str, Any]) -> str:
     sizes = result["fleet_scale"]["sizes"]
     load = result["fleet_scale"]["load"]
@@ -185,15 +193,16 @@ def markdown(result: dict[str, Any]) -> str:
         f"Fleet scale: {load['rate']:g} telemetry msgs/s in all at QoS {load['qos']}, "
         f"{load['commands_per_s']:g} commands/s, {load['seconds']:g} s measured per size.",
         "",
-        "| devices | broker us/msg | broker cores | msgs/s | p50 ms | p99 ms | lost "
+        "| devices | broker us/msg | broker cores | load cores | msgs/s | p50 ms | p99 ms | lost "
         "| cmd p99 ms | cmd unanswered | cold s | warm s | KB/device |",
-        "|---" * 12 + "|",
+        "|---" * 13 + "|",
     ]
     for size, s in sizes.items():
         t = s["traffic"]
         cells = [
             t["broker_us_per_msg"],
             t["broker_cpu"],
+            t["client_cpu"],
             t["msgs_per_s"],
             t["p50_ms"],
             t["p99_ms"],
