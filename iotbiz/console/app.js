@@ -8,7 +8,7 @@ import { customersPage } from "./customers.js";
 import { devicePage } from "./device.js";
 import { clear, h, refreshRelativeTimes } from "./dom.js";
 import { fleetPage } from "./fleet.js";
-import { onStatus, startLive, stopLive } from "./live.js";
+import { onStatus, startLive, stopLive, whenStreamRefused } from "./live.js";
 import { hideError, mountChrome, showError } from "./ui.js";
 
 const root = document.getElementById("app");
@@ -206,6 +206,10 @@ function render() {
 }
 
 api.whenLoggedOut(() => showLogin("Your session has ended. Sign in again."));
+// a refused stream may mean an ended session: any admin call then brings the login back
+whenStreamRefused(() => {
+  if (api.loggedIn()) api.get("/api/v1/console/session").catch(() => {});
+});
 window.addEventListener("hashchange", render);
 setInterval(() => refreshRelativeTimes(root), 5000);
 

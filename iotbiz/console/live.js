@@ -6,6 +6,10 @@ const STREAM = "/api/v1/admin/stream";
 
 let source = null;
 let lost = false;
+let retryTimer = null;
+let retryMs = 2000;
+const MAX_RETRY_MS = 30000;
+let onClosed = () => {};
 const listeners = new Set();
 const statusListeners = new Set();
 export const counts = { online: null, total: null };
@@ -26,11 +30,19 @@ function dispatch(update) {
   }
 }
 
+/** Called when the stream was refused (the page then checks whether it is still logged in). */
+export function whenStreamRefused(callback) {
+  onClosed = callback;
+}
+
 export function startLive() {
+  clearTimeout(retryTimer);
+  retryTimer = null;
   if (source) return;
   source = new EventSource(STREAM);
   setStatus("connecting");
   source.addEventListener("open", () => {
+    retryMs = 2000;
     setStatus("live");
     if (lost) {
       lost = false;
@@ -39,7 +51,18 @@ export function startLive() {
   });
   source.addEventListener("error", () => {
     lost = true;
-    setStatus(source && source.readyState === EventSource.CLOSED ? "off" : "reconnecting");
+    if (source && source.readyState === EventSource.CLOSED) {
+      // An answer that was not a stream (401 when the session ended, 503 when too many are
+      // open or the platform is starting): EventSource gives up; try again, more slowly each
+      // time, after letting the page check its session.
+      source = null;
+      setStatus("reconnecting");
+      onClosed();
+      retryTimer = setTimeout(startLive, retryMs);
+      retryMs = Math.min(retryMs * 2, MAX_RETRY_MS);
+    } else {
+      setStatus("reconnecting");
+    }
   });
   source.addEventListener("devices", (event) => {
     let data;
@@ -61,6 +84,9 @@ export function startLive() {
 }
 
 export function stopLive() {
+  clearTimeout(retryTimer);
+  retryTimer = null;
+  retryMs = 2000;
   if (source) source.close();
   source = null;
   lost = false;

@@ -321,3 +321,20 @@ def test_the_fleet_refetches_at_most_once_a_second_while_devices_report(
     gaps = [later - earlier for earlier, later in itertools.pairwise(fetched)]
     assert 3 <= len(fetched) <= 7, fetched  # 5.5 s: not the 20 or more events' worth
     assert min(gaps) >= 0.9, gaps
+
+
+def test_a_session_ended_elsewhere_brings_back_the_login(new_page: Callable[..., Page]) -> None:
+    page = new_page()
+    page.goto("/")
+    page.get_by_test_id("login-token").fill(TOKEN)
+    page.get_by_test_id("login-submit").click()
+    expect(page.get_by_test_id("fleet-table")).to_be_visible()
+    # the same cookie logged out by another client (e.g. another tab)
+    csrf = page.request.get("/api/v1/console/session").json()["csrf_token"]
+    answer = page.request.post("/api/v1/console/logout", headers={"X-CSRF-Token": csrf})
+    assert answer.status == 200, answer.text()
+
+    page.evaluate("location.hash = '#/customers'")  # its next call is refused (401), if no
+    # live update's call was refused already
+    expect(page.get_by_test_id("login-page")).to_be_visible()
+    expect(page.get_by_test_id("login-note")).to_have_text("Your session has ended. Sign in again.")
