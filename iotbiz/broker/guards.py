@@ -217,11 +217,26 @@ class GuardedWriter(WriterAdapter):
         self._inner = inner
         self._write_timeout = write_timeout
         self._closed = False
+        self._transport = _transport_of(inner)
 
     def write(self, data: bytes) -> None:
         self._inner.write(data)
 
     async def drain(self) -> None:
+        """The inner drain, bounded by `write_timeout` when it may have to wait.
+
+        When the transport's buffer is at or below its low-water mark, the protocol is not
+        paused and drain returns at once: it is called for every packet sent, so the timeout
+        (a timer scheduled and cancelled) is only set up when the peer is behind.
+        """
+        transport = self._transport
+        if (
+            transport is not None
+            and not transport.is_closing()
+            and transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[0]
+        ):
+            await self._inner.drain()
+            return
         try:
             async with asyncio.timeout(self._write_timeout):
                 await self._inner.drain()

@@ -4,6 +4,14 @@ bounds on what one connection makes the broker hold: received packets not yet pr
 (`max_inflight_in`, enforced by stopping the reader: `iotbiz.broker.guards.InflowGate`) and
 deliveries waiting for this client (`max_queued_out`, beyond which a new one is refused).
 
+Per-packet costs amqtt paid for nothing on the broker side (found by profiling 1,000-10,000
+devices): its reader wrapped every packet read in `asyncio.wait_for(..., keep-alive)` (in Python
+3.11 a task and a timer per packet) whose timeout only called `handle_read_timeout`, a no-op in
+`BrokerProtocolHandler`; and every packet sent cancelled and re-created a keep-alive timer whose
+callback, `handle_write_timeout`, is a no-op there too. Keep-alive is enforced by this module's
+watchdog instead, so `_reader_loop` is a lean copy of amqtt's without the `wait_for`, and
+`_init_session` leaves amqtt's write timer off.
+
 Fits amqtt==0.12.1, which `iotbiz.broker.hardened` checks on import.
 """
 
@@ -13,12 +21,34 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Coroutine, Iterator
 from typing import Any
 
-from amqtt.errors import AMQTTError
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.events import MQTTEvents
+from amqtt.mqtt import packet_class
 from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.constants import QOS_1, QOS_2
+from amqtt.mqtt.packet import (
+    CONNACK,
+    CONNECT,
+    DISCONNECT,
+    PINGREQ,
+    PINGRESP,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    RESERVED_0,
+    RESERVED_15,
+    SUBACK,
+    SUBSCRIBE,
+    UNSUBACK,
+    UNSUBSCRIBE,
+    MQTTFixedHeader,
+)
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.pubcomp import PubcompPacket
@@ -35,6 +65,24 @@ DEFAULT_ACK_TIMEOUT = 60.0
 DEFAULT_KEEPALIVE_GRACE = 1.5
 DEFAULT_MAX_INFLIGHT_IN = 100
 DEFAULT_MAX_QUEUED_OUT = 1000
+
+
+# amqtt's reader loop: the handler method for each packet type (each runs as a task of its own).
+_PACKET_HANDLERS = {
+    CONNACK: "handle_connack",
+    SUBSCRIBE: "handle_subscribe",
+    UNSUBSCRIBE: "handle_unsubscribe",
+    SUBACK: "handle_suback",
+    UNSUBACK: "handle_unsuback",
+    PUBACK: "handle_puback",
+    PUBREC: "handle_pubrec",
+    PUBREL: "handle_pubrel",
+    PUBCOMP: "handle_pubcomp",
+    PINGREQ: "handle_pingreq",
+    PINGRESP: "handle_pingresp",
+    PUBLISH: "handle_publish",
+    DISCONNECT: "handle_disconnect",
+}
 
 
 def log_task_failure(task: asyncio.Task[Any]) -> None:
@@ -90,6 +138,69 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
         """
         handler, session = await lean_init_from_connect(cls, reader, writer, plugins_manager, loop)
         return handler, session
+
+    def _init_session(self, session: Session) -> None:
+        """amqtt's, with its keep-alive write timer off: on the broker its callback
+        (`handle_write_timeout`) does nothing, and `_send_packet` re-created the timer for every
+        packet sent. Keep-alive is this class's watchdog (`start`)."""
+        super()._init_session(session)
+        self.keepalive_timeout = None
+
+    async def _reader_loop(self) -> None:
+        """Replaces amqtt's `ProtocolHandler._reader_loop`: the same steps (read a packet, fire
+        PACKET_RECEIVED, run its handler as a task, CONNECT inline; at the end cancel the
+        handlers, close, stop), without `asyncio.wait_for` around each read (a task and a timer
+        per packet, for a timeout whose handler is a no-op on the broker) and with one dict
+        lookup instead of a chain of isinstance checks per packet.
+        """
+        session = self._current_session()
+        if not self._reader_ready:
+            raise AMQTTError("Reader ready is not initialized.")
+        running: deque[asyncio.Task[None]] = deque()
+        while True:
+            try:
+                self._reader_ready.set()
+                while running and running[0].done():
+                    running.popleft()
+                if self.reader is None:
+                    log.warning("reader of %s is not initialized", session.client_id)
+                    break
+                fixed_header = await MQTTFixedHeader.from_stream(self.reader)
+                if not fixed_header:
+                    break  # EOF
+                kind = fixed_header.packet_type
+                if kind in (RESERVED_0, RESERVED_15):
+                    log.warning("%s sent a reserved packet type: closing", session.client_id)
+                    await self.handle_connection_closed()
+                    continue
+                packet = await packet_class(fixed_header).from_stream(
+                    self.reader, fixed_header=fixed_header
+                )
+                await self.plugins_manager.fire_event(
+                    MQTTEvents.PACKET_RECEIVED, packet=packet, session=session
+                )
+                if kind == CONNECT:
+                    await self.handle_connect(packet)
+                    continue
+                name = _PACKET_HANDLERS.get(kind)
+                if name is None:
+                    log.warning("%s sent unhandled packet type %s", session.client_id, kind)
+                    continue
+                running.append(asyncio.create_task(getattr(self, name)(packet)))
+            except MQTTError:
+                log.debug("message from %s discarded", session.client_id)
+            except asyncio.CancelledError:
+                break
+            except NoDataError:
+                log.debug("%s: no data available", session.client_id)
+            except Exception as exc:  # amqtt's rule: anything else ends the connection
+                log.warning("reader of %s failed: %r", session.client_id, exc)
+                break
+        while running:
+            running.popleft().cancel()
+        await self.handle_connection_closed()
+        self._reader_stopped.set()
+        await self.stop()
 
     async def mqtt_connack_refuse(self, return_code: int) -> None:
         """CONNACK with a refusal code of the caller's choice (amqtt's
