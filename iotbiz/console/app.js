@@ -16,10 +16,15 @@ let leavePage = null; // the shown page's cleanup
 let pageSerial = 0;
 
 const ROUTES = [
-  { pattern: /^\/?(fleet)?$/, nav: "fleet", page: () => fleetPage },
-  { pattern: /^\/devices\/([^/]+)\/([^/]+)$/, nav: "fleet", page: () => devicePage },
-  { pattern: /^\/customers$/, nav: "customers", page: () => customersPage },
-  { pattern: /^\/audit$/, nav: "audit", page: () => auditPage },
+  { pattern: /^\/?(fleet)?$/, nav: "fleet", title: () => "Fleet", page: () => fleetPage },
+  {
+    pattern: /^\/devices\/([^/]+)\/([^/]+)$/,
+    nav: "fleet",
+    title: (params) => params.join("/"),
+    page: () => devicePage,
+  },
+  { pattern: /^\/customers$/, nav: "customers", title: () => "Customers", page: () => customersPage },
+  { pattern: /^\/audit$/, nav: "audit", title: () => "Audit log", page: () => auditPage },
 ];
 
 function route() {
@@ -35,6 +40,7 @@ function route() {
 
 function showLogin(message) {
   leave();
+  document.title = "Sign in · IoTBiz";
   stopLive();
   document.body.classList.add("at-login");
   const error = h("div", { class: "login-error", testid: "login-error", role: "alert" });
@@ -199,6 +205,7 @@ function render() {
     );
     return;
   }
+  document.title = `${target.title(target.params)} · IoTBiz`;
   const serial = ++pageSerial;
   const page = target.page();
   const cleanup = page(main, ...target.params);

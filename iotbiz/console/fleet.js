@@ -50,7 +50,11 @@ function deviceRow(device) {
     "tr",
     {
       testid: "device-row",
-      class: device.online ? "row-online" : "row-offline",
+      class: [
+        device.online ? "row-online" : "row-offline",
+        apps.some((app) => app.state === "FATAL") ? "row-bad" : "",
+        apps.some((app) => app.state === "BACKOFF") ? "row-warn" : "",
+      ].join(" "),
       dataset: { name: device.name, online: device.online ? "true" : "false" },
     },
     h(
@@ -121,7 +125,8 @@ export function fleetPage(main) {
   const search = h("input", {
     class: "input input-search",
     type: "search",
-    placeholder: "Search devices by name…  ( / )",
+    placeholder: "Search devices by name…",
+    title: "Search (press / to jump here)",
     value: view.filters.q,
     testid: "fleet-search",
     "aria-label": "Search",
