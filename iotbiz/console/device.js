@@ -373,7 +373,7 @@ export function devicePage(main, customerId, deviceId) {
     busyApps.set(app, word);
     renderApps();
     try {
-      const command = await runCommand(name, action, { name: app });
+      const command = await runCommand(device.name, action, { name: app });
       if (command.state === "done") {
         const status = object(command.result);
         overrides.set(app, { status, at: epoch(command.done_at) || Date.now() / 1000 });
@@ -401,7 +401,10 @@ export function devicePage(main, customerId, deviceId) {
       return;
     }
     logsInfo.textContent = `Asking ${deviceId} for the last lines of ${app}…`;
-    const command = await runCommand(name, "app.logs", { name: app, lines: Number(linesSelect.value) });
+    const command = await runCommand(device.name, "app.logs", {
+      name: app,
+      lines: Number(linesSelect.value),
+    });
     if (signal.aborted) return;
     loadCommands();
     if (command.state !== "done") {
@@ -473,7 +476,8 @@ export function devicePage(main, customerId, deviceId) {
   // ---- commands, events ----
   async function loadCommands() {
     try {
-      const answer = await get(`${ADMIN}/commands${query({ device: name, limit: 20 })}`, { signal });
+      const deviceName = device ? device.name : name;
+      const answer = await get(`${ADMIN}/commands${query({ device: deviceName, limit: 20 })}`, { signal });
       const commands = Array.isArray(answer.commands) ? answer.commands : [];
       clear(commandsBody).append(
         ...(commands.length
@@ -559,7 +563,9 @@ export function devicePage(main, customerId, deviceId) {
   const refetchTelemetry = throttled(loadTelemetry, 15000);
   const unsubscribe = subscribe((update) => {
     if (gone) return;
-    if (update.more || update.changed.includes(name)) {
+    // the stream names devices as the platform writes them (a MAC as aa:bb:..., whatever the
+    // notation of this page's address)
+    if (update.more || update.changed.includes(device ? device.name : name)) {
       refetch();
       refetchTelemetry();
     }

@@ -238,16 +238,17 @@ def test_the_fleet_pages_forward_and_back_by_cursor(
 def test_tags_offline_live_and_revoke_with_a_confirm(
     console: Page, console_platform: PlatformProcess
 ) -> None:
-    device_id = "edit-1"
-    name = f"{CUSTOMER}/{device_id}"
-    password = enroll_device(console_platform.url, CUSTOMER, device_id)
+    """A MAC device, its page opened with the MAC in another notation than the platform's."""
+    password = enroll_device(console_platform.url, CUSTOMER, "44-8A-5B-00-00-07")
+    name = f"{CUSTOMER}/44:8a:5b:00:00:07"
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv311)
     client.username_pw_set(name, password)
     client.connect("127.0.0.1", console_platform.mqtt_port, keepalive=30)
     client.loop_start()
     page = console
     try:
-        page.goto(f"/#/devices/{name}")
+        page.goto(f"/#/devices/{CUSTOMER}/448a5b000007")
+        expect(page.get_by_test_id("device-name")).to_have_text("44:8a:5b:00:00:07")
         expect(page.get_by_test_id("device-online")).to_have_attribute("data-online", "true")
 
         page.get_by_test_id("tag-input").fill("site=berlin")
