@@ -53,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -821,6 +822,23 @@ def _safe(get: Callable[[dict[str, Any]], Any], data: dict[str, Any]) -> Any:
         return None
 
 
+def broker_drops(http_port: int, token_file: Path) -> dict[str, float]:
+    """The platform's counters of dropped MQTT messages, from /metrics (admin token)."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{http_port}/metrics",
+        headers={"Authorization": f"Bearer {token_file.read_text().strip()}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 (loopback)
+        text = response.read().decode()
+    drops = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        name = name.removesuffix("_total")  # prometheus_client's counters
+        if name in ("iotbiz_mqtt_dropped_deliveries", "iotbiz_mqtt_dropped_queued_messages"):
+            drops[name.removeprefix("iotbiz_mqtt_")] = float(value)
+    return drops
+
+
 def run_fleet_scale(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     """The fleet-scale step alone (see scripts/bench_fleet.py)."""
     sizes = sorted({int(n) for n in args.fleet_scale.split(",")})
@@ -863,6 +881,9 @@ def run_fleet_scale(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
                     cpu=functools.partial(cpu_seconds, pid),
                     rss=functools.partial(rss, pid),
                     profile=functools.partial(profiling, out, pid),
+                    drops=functools.partial(
+                        broker_drops, running.http_port or 0, folder / "admin.token"
+                    ),
                 )
             )
         result["fleet_scale"]["sizes"][str(size)] = measured

@@ -11,9 +11,10 @@ follows `devices/+/+/telemetry` and `devices/+/+/reply` and sends `ping` command
 devices, which answer at once. Measured per size: broker CPU per telemetry message received by
 the operator (the platform's process CPU over the window, all of it: presence, the service
 client and the store included), delivery p50/p99, messages lost (sent minus received after a
-drain), command round trip p50/p99 and unanswered commands, cold and warm connect of the whole
-fleet, RSS per connected device. With --py-spy, each size is profiled into PATH.SIZE (raw
-collapsed stacks) and summarized in the JSON.
+drain; the broker's own drop counters from /metrics beside it), command round trip p50/p99
+and unanswered commands, cold and warm connect of the whole fleet, RSS per connected device.
+With --py-spy, each size is profiled into PATH.SIZE (raw collapsed stacks) and summarized in
+the JSON.
 
 The platform runs from the current directory's `iotbiz` (`python -m iotbiz.broker`), so running
 this from a `git worktree` of another commit measures that commit with the same load.
@@ -104,6 +105,7 @@ async def measure_size(
     cpu: Callable[[], float],
     rss: Callable[[], int],
     profile: Callable[[], Any],
+    drops: Callable[[], dict[str, float]],
 ) -> dict[str, Any]:
     """One fleet size against a freshly started platform on `port`."""
     logins = [c.login() for c in fleet]
@@ -136,6 +138,7 @@ async def measure_size(
         sent_before, received_before = sent[0], operator.telemetry_received
         latencies_from = len(operator.telemetry_latencies)
         rtts_from = len(operator.command_rtts)
+        drops_before = drops()
         began, cpu_before, client_before = time.monotonic(), cpu(), _own_cpu()
         with profile():
             await asyncio.sleep(load.seconds)
@@ -148,6 +151,7 @@ async def measure_size(
             if operator.telemetry_received >= sent[0] and not operator.unanswered:
                 break
             await asyncio.sleep(0.1)
+        drops_after = drops()
     finally:
         await disconnect_all([*(d.client for d in devices), op_client])
     latencies = operator.telemetry_latencies[latencies_from:]
@@ -173,6 +177,7 @@ async def measure_size(
             "p99_ms": ms(percentile(latencies, 99)),
             "sent": sent[0],
             "lost": sent[0] - operator.telemetry_received,
+            "broker_drops": {k: v - drops_before.get(k, 0) for k, v in drops_after.items()},
             "commands_sent": operator.commands_sent,
             "commands_unanswered": operator.unanswered,
             "command_rtt_p50_ms": ms(percentile(rtts, 50)),
@@ -194,8 +199,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{load['commands_per_s']:g} commands/s, {load['seconds']:g} s measured per size.",
         "",
         "| devices | broker us/msg | broker cores | load cores | msgs/s | p50 ms | p99 ms | lost "
-        "| cmd p99 ms | cmd unanswered | cold s | warm s | KB/device |",
-        "|---" * 13 + "|",
+        "| broker dropped | cmd p99 ms | cmd unanswered | cold s | warm s | KB/device |",
+        "|---" * 14 + "|",
     ]
     for size, s in sizes.items():
         t = s["traffic"]
@@ -207,6 +212,7 @@ def markdown(result: dict[str, Any]) -> str:
             t["p50_ms"],
             t["p99_ms"],
             t["lost"],
+            t.get("broker_drops", {}).get("dropped_deliveries"),
             t["command_rtt_p99_ms"],
             t["commands_unanswered"],
             s["cold"]["connack_s"],
