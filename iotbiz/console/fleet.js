@@ -75,8 +75,12 @@ function deviceRow(device) {
     h("td", { class: "cell-num" }, meter(memory)),
     h(
       "td",
-      { class: "cell-apps", testid: "device-apps" },
-      apps.length ? apps.map((app) => appBadge(app)) : h("span", { class: "muted" }, "—"),
+      {},
+      h(
+        "div",
+        { class: "cell-apps", testid: "device-apps" },
+        apps.length ? apps.map((app) => appBadge(app)) : h("span", { class: "muted" }, "—"),
+      ),
     ),
   );
 }
