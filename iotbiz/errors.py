@@ -60,6 +60,7 @@ class HTTPError(IotbizError):
     """An error that the registrar answers with `status` and `{"error": message}`."""
 
     status = 500
+    close_connection = False  # True: the answer closes the connection (an unread body)
 
     def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)

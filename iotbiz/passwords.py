@@ -38,6 +38,8 @@ class PasswordHasher:
         self._executor = ThreadPoolExecutor(
             self.threads, thread_name_prefix="bcrypt", initializer=_yield_to_other_threads
         )
+        # a hash of a random password no one knows, for checks without a real hash (`check`)
+        self._decoy = bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(rounds=cost))
 
     @property
     def busy(self) -> bool:
@@ -62,9 +64,14 @@ class PasswordHasher:
         result: bytes = await self._run(bcrypt.hashpw, password.encode(), salt)
         return result
 
-    async def check(self, password: str, password_hash: bytes) -> bool:
-        result: bool = await self._run(_checkpw, password.encode(), password_hash)
-        return result
+    async def check(self, password: str, password_hash: bytes | None) -> bool:
+        """True if `password` matches `password_hash`. With None (no such device, or one that
+        may not log in), a check against a decoy hash of the same cost, which takes the same
+        time and is False: the answer's timing does not tell whether the device exists."""
+        if password_hash is None:
+            password_hash = self._decoy
+        result: bool = await self._run(_checkpw, password.encode("utf-8", "replace"), password_hash)
+        return result and password_hash is not self._decoy
 
     async def _run(self, func: Callable[..., Any], *args: bytes) -> Any:
         self._jobs += 1

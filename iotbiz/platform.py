@@ -37,7 +37,7 @@ from iotbiz.dispatch import Dispatcher
 from iotbiz.errors import ConfigError, PlatformFailed
 from iotbiz.passwords import PasswordHasher
 from iotbiz.presence import PresenceRecorder
-from iotbiz.registrar import create_app
+from iotbiz.registrar import create_app, http_server
 from iotbiz.registrar.keys import HEALTH_CHECKS, SERVICE_CLIENT
 from iotbiz.registrar.service_client import ServiceLink
 from iotbiz.retention import Retention
@@ -160,7 +160,7 @@ class Platform:
         self._spawn(dispatcher.run_replies(), "command-replies")
         self._spawn(dispatcher.run_expiry(), "command-expiry")
         self._spawn(Retention(store, settings.history).run(), "retention")
-        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
+        self._runner = http_server.runner(app, settings, handle_signals=False, shutdown_timeout=5.0)
         await self._runner.setup()
         http = settings.http
         context = self.tls.context if self.tls is not None else None

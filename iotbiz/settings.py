@@ -41,6 +41,22 @@ class StoreSettings:
 class HTTPSettings:
     host: str = setting("127.0.0.1", "address the registrar listens on (0.0.0.0: all interfaces)")
     port: int = setting(8080, "TCP port of the registrar (device API, healthz)", min=0, max=65535)
+    header_timeout_s: float = setting(
+        10.0,
+        "a client must send a request's headers within this many seconds of connecting or of"
+        " the previous answer (else the connection is closed)",
+        min=0.1,
+        max=3600,
+    )
+    body_timeout_s: float = setting(
+        10.0, "a request's body must arrive within this many seconds (else 408)", min=0.1, max=3600
+    )
+    max_connections: int = setting(
+        2000, "HTTP connections open at once; more are closed at once", min=1
+    )
+    max_connections_per_address: int = setting(
+        100, "HTTP connections open at once from one client address", min=1
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -198,9 +198,10 @@ class Enrollment:
 
     async def recheck(self, credentials: Credentials) -> bool:
         """After the broker refused `credentials`: True if they were forgotten because the
-        platform no longer knows the device (an operator's `device reset`), so the next
-        `credentials()` enrolls anew; False if they still stand (a passing platform problem)
-        or the device is refused for good (revoked), which only an operator can change."""
+        registrar refuses them too (activate does not say why: a device reset, forgotten by the
+        platform, or revoked), so the next `credentials()` enrolls anew and registration tells
+        which (a revoked device is refused there, with the operator's hint, until a reset);
+        False if they still stand (a passing platform problem)."""
         try:
             status, answer = await self._post(
                 "/api/v1/activate",
@@ -214,8 +215,8 @@ class Enrollment:
             log.warning("cannot check the refused credentials: %s", exc)
             return False
         reason = answer.get("error") if isinstance(answer, dict) else None
-        if status == 403 and reason == "unknown device":
-            log.warning("the platform forgot %s (reset): enrolling again", credentials.name)
+        if status == 403:  # forgotten (reset) or revoked: enrolling again tells which
+            log.warning("the platform refuses %s (%s): enrolling again", credentials.name, reason)
             await asyncio.to_thread(self._path.unlink, True)
             return True
         log.error(

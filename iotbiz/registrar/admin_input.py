@@ -16,8 +16,10 @@ from typing import Any
 
 from aiohttp import web
 
-from iotbiz.errors import BadRequest, HTTPError
+from iotbiz.errors import BadRequest
 from iotbiz.names import DeviceName, is_customer_id, normalize_device_id, parse_device_name
+from iotbiz.registrar.http_server import read_body
+from iotbiz.registrar.keys import SETTINGS
 
 MAX_BODY_BYTES = 64 * 1024  # admin request bodies (the device API keeps its 4 KiB)
 MAX_QUERY_TEXT = 256
@@ -27,20 +29,11 @@ CUSTOMER_ID_RULE = "1 to 64 of A-Z a-z 0-9 _ - (first alphanumeric)"
 DEVICE_ID_RULE = "a MAC address, or 1 to 64 of A-Z a-z 0-9 : _ - (first alphanumeric)"
 
 
-class PayloadTooLarge(HTTPError):
-    status = 413
-
-
 async def read_object(request: web.Request, *, limit: int = MAX_BODY_BYTES) -> dict[str, Any]:
-    """The request's body as a JSON object, read up to `limit` bytes (413 beyond)."""
-    too_large = PayloadTooLarge(f"request body too large (at most {limit} bytes)")
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
-    raw = bytearray()
-    async for chunk in request.content.iter_any():
-        raw += chunk
-        if len(raw) > limit:
-            raise too_large
+    """The request's body as a JSON object, read up to `limit` bytes (413 beyond) within
+    `http.body_timeout_s` (408)."""
+    timeout_s = request.app[SETTINGS].http.body_timeout_s
+    raw = await read_body(request, limit=limit, timeout_s=timeout_s)
     try:
         body = json.loads(raw, parse_constant=_refuse_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:

@@ -20,6 +20,7 @@ from iotbiz.registrar import (
     admin_api,
     admin_commands,
     admin_devices,
+    admin_input,
     device_api,
     fleet_feed,
     openapi,
@@ -28,6 +29,7 @@ from iotbiz.registrar.admin_auth import AdminAuth, auth_middleware, load_or_crea
 from iotbiz.registrar.console import add_console_routes
 from iotbiz.registrar.console_auth import ConsoleSessions
 from iotbiz.registrar.fleet_feed import FLEET_FEED, FleetFeed
+from iotbiz.registrar.http_server import expect_handler, server_header
 from iotbiz.registrar.keys import (
     ADMIN_AUTH,
     DISPATCHER,
@@ -136,13 +138,15 @@ def create_app(
     if service is not None and presence is not None:
         app[SERVICE_CLIENT] = ServiceClient(service, presence)
         app.cleanup_ctx.append(functools.partial(_service_client, spawn=spawn))
-    app.router.add_post("/api/v1/register", device_api.register)
-    app.router.add_post("/api/v1/activate", device_api.activate)
+    device_body = expect_handler(device_api.MAX_BODY_BYTES)
+    app.router.add_post("/api/v1/register", device_api.register, expect_handler=device_body)
+    app.router.add_post("/api/v1/activate", device_api.activate, expect_handler=device_body)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_handler(metrics))
     app.router.add_get("/api/v1/openapi.json", openapi.serve)
     _add_admin_routes(app.router)
     add_console_routes(app)
+    app.on_response_prepare.append(server_header)
     return app
 
 
@@ -150,18 +154,19 @@ def _add_admin_routes(router: web.UrlDispatcher) -> None:
     """The admin API (docs/admin-api.md); `openapi` documents exactly these routes."""
     admin = "/api/v1/admin"
     device = f"{admin}/devices/{{customer_id}}/{{device_id}}"
+    body = {"expect_handler": expect_handler(admin_input.MAX_BODY_BYTES)}
     router.add_get(f"{admin}/customers", admin_api.list_customers)
-    router.add_post(f"{admin}/customers", admin_api.add_customer)
+    router.add_post(f"{admin}/customers", admin_api.add_customer, **body)
     router.add_get(f"{admin}/customers/{{customer_id}}", admin_api.show_customer)
-    router.add_patch(f"{admin}/customers/{{customer_id}}", admin_api.update_customer)
+    router.add_patch(f"{admin}/customers/{{customer_id}}", admin_api.update_customer, **body)
     router.add_get(f"{admin}/devices", admin_devices.list_devices)
     router.add_get(device, admin_devices.show_device)
-    router.add_post(f"{device}/revoke", admin_devices.revoke_device)
-    router.add_post(f"{device}/reset", admin_devices.reset_device)
-    router.add_patch(f"{device}/tags", admin_devices.update_tags)
+    router.add_post(f"{device}/revoke", admin_devices.revoke_device, **body)
+    router.add_post(f"{device}/reset", admin_devices.reset_device, **body)
+    router.add_patch(f"{device}/tags", admin_devices.update_tags, **body)
     router.add_get(f"{device}/telemetry", admin_devices.device_telemetry)
     router.add_get(f"{device}/events", admin_devices.device_events)
-    router.add_post(f"{admin}/commands", admin_commands.send_command)
+    router.add_post(f"{admin}/commands", admin_commands.send_command, **body)
     router.add_get(f"{admin}/commands", admin_commands.list_commands)
     router.add_get(f"{admin}/commands/{{command_id}}", admin_commands.show_command)
     router.add_get(f"{admin}/audit", admin_api.list_audit)

@@ -19,6 +19,7 @@ from aiohttp import web
 from iotbiz.registrar.console_auth import (
     COOKIE,
     CSRF_HEADER,
+    MAX_LOGIN_BODY,
     NotLoggedIn,
     clear_cookie,
     limit_logins,
@@ -26,7 +27,8 @@ from iotbiz.registrar.console_auth import (
     session_answer,
     set_cookie,
 )
-from iotbiz.registrar.keys import ADMIN_AUTH
+from iotbiz.registrar.http_server import expect_handler
+from iotbiz.registrar.keys import ADMIN_AUTH, SETTINGS
 
 CONSOLE_DIR = Path(__file__).resolve().parent.parent / "console"
 SERVED_SUFFIXES = (".html", ".js", ".css", ".svg", ".png", ".ico")
@@ -59,7 +61,9 @@ def add_console_routes(app: web.Application) -> None:
     app[CONSOLE_FILES] = console_files()
     app.router.add_get("/", index)
     app.router.add_get("/console/{file}", asset)
-    app.router.add_post("/api/v1/console/login", login)
+    app.router.add_post(
+        "/api/v1/console/login", login, expect_handler=expect_handler(MAX_LOGIN_BODY)
+    )
     app.router.add_get("/api/v1/console/session", show_session)
     app.router.add_post("/api/v1/console/logout", logout)
 
@@ -84,7 +88,7 @@ async def login(request: web.Request) -> web.Response:
     token, 429 after too many tries from one address."""
     auth = request.app[ADMIN_AUTH]
     limit_logins(auth.sessions, request)
-    token = await read_login_token(request)
+    token = await read_login_token(request, timeout_s=request.app[SETTINGS].http.body_timeout_s)
     auth.check(f"Bearer {token}")
     cookie, session = auth.sessions.open()
     response = web.json_response(session_answer(session), headers={"Cache-Control": "no-store"})

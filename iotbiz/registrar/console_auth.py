@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from iotbiz.errors import BadRequest, Forbidden, HTTPError, TooManyRequests
+from iotbiz.registrar.http_server import read_body
 from iotbiz.registrar.ratelimit import RateLimiter
 
 COOKIE = "iotbiz_session"
@@ -126,13 +127,9 @@ def session_answer(session: ConsoleSession) -> dict[str, str]:
     return {"csrf_token": session.csrf_token, "expires_at": _iso(session.expires_at)}
 
 
-async def read_login_token(request: web.Request) -> str:
+async def read_login_token(request: web.Request, *, timeout_s: float) -> str:
     """The `token` of a login body `{"token": "..."}`; BadRequest for anything else."""
-    if request.content_length is not None and request.content_length > MAX_LOGIN_BODY:
-        raise BadRequest(f"request body too large (at most {MAX_LOGIN_BODY} bytes)")
-    raw = await request.content.read(MAX_LOGIN_BODY + 1)
-    if len(raw) > MAX_LOGIN_BODY:
-        raise BadRequest(f"request body too large (at most {MAX_LOGIN_BODY} bytes)")
+    raw = await read_body(request, limit=MAX_LOGIN_BODY, timeout_s=timeout_s)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:

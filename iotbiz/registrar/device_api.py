@@ -12,10 +12,15 @@ from iotbiz.errors import BadRequest, Forbidden, RegistrationRefused, TooManyReq
 from iotbiz.models import DeviceState
 from iotbiz.names import DeviceName, is_customer_id, normalize_device_id
 from iotbiz.passwords import generate_password
+from iotbiz.registrar.http_server import read_body
 from iotbiz.registrar.keys import HASHER, RATE_LIMITER, SETTINGS, STORE
 from iotbiz.registrar.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 4096  # a registration is a customer id, a MAC and a password
+# activate's one refusal: which of these it was is not told (no device-existence oracle)
+ACTIVATION_REFUSED = "unknown device, wrong password, or registration expired or revoked"
 
 MAX_PASSWORD_LENGTH = 128
 
@@ -51,26 +56,30 @@ async def activate(request: web.Request) -> web.Response:
         raise BadRequest(f"password must be a string of 1 to {MAX_PASSWORD_LENGTH} characters")
     store, hasher = request.app[STORE], request.app[HASHER]
     device = await store.get_device(name)
-    if device is None:
-        raise Forbidden("unknown device")
-    if device.state is DeviceState.REVOKED or device.password_hash is None:
-        raise Forbidden("device revoked")
-    if device.is_expired(store.now()):
-        raise Forbidden("registration expired")
+    # One answer, and one bcrypt check's time, whatever the reason: unknown, revoked, expired
+    # or a wrong password. The caller learns nothing of which devices exist.
+    usable = (
+        device is not None
+        and device.state is not DeviceState.REVOKED
+        and device.password_hash is not None
+        and not device.is_expired(store.now())
+    )
     if hasher.busy:
         raise TooManyRequests("registrar busy, try again", retry_after_s=1)
-    if not await hasher.check(password, device.password_hash):
-        raise Forbidden("wrong password")
+    known_hash = device.password_hash if usable and device is not None else None
+    matched = await hasher.check(password, known_hash)
+    if not matched or device is None or known_hash is None:
+        raise Forbidden(ACTIVATION_REFUSED)
     if device.state is DeviceState.ACTIVE:
         return web.Response(status=200)  # activated before with this password: no other effect
-    if not await store.activate_device(name, device.password_hash, actor=_actor(request)):
+    if not await store.activate_device(name, known_hash, actor=_actor(request)):
         # Changed while bcrypt ran: activated by a concurrent call with the same password (fine),
         # or re-registered with a new password, expired or revoked (refused).
         current = await store.get_device(name)
         if current is None or current.state is not DeviceState.ACTIVE:
             raise Forbidden("registration changed; register again")
-        if current.password_hash != device.password_hash:
-            raise Forbidden("wrong password")
+        if current.password_hash != known_hash:
+            raise Forbidden(ACTIVATION_REFUSED)
     log.debug("activated %s", name)  # the audit log has it
     return web.Response(status=200)
 
@@ -83,7 +92,8 @@ def _limit_rate(request: web.Request) -> None:
 
 
 async def _read_object(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()  # aiohttp raises 413 past the app's client_max_size
+    timeout_s = request.app[SETTINGS].http.body_timeout_s
+    raw = await read_body(request, limit=MAX_BODY_BYTES, timeout_s=timeout_s)
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:

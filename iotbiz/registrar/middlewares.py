@@ -37,7 +37,10 @@ def error_middleware() -> Middleware:
         try:
             return await handler(request)
         except HTTPError as exc:
-            return json_error(exc.status, str(exc), exc.headers)
+            response = json_error(exc.status, str(exc), exc.headers)
+            if exc.close_connection:
+                response.force_close()
+            return response
         except NotFoundError as exc:
             return json_error(404, str(exc))
         except ConflictError as exc:

@@ -7,6 +7,7 @@ ways) and every status each handler can answer, errors with the one error schema
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from aiohttp import web
@@ -444,7 +445,7 @@ def _console_ops() -> dict[str, Any]:
                 "summary": "log in to the web console with the admin token",
                 **PUBLIC,
                 "requestBody": body(object_schema({"token": {"type": "string", "minLength": 1}})),
-                "responses": responses({200: session}, 400, 401, 429),
+                "responses": responses({200: session}, 400, 401, 408, 413, 429),
             }
         },
         "/api/v1/console/session": {
@@ -478,18 +479,20 @@ def _console_ops() -> dict[str, Any]:
     }
 
 
-def _with_csrf_refusals(paths: dict[str, Any]) -> dict[str, Any]:
-    """Every admin operation that changes something answers 403 to a console session without
-    its CSRF token."""
+def _with_common_refusals(paths: dict[str, Any]) -> dict[str, Any]:
+    """Every operation that takes a body answers 408 when it does not arrive in time and 413
+    when it is too large; every admin operation that changes something answers 403 to a
+    console session without its CSRF token."""
     for path, item in paths.items():
-        if not path.startswith("/api/v1/admin/"):
-            continue
         for method, operation_ in item.items():
-            if (
-                method in {"post", "patch", "put", "delete"}
-                and "403" not in operation_["responses"]
-            ):
-                operation_["responses"] = {**operation_["responses"], **responses({}, 403)}
+            if method not in {"get", "post", "patch", "put", "delete"}:
+                continue
+            extra = [408, 413] if "requestBody" in operation_ else []
+            if path.startswith("/api/v1/admin/") and method != "get":
+                extra.append(403)
+            missing = [status for status in extra if str(status) not in operation_["responses"]]
+            if missing:
+                operation_["responses"] = {**operation_["responses"], **responses({}, *missing)}
     return paths
 
 
@@ -502,9 +505,9 @@ def document() -> dict[str, Any]:
             "version": __version__,
             "description": "See docs/admin-api.md and docs/device-api.md.",
         },
-        "paths": _with_csrf_refusals(
+        "paths": _with_common_refusals(
             {
-                **PATHS,
+                **copy.deepcopy(PATHS),
                 **_customer_ops(),
                 **_device_ops(),
                 **_command_ops(),

@@ -14,6 +14,7 @@ ERRORS = {
     401: "missing or wrong admin token (or console session)",
     403: "refused (a console session's change without its X-CSRF-Token)",
     404: "no such customer, device or command",
+    408: "the request's body did not arrive in time (http.body_timeout_s)",
     409: "exists already",
     413: "request body too large",
     429: "too many requests or busy: retry after Retry-After seconds",

@@ -334,15 +334,17 @@ async def test_credentials_of_another_device_are_ignored(
     assert credentials.device_id == "dev-1"
 
 
-async def test_recheck_forgets_credentials_only_after_a_reset(
+async def test_recheck_forgets_credentials_only_when_the_registrar_refuses_them(
     make_enrollment: Callable[..., Enrollment], store: Store
 ) -> None:
     enrollment = make_enrollment()
     credentials = await enrollment.credentials()
     assert not await enrollment.recheck(credentials)  # still valid: kept
     assert enrollment.load() == credentials
-    await store.revoke_device(NAME, actor="test")
-    assert not await enrollment.recheck(credentials)  # revoked: kept, an operator decides
     await store.reset_device(NAME, actor="test")
     assert await enrollment.recheck(credentials)  # reset: forgotten, enroll again
+    assert enrollment.load() is None
+    credentials = await enrollment.credentials()
+    await store.revoke_device(NAME, actor="test")
+    assert await enrollment.recheck(credentials)  # revoked: forgotten too; registering says so
     assert enrollment.load() is None

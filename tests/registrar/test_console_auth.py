@@ -74,7 +74,7 @@ async def test_login_refuses_bad_bodies(console: Client, body: bytes) -> None:
 
 async def test_login_refuses_an_oversized_body(console: Client) -> None:
     response = await console.post(LOGIN, json={"token": "x" * 5000})
-    await assert_error(response, 400, "request body too large (at most 1024 bytes)")
+    await assert_error(response, 413, "request body too large (at most 1024 bytes)")
 
 
 async def test_a_wrong_token_is_401_and_repeated_tries_are_429(console: Client) -> None:

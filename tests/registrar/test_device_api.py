@@ -13,6 +13,8 @@ from aiohttp.test_utils import TestClient
 from iotbiz.models import DeviceState
 from iotbiz.names import DeviceName
 from iotbiz.registrar import create_app
+from iotbiz.registrar.device_api import ACTIVATION_REFUSED as REFUSED
+from iotbiz.registrar.keys import HASHER
 from iotbiz.settings import Settings
 from iotbiz.store import Store
 from tests.conftest import FakeClock
@@ -63,7 +65,7 @@ async def test_the_seed_flow(client: Client, store: Store) -> None:
     # the response was lost: register again, a new password; the old one stops working
     second = await new_password(client)
     assert second != first
-    await assert_error(await activate(client, first), 403, "wrong password")
+    await assert_error(await activate(client, first), 403, REFUSED)
 
     # activate: 200, no payload
     response = await activate(client, second)
@@ -82,7 +84,7 @@ async def test_the_seed_flow(client: Client, store: Store) -> None:
 
     # the activated device can never be registered again, and a wrong password stays wrong
     await assert_error(await register(client), 403, "device already activated")
-    await assert_error(await activate(client, first), 403, "wrong password")
+    await assert_error(await activate(client, first), 403, REFUSED)
     device_after = await store.get_device(NAME)
     assert device_after == device  # nothing changed, the password hash included
 
@@ -143,18 +145,18 @@ async def test_pending_registration_expires(client: Client, clock: FakeClock) ->
     password = await new_password(client)
     clock.advance(86400 - 1)
     clock.advance(2)
-    await assert_error(await activate(client, password), 403, "registration expired")
+    await assert_error(await activate(client, password), 403, REFUSED)
     # the device may register again afterwards
     password = await new_password(client)
     assert (await activate(client, password)).status == 200
 
 
 async def test_activate_refusals(client: Client, store: Store) -> None:
-    await assert_error(await activate(client, "x" * 32), 403, "unknown device")
+    await assert_error(await activate(client, "x" * 32), 403, REFUSED)
     password = await new_password(client)
-    await assert_error(await activate(client, "x" * 32), 403, "wrong password")
+    await assert_error(await activate(client, "x" * 32), 403, REFUSED)
     await store.revoke_device(NAME, actor="test")
-    await assert_error(await activate(client, password), 403, "device revoked")
+    await assert_error(await activate(client, password), 403, REFUSED)
     await assert_error(await register(client), 403, "device revoked")
 
 
@@ -162,7 +164,7 @@ async def test_reset_allows_registration_again(client: Client, store: Store) -> 
     password = await new_password(client)
     assert (await activate(client, password)).status == 200
     await store.reset_device(NAME, actor="test")
-    await assert_error(await activate(client, password), 403, "unknown device")
+    await assert_error(await activate(client, password), 403, REFUSED)
     password = await new_password(client)
     assert (await activate(client, password)).status == 200
 
@@ -311,3 +313,38 @@ async def test_a_full_hash_queue_answers_429(
         if response.status == 429:
             await assert_error(response, 429, "registrar busy, try again")
             assert response.headers["Retry-After"] == "1"
+
+
+async def test_activate_does_not_tell_which_devices_exist(client: Client, store: Store) -> None:
+    """Unknown, pending with a wrong password, revoked: the same answer, and each costs one
+    bcrypt check (the decoy's for a device that does not exist)."""
+    app_hasher = client.app[HASHER]
+    password = await new_password(client)
+    answers = []
+    for mac in ("44:8a:5b:00:00:99", NAME.device_id):  # unknown, then the pending one
+        before = app_hasher.operations
+        response = await client.post(
+            "/api/v1/activate",
+            json={"customer_id": NAME.customer_id, "mac_address": mac, "password": "x" * 32},
+        )
+        answers.append((response.status, await response.json()))
+        assert app_hasher.operations == before + 1
+    assert answers[0] == answers[1] == (403, {"error": REFUSED})
+    await store.revoke_device(NAME, actor="test")
+    before = app_hasher.operations
+    await assert_error(await activate(client, password), 403, REFUSED)
+    assert app_hasher.operations == before + 1
+
+
+@pytest.mark.parametrize("password", ["\udc80", "\ud800abc", "p\u00e4ss\u0000"])
+async def test_activate_with_any_string_is_a_refusal_not_a_500(
+    client: Client, password: str
+) -> None:
+    await new_password(client)
+    body = json.dumps(
+        {"customer_id": NAME.customer_id, "mac_address": NAME.device_id, "password": password}
+    )
+    response = await client.post(
+        "/api/v1/activate", data=body, headers={"Content-Type": "application/json"}
+    )
+    await assert_error(response, 403, REFUSED)
