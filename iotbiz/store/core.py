@@ -55,6 +55,7 @@ class StoreCore:
                 await asyncio.to_thread(_create_file, path)
             elif not await asyncio.to_thread(path.is_file):
                 raise StoreNotFound(f"no store at {path}")
+            await asyncio.to_thread(_make_private, path)
             # mode=rw: SQLite itself never creates the file (nor its folder) here.
             connecting = aiosqlite.connect(
                 f"file:{urllib.parse.quote(str(path))}?mode={'rwc' if create else 'rw'}",
@@ -196,11 +197,38 @@ def _switch_to_wal(conn: sqlite3.Connection) -> None:
 
 
 def _create_file(path: Path) -> None:
-    """Create the store file (and its folder) if missing, readable by its owner only: it holds
-    password hashes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Create the store file (and the folders it needs) if missing, for its owner only: it
+    holds password hashes. Folders made here are 0700, files 0600, whatever the umask."""
+    missing = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
+    for folder in reversed(missing):
+        with suppress(FileExistsError):
+            folder.mkdir(mode=0o700)
+            os.chmod(folder, 0o700)  # mkdir's mode is masked by the umask
     with suppress(FileExistsError):
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.chmod(path, 0o600)
+
+
+def _make_private(path: Path) -> None:
+    """An existing store file (and its WAL and shared-memory files, which SQLite creates with
+    the store's own mode) that others may read is made 0600, with one warning; one owned by
+    another user is left as it is, with a warning."""
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            info = file.stat()
+        except FileNotFoundError:
+            continue
+        if not info.st_mode & 0o077:
+            continue
+        if info.st_uid != os.geteuid():
+            log.warning("store file %s is readable by others and not ours to chmod", file)
+            continue
+        os.chmod(file, 0o600)
+        log.warning(
+            "store file %s was mode %04o (readable by others): made it 0600",
+            file,
+            info.st_mode & 0o777,
+        )
 
 
 def scalar(conn: sqlite3.Connection, sql: str, params: Iterable[Any] | dict[str, Any] = ()) -> Any:
