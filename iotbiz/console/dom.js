@@ -96,8 +96,12 @@ export function percent(value) {
   return typeof value === "number" && Number.isFinite(value) ? `${Math.round(value)}%` : "—";
 }
 
+/** 10000 -> "10,000". (Not toLocaleString: its first call loads locale data, ~60 ms.) */
 export function number(value) {
-  return typeof value === "number" ? value.toLocaleString("en-US") : "—";
+  if (typeof value !== "number" || !Number.isFinite(value)) return "—";
+  const [whole, fraction] = String(value).split(".");
+  const grouped = whole.replace(/\B(?=(\d{3})+(?!\d))/g, ",");
+  return fraction ? `${grouped}.${fraction}` : grouped;
 }
 
 export function object(value) {
