@@ -27,8 +27,9 @@ Then, as an operator with the admin token (`admin.token` beside the store):
 
 Also measured: when each command first reached its device (this process sees both ends), the
 platform's CPU (per cent of one core) and RSS (psutil on the child, sampled every second) and this
-process's CPU (the simulated fleet and the operator share the machine with the platform), and the
-command dispatcher's counters from `/metrics`.
+process's CPU (the simulated fleet and the operator share the machine with the platform), the
+share of the time the machine was short of CPU (Linux PSI, /proc/pressure/cpu: other work on the
+same cores shows there), and the command dispatcher's counters from `/metrics`.
 
 Bounded: enrollment and connecting by --setup-timeout, every HTTP request by a timeout, the bulk
 wait by --bulk-timeout; the run ends within setup + duration + about 45 s + the bulk wait.
@@ -197,13 +198,26 @@ class Fleet:
 # -- measuring the platform ----------------------------------------------------------------------
 
 
+def cpu_pressure_us() -> int | None:
+    """Linux PSI: microseconds so far in which some runnable task waited for a CPU (None where
+    /proc/pressure/cpu is missing). Over a phase, the share of time the machine was short of CPU:
+    other work on the same cores, which this benchmark cannot see otherwise."""
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    return int(line.rpartition("total=")[2])
+
+
 class Meter:
-    """CPU (per cent of one core) and RSS of a process over a phase, RSS sampled every second."""
+    """CPU (per cent of one core) and RSS of a process over a phase, RSS sampled every second;
+    and the machine's CPU pressure over the phase (per cent of the time)."""
 
     def __init__(self, pid: int) -> None:
         self._process = psutil.Process(pid)
         self._began = 0.0
         self._cpu = 0.0
+        self._pressure: int | None = None
         self.rss: list[int] = []
 
     def _cpu_s(self) -> float:
@@ -212,6 +226,7 @@ class Meter:
 
     def begin(self) -> None:
         self._began, self._cpu, self.rss = time.monotonic(), self._cpu_s(), []
+        self._pressure = cpu_pressure_us()
 
     def sample(self) -> None:
         with contextlib.suppress(psutil.Error):
@@ -220,8 +235,12 @@ class Meter:
     def end(self) -> dict[str, float | None]:
         self.sample()
         wall = time.monotonic() - self._began
+        pressure, now = self._pressure, cpu_pressure_us()
         return {
             "cpu_percent": round(100 * (self._cpu_s() - self._cpu) / wall, 1),
+            "machine_cpu_pressure_percent": None
+            if pressure is None or now is None
+            else round((now - pressure) / 1e4 / wall, 1),
             "rss_mb_mean": round(sum(self.rss) / len(self.rss) / 2**20, 1),
             "rss_mb_max": round(max(self.rss) / 2**20, 1),
         }
@@ -580,7 +599,8 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
         f"  of which POST p50 {single['post']['p50_ms']} ms p99 {single['post']['p99_ms']} ms;"
         f" POST to device p50 {single['to_device']['p50_ms']} ms p99"
         f" {single['to_device']['p99_ms']} ms; event loop lag max"
-        f" {single['event_loop_lag_max_ms']} ms"
+        f" {single['event_loop_lag_max_ms']} ms; the machine short of CPU"
+        f" {single['platform']['machine_cpu_pressure_percent']} % of the time (PSI)"
     )
     if other:
         print(f"  http errors: {other}")
@@ -594,7 +614,9 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
         f" reached {bulk['reached_a_device']} devices, p50 {to_device['p50_ms']} ms"
         f" p99 {to_device['p99_ms']} ms max {to_device['max_ms']} ms after the POST;"
         f" platform CPU {bulk['platform']['cpu_percent']} %, RSS max"
-        f" {bulk['platform']['rss_mb_max']} MB; bench CPU {bulk['bench_process']['cpu_percent']} %"
+        f" {bulk['platform']['rss_mb_max']} MB; bench CPU {bulk['bench_process']['cpu_percent']} %;"
+        f" the machine short of CPU {bulk['platform']['machine_cpu_pressure_percent']} %"
+        " of the time"
     )
     print(f"  dispatcher: {bulk['dispatcher']}")
     print(f"\nfleet: {fleet}; platform SIGTERM: {report['platform_sigterm']}")
