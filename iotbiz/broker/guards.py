@@ -3,7 +3,10 @@
 `GuardedReader` follows the MQTT framing to refuse packets larger than `max_packet_size` before
 buffering them, times the last complete packet (for the keep-alive watch) and, with an
 `InflowGate`, stops reading while the broker holds too many of the connection's messages
-unprocessed; `GuardedWriter` aborts a peer that stops reading for `write_timeout` seconds.
+unprocessed; `GuardedWriter` aborts a peer that stops reading for `write_timeout` seconds, and
+hands what is written during one event-loop iteration to the transport in one piece (one send
+system call, not one per packet: a subscriber following a whole fleet gets many packets per
+iteration; profiled, the sends were a fifth of the broker's time).
 Fits amqtt==0.12.1, which `iotbiz.broker.hardened` checks on import.
 """
 
@@ -19,6 +22,10 @@ from amqtt.adapters import ReaderAdapter, StreamWriterAdapter, WebSocketsWriter,
 from amqtt.errors import AMQTTError
 
 log = logging.getLogger(__name__)
+
+# GuardedWriter: queued writes beyond this go to the transport at the next drain (the transport's
+# default low-water mark is 16 KiB, its high-water mark 64 KiB).
+FLUSH_AT_DRAIN = 16 * 1024
 
 
 class ConnectionGuardError(AMQTTError):
@@ -218,9 +225,32 @@ class GuardedWriter(WriterAdapter):
         self._write_timeout = write_timeout
         self._closed = False
         self._transport = _transport_of(inner)
+        self._pending: list[bytes] = []  # written during this loop iteration, not yet sent
+        self._pending_size = 0
+        self._flush_handle: asyncio.Handle | None = None
 
     def write(self, data: bytes) -> None:
-        self._inner.write(data)
+        """Queue `data`; it goes to the transport, with whatever else is written in this
+        event-loop iteration, at the end of the iteration (or at the next drain if a lot is
+        queued, or at close). Order is kept: every write of the connection comes this way."""
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if not self._pending:
+            return
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending.clear()
+        self._pending_size = 0
+        try:
+            self._inner.write(data)
+        except (OSError, RuntimeError) as exc:  # the connection is gone; its reader notices
+            log.debug("write to %s failed: %r", self.get_peer_info(), exc)
 
     async def drain(self) -> None:
         """The inner drain, bounded by `write_timeout` when it may have to wait.
@@ -230,6 +260,8 @@ class GuardedWriter(WriterAdapter):
         (a timer scheduled and cancelled) is only set up when the peer is behind.
         """
         transport = self._transport
+        if self._pending_size > FLUSH_AT_DRAIN:
+            self._flush()  # much queued: let the transport (and its flow control) have it
         if (
             transport is not None
             and not transport.is_closing()
@@ -260,6 +292,7 @@ class GuardedWriter(WriterAdapter):
         if self._closed:
             return
         self._closed = True
+        self._flush()
         try:
             async with asyncio.timeout(self._write_timeout):
                 await self._inner.close()
@@ -272,6 +305,8 @@ class GuardedWriter(WriterAdapter):
 
     def abort(self) -> None:
         """Drop the connection at once, discarding unsent data."""
+        self._pending.clear()
+        self._pending_size = 0
         transport = _transport_of(self._inner)
         if transport is not None:
             transport.abort()

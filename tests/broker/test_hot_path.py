@@ -1,7 +1,8 @@
 """The lean per-packet path of `HardenedProtocolHandler` and `GuardedWriter` keeps its bounds:
-no keep-alive timer re-created per packet (the watchdog alone enforces keep-alive), and a peer
-that stops reading is still aborted after `write_timeout` although drains below the low-water
-mark skip the timeout."""
+no keep-alive timer re-created per packet (the watchdog alone enforces keep-alive), packets
+written in one event-loop iteration reach the transport as one write, and a peer that stops
+reading is still aborted after `write_timeout` although drains below the low-water mark skip
+the timeout."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import asyncio
 import socket
 import time
 
+from amqtt.adapters import StreamWriterAdapter
+
+from iotbiz.broker.guards import FLUSH_AT_DRAIN, GuardedWriter
 from tests.broker.acl_plugins import PASSWORDS
 from tests.broker.test_hardened import until
 from tests.broker.test_subscription_flow import FlowClient, started_broker
@@ -51,3 +55,40 @@ async def test_a_peer_that_stops_reading_is_aborted_after_the_write_timeout() ->
         finally:
             sock.close()
         await root.close()
+
+
+class CountingAdapter(StreamWriterAdapter):
+    """amqtt's stream adapter, counting the writes that reach it (the transport's sends)."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        super().__init__(writer)
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+
+async def test_packets_written_in_one_loop_iteration_go_out_as_one_write() -> None:
+    ours, theirs = socket.socketpair()
+    reader, writer = await asyncio.open_connection(sock=ours)
+    peer_reader, peer_writer = await asyncio.open_connection(sock=theirs)
+    inner = CountingAdapter(writer)
+    guarded = GuardedWriter(inner, write_timeout=5.0)
+    for n in range(3):  # as amqtt sends a packet: write, then drain
+        guarded.write(b"packet %d;" % n)
+        await guarded.drain()
+    assert inner.writes == []  # not yet: the iteration has not ended
+    await asyncio.sleep(0)
+    assert inner.writes == [b"packet 0;packet 1;packet 2;"]
+    big = bytes(FLUSH_AT_DRAIN + 1)
+    guarded.write(big)
+    await guarded.drain()  # much queued: handed over at once
+    assert inner.writes[-1] == big
+    guarded.write(b"last")
+    await guarded.close()  # close sends what is queued first
+    expected = b"packet 0;packet 1;packet 2;" + big + b"last"
+    async with asyncio.timeout(5):
+        assert await peer_reader.readexactly(len(expected)) == expected
+    peer_writer.close()
+    reader.feed_eof()
