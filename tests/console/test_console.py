@@ -339,3 +339,49 @@ def test_a_session_ended_elsewhere_brings_back_the_login(new_page: Callable[...,
     # live update's call was refused already
     expect(page.get_by_test_id("login-page")).to_be_visible()
     expect(page.get_by_test_id("login-note")).to_have_text("Your session has ended. Sign in again.")
+
+
+def test_customers_add_and_change_a_limit(console: Page, console_platform: PlatformProcess) -> None:
+    page = console
+    page.goto("/#/customers")
+    page.get_by_test_id("customer-new-id").fill("newco")
+    page.get_by_test_id("customer-new-limit").fill("5")
+    page.get_by_test_id("customer-add").click()
+    row = page.locator('[data-testid="customer-row"][data-customer="newco"]')
+    expect(row.get_by_test_id("customer-limit")).to_have_text("5")
+    expect(row.get_by_test_id("customer-usage")).to_contain_text("0 of 5")
+
+    row.get_by_test_id("customer-edit-limit").click()
+    row.get_by_test_id("customer-limit-input").fill("7")
+    row.get_by_test_id("customer-limit-save").click()
+    expect(row.get_by_test_id("customer-limit")).to_have_text("7")
+    assert admin(console_platform, "GET", "/customers/newco")[1]["device_limit"] == 7
+
+
+def test_the_audit_log_filters_by_subject_and_pages_to_older_entries(
+    console: Page, console_platform: PlatformProcess
+) -> None:
+    """55 tag changes of one device: 50 on the first page, 5 older ones on the next."""
+    password = enroll_device(console_platform.url, CUSTOMER, "audited-1")
+    assert password
+    name = f"{CUSTOMER}/audited-1"
+    for i in range(55):
+        status, answer = admin(
+            console_platform, "PATCH", f"/devices/{name}/tags", {"tags": {"n": str(i)}}
+        )
+        assert status == 200, answer
+    page = console
+    page.goto("/#/audit")
+    expect(page.get_by_test_id("audit-row").first).to_be_visible()
+    page.get_by_test_id("audit-subject").fill(name)
+    rows = page.get_by_test_id("audit-row")
+    expect(rows.first).to_contain_text('changes={"n":"54"}')
+    expect(rows).to_have_count(50)
+    expect(page.get_by_test_id("audit-info")).to_have_text("Entries 1\u201350")
+    page.get_by_test_id("audit-older").click()
+    expect(page.get_by_test_id("audit-info")).to_have_text("Entries 51\u201357")
+    # the five oldest changes, then the activation and the registration
+    expect(rows).to_have_count(7)
+    expect(rows.first).to_contain_text('changes={"n":"4"}')
+    expect(rows.last).to_contain_text("device.register")
+    expect(page.get_by_test_id("audit-older")).to_be_disabled()
