@@ -56,14 +56,19 @@ export function auditPage(main) {
     );
   }
 
+  let listed = ""; // the subject of the entries shown
   async function load(reset) {
+    clearTimeout(timer);
+    const wanted = subject.value.trim();
+    if (wanted !== listed) reset = true; // "older" of another subject's list is no page at all
     const mine = ++serial;
     if (reset) {
       before = null;
       shown = 0;
+      listed = wanted;
     }
     try {
-      const answer = await get(`${ADMIN}/audit${query({ subject: subject.value.trim(), limit: PAGE_SIZE, before })}`, { signal });
+      const answer = await get(`${ADMIN}/audit${query({ subject: wanted, limit: PAGE_SIZE, before })}`, { signal });
       if (mine !== serial) return;
       hideError();
       const entries = Array.isArray(answer.entries) ? answer.entries : [];
