@@ -67,7 +67,9 @@ index is the one seam: `add_subscription`, `_del_subscription`, `_del_all_subscr
 `_subscriptions_of`, `_run_broadcast` and `_publish_retained_messages_for_subscription` use it,
 and amqtt's `_subscriptions` dict stays empty (`subscriptions` returns a snapshot in its shape).
 A message matching several of one client's filters reaches it once, at the highest of their
-QoS [MQTT-3.3.5-1] (amqtt sent one copy per filter).
+QoS [MQTT-3.3.5-1] (amqtt sent one copy per filter). amqtt's session monitor walked every
+session every second to find the disconnected ones to expire; `_session_monitor` looks only at
+the sessions that disconnected (`_disconnected`, kept by `_handle_disconnect` and the CONNECT).
 
 Bounds on what one client can make the broker hold (amqtt bounded none of them): a connection's
 received-but-unprocessed packets (`max_inflight_in`; beyond it the reader stops, so TCP slows
@@ -92,6 +94,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -301,6 +304,7 @@ class HardenedBroker(Broker):
         self._connections: dict[str, _Connection] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._index: SubscriptionIndex[Session] = SubscriptionIndex()
+        self._disconnected: dict[str, Session] = {}  # sessions to check for expiry
         # amqtt's own code (retain_message, shutdown) keeps using it as its dict.
         self._retained: RetainedIndex[Any] = RetainedIndex()
         self._retained_messages = self._retained
@@ -479,6 +483,7 @@ class HardenedBroker(Broker):
             session.transitions.connect()
         handler.attach(session, reader, writer)
         self._sessions[client_id] = (session, handler)
+        self._disconnected.pop(client_id, None)
         connection = _Connection(handler, writer)
         self._connections[client_id] = connection
         try:
@@ -886,6 +891,45 @@ class HardenedBroker(Broker):
         ):
             client_session.will_flag = False  # the next CONNECT sets it again
         await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+        client_id = client_session.client_id
+        if self._sessions.get(client_id, (None, None))[0] is client_session:
+            self._disconnected[client_id] = client_session  # for the session monitor
+
+    async def _session_monitor(self) -> None:
+        """Every second, remove disconnected clean (or anonymous) sessions and persistent ones
+        disconnected longer than `session_expiry_interval`.
+
+        Replaces amqtt's monitor, which applied these rules by walking every session (10,000
+        connected devices: 20,000 checks a second); this one checks only the sessions that
+        disconnected since (`_disconnected`), and forgets those that came back or are gone.
+        """
+        log.debug("session expiry monitor started")
+        while True:
+            expiry = self.config.session_expiry_interval
+            retain_after = None if expiry is None else math.floor(time.time() - expiry)
+            doomed: list[tuple[str, Session]] = []
+            for client_id, session in list(self._disconnected.items()):
+                current = self._sessions.get(client_id, (None, None))[0]
+                if current is not session or session.transitions.state != "disconnected":
+                    del self._disconnected[client_id]  # reconnected, replaced or deleted
+                    continue
+                disconnected_at = session.last_disconnect_time
+                if (
+                    session.is_anonymous
+                    or session.clean_session
+                    or (
+                        retain_after is not None
+                        and disconnected_at
+                        and disconnected_at < retain_after
+                    )
+                ):
+                    doomed.append((client_id, session))
+            for client_id, session in doomed:
+                self._disconnected.pop(client_id, None)
+                current = self._sessions.get(client_id, (None, None))[0]
+                if current is session and session.transitions.state == "disconnected":
+                    await self._cleanup_session(client_id)  # (not if it came back meanwhile)
+            await asyncio.sleep(1)
 
     async def _will_allowed(self, session: Session) -> bool:
         """Defect 4: a will is published on behalf of its client, so it needs PUBLISH rights."""

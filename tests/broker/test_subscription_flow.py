@@ -383,3 +383,38 @@ async def test_connect_and_disconnect_touch_only_the_clients_own_entries(count: 
             }
             assert after == before
         await root.close()
+
+
+async def test_session_monitor_expires_only_disconnected_sessions_and_forgets_the_rest() -> None:
+    """Clean sessions go within a second or two of their disconnect, persistent ones after
+    `session_expiry_interval`, connected ones never; the monitor keeps no record of them."""
+    config = {**acl_plugins.broker_config(), "session_expiry_interval": 1}
+    broker = HardenedBroker(config, **TEST_LIMITS)
+    await broker.start()
+    try:
+        port = broker.listener_port()
+        bob, _ = await FlowClient.connect(port, "bob", clean=False)  # stays connected
+        assert await bob.subscribe(("b/x", 1)) == [1]
+        alice, _ = await FlowClient.connect(port, "alice", clean=False)
+        assert await alice.subscribe(("a/x", 1)) == [1]
+        carol, _ = await FlowClient.connect(port, "carol")
+        await alice.close(clean=False)
+        await carol.close()
+        await until(lambda: "carol" not in broker.sessions, "the clean session removed", 5)
+        await until(lambda: "alice" not in broker.sessions, "the persistent session expired", 6)
+        assert "a/x" not in broker.subscriptions
+        assert broker.is_connected("bob")  # connected for longer than the expiry
+        assert broker.subscriptions["b/x"] == [(broker.sessions["bob"][0], 1)]
+        assert broker._disconnected == {}
+        # a client back before the monitor runs is not removed
+        alice, _ = await FlowClient.connect(port, "alice", clean=False)
+        assert await alice.subscribe(("a/x", 1)) == [1]
+        await alice.close(clean=False)
+        alice, present = await FlowClient.connect(port, "alice", clean=False)
+        assert present
+        assert "alice" not in broker._disconnected
+        for client in (alice, bob):
+            await client.close()
+    finally:
+        async with asyncio.timeout(10):
+            await broker.shutdown()
