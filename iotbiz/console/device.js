@@ -175,6 +175,12 @@ export function devicePage(main, customerId, deviceId) {
       disabled: device.state === "revoked",
     });
     const reset = actionButton("Reset", resetDevice, { class: "btn btn-danger-outline", testid: "device-reset" });
+    const ping = actionButton("Ping", pingDevice, {
+      class: "btn",
+      testid: "device-ping",
+      disabled: device.state !== "active",
+      title: "Send a ping and time the answer",
+    });
     clear(header).append(
       h(
         "div",
@@ -200,7 +206,7 @@ export function devicePage(main, customerId, deviceId) {
             deviceStateBadge(device.state),
           ),
         ),
-        h("div", { class: "device-actions" }, revoke, reset),
+        h("div", { class: "device-actions" }, ping, revoke, reset),
       ),
       h(
         "div",
@@ -267,6 +273,19 @@ export function devicePage(main, customerId, deviceId) {
     device = { ...device, tags: answer.tags };
     renderTags();
     toast(message);
+  }
+
+  async function pingDevice() {
+    const started = performance.now();
+    const command = await runCommand(device.name, "ping", {});
+    if (command.state === "done") {
+      toast(`${device.device_id} answered in ${Math.round(performance.now() - started)} ms`);
+    } else if (command.state === "failed" || command.state === "expired") {
+      showError(new Error(command.error || command.state), "Ping");
+    } else {
+      toast(`No answer yet: the ping is ${command.state}`, "warn");
+    }
+    loadCommands();
   }
 
   async function revokeDevice() {

@@ -118,6 +118,10 @@ def test_restart_an_app_from_its_page_shows_the_new_pid(console: Page, agent: Ag
     expect(first).to_have_attribute("data-state", "done")
     assert len(agent.starts()) == 2  # started once, restarted once
 
+    page.get_by_test_id("device-ping").click()
+    expect(page.get_by_test_id("toast").last).to_contain_text("answered in")
+    expect(page.get_by_test_id("command-row").first).to_contain_text("pong")
+
 
 def test_the_log_tail_shows_a_line_the_app_printed(console: Page, agent: Agent) -> None:
     page = console
