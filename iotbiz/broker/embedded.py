@@ -175,11 +175,18 @@ class EmbeddedBroker:
         device's topics are removed afterwards (after: a message it published just before the
         disconnect is still processed during it).
         """
-        client_ids = [
-            client_id
-            for client_id, (session, _) in list(self._broker.sessions.items())
-            if session.username == username
-        ]
+        name = parse_device_name(username)
+        is_device = name is not None and str(name) == username
+        if is_device:
+            # A device may only use its name as client id: one lookup, not a walk over the fleet.
+            session = self._broker.sessions.get(username, (None, None))[0]
+            client_ids = [username] if session is not None and session.username == username else []
+        else:
+            client_ids = [
+                client_id
+                for client_id, (session, _) in list(self._broker.sessions.items())
+                if session.username == username
+            ]
         for client_id in client_ids:
             if await self._broker.disconnect_client(
                 client_id, publish_will=False, discard_session=True
@@ -187,10 +194,11 @@ class EmbeddedBroker:
                 log.info(
                     "disconnected %s (client id %s): credentials withdrawn", username, client_id
                 )
-        name = parse_device_name(username)
-        if drop_retained and name is not None and str(name) == username:
+        if drop_retained and name is not None and is_device:
             prefix = topics.device_topic(name, "")
-            dropped = await self._broker.drop_retained(lambda topic: topic.startswith(prefix))
+            dropped = await self._broker.drop_retained(
+                lambda topic: topic.startswith(prefix), topic_filter=f"{prefix}#"
+            )
             if dropped:
                 log.info("dropped %d retained message(s) of %s", dropped, username)
 

@@ -380,13 +380,22 @@ class HardenedBroker(Broker):
         finally:
             self.logger.removeFilter(quiet)
 
-    async def drop_retained(self, matches: Callable[[str], bool]) -> int:
+    async def drop_retained(
+        self, matches: Callable[[str], bool], *, topic_filter: str | None = None
+    ) -> int:
         """Remove the retained messages whose topic `matches`; return how many.
 
-        Each goes through amqtt's own clearing path (`retain_message` with an empty payload,
-        [MQTT-3.3.1-10]), which also fires the RETAINED_MESSAGE event.
+        With `topic_filter`, only the messages that filter selects are considered (found in
+        the retained index, not by a walk over all of them). Each goes through amqtt's own
+        clearing path (`retain_message` with an empty payload, [MQTT-3.3.1-10]), which also
+        fires the RETAINED_MESSAGE event.
         """
-        doomed = [topic for topic in self._retained_messages if matches(topic)]
+        candidates = (
+            list(self._retained_messages)
+            if topic_filter is None
+            else [topic for topic, _ in self._retained.matching(topic_filter)]
+        )
+        doomed = [topic for topic in candidates if matches(topic)]
         for topic in doomed:
             await self.retain_message(None, topic, b"")
         return len(doomed)
