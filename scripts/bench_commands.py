@@ -31,6 +31,8 @@ process's CPU (the simulated fleet and the operator share the machine with the p
 share of the time the machine was short of CPU (Linux PSI, /proc/pressure/cpu: other work on the
 same cores shows there), and the command dispatcher's counters from `/metrics`.
 
+Exit status 0 when every command (single and bulk) ended `done`, 1 otherwise.
+
 Bounded: enrollment and connecting by --setup-timeout, every HTTP request by a timeout, the bulk
 wait by --bulk-timeout; the run ends within setup + duration + about 45 s + the bulk wait.
 """
