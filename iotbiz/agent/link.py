@@ -159,9 +159,12 @@ class Link:
         ) as client:
             _raise_if_cancelled()  # each aiomqtt wait may have swallowed it (see below)
             self._client = client
-            await client.publish(self._status_topic, status_payload("online"), qos=1, retain=True)
-            _raise_if_cancelled()
+            # subscribed before saying `online`: the platform sends the commands that waited
+            # for this device when it says so, and a new broker session (a first connect, a
+            # restarted platform) has no subscription until this one
             await client.subscribe(self._command_topic, qos=1)
+            _raise_if_cancelled()
+            await client.publish(self._status_topic, status_payload("online"), qos=1, retain=True)
             _raise_if_cancelled()
             self.connections += 1
             self.connected.set()

@@ -11,6 +11,9 @@
 - Errors before a request exists (a malformed request line or header, a header too long): one
   DEBUG line and a JSON answer `{"error": "bad request"}`, instead of aiohttp's ERROR traceback
   and a text/plain body that echoes the input.
+- An `Expect` other than 100-continue is ignored (aiohttp answers it with a text/plain 417 that
+  echoes it); a body announced larger than the route takes is refused before it is sent, also
+  after `Expect: 100-continue` (`expect_handler`).
 - Every answer says `Server: IoTBiz`, not the Python and aiohttp versions.
 """
 
@@ -26,6 +29,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from iotbiz.errors import HTTPError
 
@@ -42,6 +46,13 @@ class RequestTimeout(HTTPError):
 
 class PayloadTooLarge(HTTPError):
     status = 413
+    close_connection = True
+
+
+class BodyCutOff(HTTPError):
+    """The client went away in the middle of its body: nobody reads the answer."""
+
+    status = 400
     close_connection = True
 
 
@@ -153,14 +164,29 @@ class GuardedAppRunner(web.AppRunner):
         app.on_startup.freeze()
         await app.startup()
         app.freeze()
+
+        def make_request(message: Any, *args: Any) -> web.Request:
+            return app._make_request(_without_unknown_expect(message), *args)
+
         return GuardedServer(
             app._handle,
-            request_factory=app._make_request,
+            request_factory=make_request,
             loop=loop,
             guard=self.guard,
             debug=False,
             **self._kwargs,
         )
+
+
+def _without_unknown_expect(message: Any) -> Any:
+    """The request without an `Expect` other than 100-continue, which RFC 9110 lets a server
+    ignore: aiohttp answers one, on a path no route has, with a text/plain 417 that echoes it."""
+    expect = message.headers.get("Expect")
+    if expect is None or expect.strip().lower() == "100-continue":
+        return message
+    headers = CIMultiDict(message.headers)
+    headers.popall("Expect")
+    return message._replace(headers=CIMultiDictProxy(headers))
 
 
 def runner(app: web.Application, settings: Any, **kwargs: Any) -> GuardedAppRunner:
@@ -190,6 +216,9 @@ async def read_body(request: web.Request, *, limit: int, timeout_s: float) -> by
                     raise too_large
     except TimeoutError as exc:
         raise RequestTimeout(f"request body not received within {timeout_s:g} s") from exc
+    except ConnectionResetError as exc:  # aiohttp's "Connection lost": not our error to log
+        log.debug("%s %s: the client left in the middle of its body", request.method, request.path)
+        raise BodyCutOff("request body cut off") from exc
     return bytes(raw)
 
 

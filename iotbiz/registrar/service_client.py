@@ -33,6 +33,7 @@ BACKOFF_CAP_S = 10.0
 KEEPALIVE_S = 30
 PUBLISH_TIMEOUT_S = 10.0
 MAX_INFLIGHT = 100  # QoS 1 messages on the wire without a PUBACK (paho's default is 20)
+PENDING_CALLS_WARNING = 10_000  # aiomqtt warns beyond this many publishes waiting
 FOLLOWED = (topics.STATUS, topics.EVENTS, topics.REPLY)
 
 
@@ -75,6 +76,10 @@ class ServiceClient:
                     max_inflight_messages=MAX_INFLIGHT,
                     tls_context=self._link.tls_context,
                 ) as client:
+                    # the dispatcher bounds its publishes in flight (commands.max_inflight);
+                    # aiomqtt's own threshold (10) logged a warning for nearly every command
+                    # of a bulk send
+                    client.pending_calls_threshold = PENDING_CALLS_WARNING
                     await client.subscribe(self._subscriptions)
                     self._client = client
                     self.connected.set()

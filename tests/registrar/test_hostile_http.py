@@ -221,3 +221,18 @@ async def test_connections_are_capped_per_address_and_in_all(platform: Platform)
             break
         assert time.monotonic() < deadline, "the connection places were not freed"
         await asyncio.sleep(0.05)
+
+
+async def test_a_client_gone_in_the_middle_of_a_body_costs_no_error_line(
+    platform: Platform, caplog: pytest.LogCaptureFixture
+) -> None:
+    sock = await connect(platform)
+    await asyncio.get_running_loop().sock_sendall(sock, post(b'{"customer', "Content-Length: 200"))
+    await asyncio.sleep(0.1)  # the handler is reading the body
+    sock.close()
+    # the platform goes on, and said nothing above DEBUG about it
+    answer = await exchange(
+        platform, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert parse(answer)[0] == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
