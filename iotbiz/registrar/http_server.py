@@ -193,7 +193,15 @@ def runner(app: web.Application, settings: Any, **kwargs: Any) -> GuardedAppRunn
     """The platform's runner for the registrar app, from the `http` settings."""
     http = settings.http
     guard = ConnectionGuard(http.max_connections, http.max_connections_per_address)
-    return GuardedAppRunner(app, guard=guard, keepalive_timeout=http.header_timeout_s, **kwargs)
+    return GuardedAppRunner(
+        app,
+        guard=guard,
+        keepalive_timeout=http.header_timeout_s,
+        # after answering a request whose body was not read (405, 413, 408...), aiohttp reads
+        # and drops the rest for this long, then closes (its default: 10 s)
+        lingering_time=LINGER_S,
+        **kwargs,
+    )
 
 
 async def server_header(request: web.Request, response: web.StreamResponse) -> None:

@@ -236,3 +236,22 @@ async def test_a_client_gone_in_the_middle_of_a_body_costs_no_error_line(
     )
     assert parse(answer)[0] == 200
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+async def test_a_connection_with_an_unread_body_is_closed_soon_after_the_answer(
+    platform: Platform,
+) -> None:
+    """A 405 to a request that announced a body it never sends: answered at once, and closed
+    after LINGER_S, not held for aiohttp's 10 s."""
+    request = b"GET /api/v1/register HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n"
+    sock = await connect(platform)
+    try:
+        started = time.monotonic()
+        await asyncio.get_running_loop().sock_sendall(sock, request)
+        answer = await read_answer(sock)
+        assert parse(answer)[0] == 405
+        assert time.monotonic() - started < 0.5
+        assert await read_all(sock, timeout_s=5) == b""
+        assert time.monotonic() - started < 3
+    finally:
+        sock.close()
