@@ -32,11 +32,13 @@ from iotbiz.registrar.fleet_feed import FLEET_FEED, FleetFeed
 from iotbiz.registrar.http_server import expect_handler, server_header
 from iotbiz.registrar.keys import (
     ADMIN_AUTH,
+    CUSTOMER_LIMITER,
     DISPATCHER,
     HASHER,
     HEALTH_CHECKS,
     METRICS,
     RATE_LIMITER,
+    REFUSALS,
     SERVICE_CLIENT,
     SETTINGS,
     STORE,
@@ -55,6 +57,7 @@ from iotbiz.registrar.metrics import (
 )
 from iotbiz.registrar.middlewares import error_middleware
 from iotbiz.registrar.ratelimit import RateLimiter
+from iotbiz.registrar.refusals import RefusalAudit
 from iotbiz.registrar.service_client import ServiceClient, ServiceLink
 from iotbiz.settings import Settings
 from iotbiz.store import Store
@@ -114,7 +117,10 @@ def create_app(
     )
     app[SETTINGS] = settings
     app[STORE] = store
-    app[RATE_LIMITER] = RateLimiter(settings.registrar.rate_per_ip, settings.registrar.rate_burst)
+    registrar = settings.registrar
+    app[RATE_LIMITER] = RateLimiter(registrar.rate_per_ip, registrar.rate_burst)
+    app[CUSTOMER_LIMITER] = RateLimiter(registrar.rate_per_customer, registrar.customer_burst)
+    app[REFUSALS] = RefusalAudit(store, metrics.device_api_refusals)
     app[HEALTH_CHECKS] = [_check_store(store)]
     app[METRICS] = metrics
     app[ADMIN_AUTH] = auth
@@ -131,6 +137,7 @@ def create_app(
         metrics.add_collector(CommandCollector(dispatcher))
     app.cleanup_ctx.append(_admin_token)
     app.cleanup_ctx.append(functools.partial(_lag_probe, spawn=spawn))
+    app.cleanup_ctx.append(functools.partial(_refusal_audit, spawn=spawn))
     if hasher is None:
         app.cleanup_ctx.append(_password_hasher)
     else:
@@ -185,6 +192,15 @@ async def _lag_probe(app: web.Application, *, spawn: Spawn) -> AsyncIterator[Non
     yield
     task.cancel()
     await asyncio.wait([task])
+
+
+async def _refusal_audit(app: web.Application, *, spawn: Spawn) -> AsyncIterator[None]:
+    refusals = app[REFUSALS]
+    task = spawn(refusals.run(), "refusal-audit")
+    yield
+    task.cancel()
+    await asyncio.wait([task])
+    await refusals.flush()  # what was noted last
 
 
 async def _password_hasher(app: web.Application) -> AsyncIterator[None]:

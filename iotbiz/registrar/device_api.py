@@ -9,11 +9,18 @@ from typing import Any
 from aiohttp import web
 
 from iotbiz.errors import BadRequest, Forbidden, RegistrationRefused, TooManyRequests
-from iotbiz.models import DeviceState
+from iotbiz.models import Device, DeviceState
 from iotbiz.names import DeviceName, is_customer_id, normalize_device_id
 from iotbiz.passwords import generate_password
 from iotbiz.registrar.http_server import read_body
-from iotbiz.registrar.keys import HASHER, RATE_LIMITER, SETTINGS, STORE
+from iotbiz.registrar.keys import (
+    CUSTOMER_LIMITER,
+    HASHER,
+    RATE_LIMITER,
+    REFUSALS,
+    SETTINGS,
+    STORE,
+)
 from iotbiz.registrar.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -30,6 +37,7 @@ async def register(request: web.Request) -> web.Response:
     _limit_rate(request)
     body = await _read_object(request)
     name = _device_name(body)
+    _limit_customer(request, name)
     store, hasher = request.app[STORE], request.app[HASHER]
     try:
         await store.check_registration(name)  # no bcrypt work for hopeless requests
@@ -40,7 +48,8 @@ async def register(request: web.Request) -> web.Response:
         ttl_s = request.app[SETTINGS].registrar.pending_ttl_s
         await store.register_device(name, password_hash, ttl_s=ttl_s, actor=_actor(request))
     except RegistrationRefused as exc:
-        log.info("registration of %s refused: %s", name, exc)
+        log.debug("registration of %s refused: %s", name, exc)  # audited, throttled
+        request.app[REFUSALS].note("register", str(name), request.remote, str(exc))
         raise Forbidden(str(exc)) from exc
     log.debug("registered %s (pending)", name)  # the audit log has it; INFO would flood in a storm
     return web.json_response({"password": password}, status=201)
@@ -51,6 +60,7 @@ async def activate(request: web.Request) -> web.Response:
     _limit_rate(request)
     body = await _read_object(request)
     name = _device_name(body)
+    _limit_customer(request, name)
     password = body.get("password")
     if not isinstance(password, str) or not 0 < len(password) <= MAX_PASSWORD_LENGTH:
         raise BadRequest(f"password must be a string of 1 to {MAX_PASSWORD_LENGTH} characters")
@@ -69,6 +79,9 @@ async def activate(request: web.Request) -> web.Response:
     known_hash = device.password_hash if usable and device is not None else None
     matched = await hasher.check(password, known_hash)
     if not matched or device is None or known_hash is None:
+        # the audit log (for operators) has the reason the answer does not tell
+        reason = _activation_refusal(device) if not usable else "wrong password"
+        request.app[REFUSALS].note("activate", str(name), request.remote, reason)
         raise Forbidden(ACTIVATION_REFUSED)
     if device.state is DeviceState.ACTIVE:
         return web.Response(status=200)  # activated before with this password: no other effect
@@ -84,11 +97,33 @@ async def activate(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
+def _activation_refusal(device: Device | None) -> str:
+    if device is None:
+        return "unknown device"
+    if device.state is DeviceState.REVOKED or device.password_hash is None:
+        return "revoked"
+    return "registration expired"
+
+
 def _limit_rate(request: web.Request) -> None:
-    limiter = request.app[RATE_LIMITER]
-    wait = limiter.acquire(request.remote or "unknown")
+    """`registrar.rate_per_ip` per client address (before the body is read)."""
+    address = request.remote or "unknown"
+    wait = request.app[RATE_LIMITER].acquire(address)
     if wait > 0:
+        request.app[REFUSALS].note("rate_limit", address, address, "per address")
         raise TooManyRequests("too many requests", retry_after_s=RateLimiter.retry_after(wait))
+
+
+def _limit_customer(request: web.Request, name: DeviceName) -> None:
+    """`registrar.rate_per_customer` for the customer, from all addresses together: many
+    addresses cannot flood one customer (a gateway with many devices behind one address has its
+    own, larger, per-address budget)."""
+    wait = request.app[CUSTOMER_LIMITER].acquire(name.customer_id)
+    if wait > 0:
+        request.app[REFUSALS].note("rate_limit", name.customer_id, request.remote, "per customer")
+        raise TooManyRequests(
+            "too many requests for this customer", retry_after_s=RateLimiter.retry_after(wait)
+        )
 
 
 async def _read_object(request: web.Request) -> dict[str, Any]:

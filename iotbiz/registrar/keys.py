@@ -13,6 +13,7 @@ from iotbiz.passwords import PasswordHasher
 from iotbiz.registrar.admin_auth import AdminAuth
 from iotbiz.registrar.metrics import CommandCounters, Metrics
 from iotbiz.registrar.ratelimit import RateLimiter
+from iotbiz.registrar.refusals import RefusalAudit
 from iotbiz.registrar.service_client import ServiceClient
 from iotbiz.settings import Settings
 from iotbiz.store import Store
@@ -42,6 +43,8 @@ SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
 HASHER = web.AppKey("hasher", PasswordHasher)
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
+CUSTOMER_LIMITER = web.AppKey("customer_limiter", RateLimiter)
+REFUSALS = web.AppKey("refusals", RefusalAudit)
 HEALTH_CHECKS = web.AppKey("health_checks", list[HealthCheck])
 SERVICE_CLIENT = web.AppKey("service_client", ServiceClient)
 ADMIN_AUTH = web.AppKey("admin_auth", AdminAuth)

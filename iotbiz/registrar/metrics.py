@@ -240,6 +240,12 @@ class Metrics:
             ["step", "outcome"],
             registry=self.registry,
         )
+        self.device_api_refusals = Counter(
+            "iotbiz_device_api_refusals",
+            "device API requests refused, by step (register, activate, rate_limit) and reason",
+            ["step", "reason"],
+            registry=self.registry,
+        )
         self.loop_lag = Gauge(
             "iotbiz_event_loop_lag_seconds",
             "how late the event loop last woke a sleeping task",

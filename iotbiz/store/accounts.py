@@ -63,6 +63,17 @@ class AccountOperations(StoreCore):
 
     # -- audit log ------------------------------------------------------------------------------
 
+    async def audit_refusals(self, entries: list[tuple[str, str, str, dict[str, Any]]]) -> None:
+        """Record refused requests (action, subject, actor, detail) in the audit log, in one
+        transaction (the registrar batches and throttles them: `iotbiz.registrar.refusals`)."""
+        now = self._clock()
+
+        def write(conn: sqlite3.Connection) -> None:
+            for action, subject, actor, detail in entries:
+                audit(conn, now, actor, action, subject, detail)
+
+        await self._write(write)
+
     async def latest_change(self) -> int:
         """The id of the newest audit entry (0 if none): a cursor for `changes_since`."""
         sql = "SELECT coalesce(max(entry_id), 0) FROM audit_log"
