@@ -230,6 +230,18 @@ class ConsoleSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ReleaseSettings:
+    signing_key_file: str = setting(
+        "",
+        "PEM Ed25519 private key that signs every release added (empty: releases unsigned);"
+        " `iotbiz release keygen` writes one",
+    )
+    max_bytes: int = setting(
+        512 * 1024 * 1024, "largest release artifact accepted (bytes)", min=1, max=2**40
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     store: StoreSettings = field(default_factory=StoreSettings)
     http: HTTPSettings = field(default_factory=HTTPSettings)
@@ -241,6 +253,7 @@ class Settings:
     admin: AdminSettings = field(default_factory=AdminSettings)
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
+    releases: ReleaseSettings = field(default_factory=ReleaseSettings)
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
