@@ -470,6 +470,10 @@ class AppSettings:
         None, "run as this user (name or uid) with its groups; needs a root agent"
     )
     health: HealthSettings | None = setting(None, "health check: {http = URL} or {command = [...]}")
+    release: bool = setting(
+        False,
+        "runs the platform's releases, in state_dir/apps/NAME/current (not before the first)",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -504,6 +508,13 @@ class AgentSettings:
     log_backups: int = setting(3, "rotated log files kept per app", min=0)
     log_tail_lines: int = setting(200, "recent output lines kept in memory per app", min=1)
     log_level: str = setting("INFO", "agent log level: DEBUG, INFO, WARNING or ERROR")
+    release_public_key: str = setting(
+        "",
+        "PEM Ed25519 public key that releases must be signed with (empty: signatures not checked)",
+    )
+    update_trial_s: float = setting(
+        30.0, "seconds a new release must stay up (and healthy) before it is committed", min=0
+    )
     apps: tuple[AppSettings, ...] = setting((), "[[apps]]: the programs this device runs")
 
 
@@ -568,6 +579,8 @@ def _load_apps(apps: Any, source: str) -> tuple[AppSettings, ...]:
             raise ConfigError(f"{prefix}command: required, a non-empty list of strings")
         if app.restart not in RESTART_POLICIES:
             raise ConfigError(f"{prefix}restart: must be one of {', '.join(RESTART_POLICIES)}")
+        if app.release and app.cwd is not None:
+            raise ConfigError(f"{prefix}cwd: not with release = true (it runs in its release)")
         if app.user is not None and not _is_user(app.user):
             raise ConfigError(f"{prefix}user: no such user {app.user!r}")
         names.add(app.name)
@@ -609,6 +622,18 @@ def _check_agent(settings: AgentSettings) -> None:
         check_plain_url(key, getattr(settings, key), allow_insecure=settings.allow_insecure)
     if settings.log_level.upper() not in LOG_LEVELS:
         raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}")
+
+
+# A test hook, read only by the agent's update journal (iotbiz.agent.updates): set to
+# "STATE@VERSION", the agent SIGKILLs itself right after writing journal state STATE of an update
+# to VERSION, as a power cut would. Never set it outside tests.
+ENV_TEST_KILL_AFTER = "TEST_IOTBIZ_KILL_AFTER"
+
+
+def update_kill_hook(environ: Mapping[str, str] | None = None) -> str | None:
+    """The test hook's value ("STATE@VERSION"), or None when it is not set."""
+    environ = os.environ if environ is None else environ
+    return environ.get(ENV_TEST_KILL_AFTER) or None
 
 
 def systemd_notify_settings(environ: Mapping[str, str] | None = None) -> tuple[str | None, float]:
