@@ -21,7 +21,7 @@ Modules: `core` (the connection, `_call`/`_write`, errors), `schema` (migrations
 per concern, combined into `Store`: `devices` (customers, devices, presence), `fleet` (the
 filtered, paged fleet list; tags), `commands` (the command life cycle, see its docstring),
 `history` (telemetry samples and device events, their retention policy), `accounts` (operator
-accounts, the audit log).
+accounts, the audit log), `releases` (application releases and their offers to devices).
 """
 
 from __future__ import annotations
@@ -32,12 +32,18 @@ from iotbiz.store.core import BUSY_TIMEOUT_MS, Clock
 from iotbiz.store.devices import DeviceOperations
 from iotbiz.store.fleet import FleetOperations
 from iotbiz.store.history import HistoryOperations
+from iotbiz.store.releases import Release, ReleaseOperations
 from iotbiz.store.schema import MIGRATIONS, SCHEMA_VERSION
 
-__all__ = ["BUSY_TIMEOUT_MS", "MIGRATIONS", "SCHEMA_VERSION", "Clock", "Store"]
+__all__ = ["BUSY_TIMEOUT_MS", "MIGRATIONS", "SCHEMA_VERSION", "Clock", "Release", "Store"]
 
 
 class Store(
-    DeviceOperations, FleetOperations, CommandOperations, HistoryOperations, AccountOperations
+    DeviceOperations,
+    FleetOperations,
+    CommandOperations,
+    HistoryOperations,
+    AccountOperations,
+    ReleaseOperations,
 ):
     """Async access to the SQLite store. Open with `await Store.open(path)`, close when done."""

@@ -133,6 +133,32 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX audit_by_subject ON audit_log (subject, entry_id);
     """,
+    # 6: application releases (their artifacts are files beside the store: iotbiz.releases) and
+    # which device may download which (an update command offered it)
+    """
+    CREATE TABLE releases (
+        app         TEXT NOT NULL,
+        version     TEXT NOT NULL,
+        sha256      TEXT NOT NULL,
+        size        INTEGER NOT NULL CHECK (size >= 0),
+        signature   TEXT,
+        created_at  REAL NOT NULL,
+        actor       TEXT NOT NULL,
+        PRIMARY KEY (app, version)
+    ) WITHOUT ROWID;
+    CREATE TABLE release_offers (
+        customer_id  TEXT NOT NULL,
+        device_id    TEXT NOT NULL,
+        app          TEXT NOT NULL,
+        version      TEXT NOT NULL,
+        offered_at   REAL NOT NULL,
+        PRIMARY KEY (customer_id, device_id, app, version),
+        FOREIGN KEY (customer_id, device_id) REFERENCES devices (customer_id, device_id)
+            ON DELETE CASCADE,
+        FOREIGN KEY (app, version) REFERENCES releases (app, version) ON DELETE CASCADE
+    ) WITHOUT ROWID;
+    CREATE INDEX release_offers_by_release ON release_offers (app, version);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
