@@ -1,6 +1,7 @@
 """The operator CLI, `iotbiz`: serve the platform, manage customers and devices.
 
-`account add|list|remove` manage operator MQTT accounts. Store commands work on the SQLite
+`account add|list|remove` manage operator MQTT accounts; `release add|list|remove` application
+releases for upgrades (`release keygen`: their signing key pair). Store commands work on the SQLite
 file named by `--db` or by the settings (`--config`,
 `IOTBIZ_CONFIG`, `IOTBIZ_STORE_PATH`); a running platform may use the same file at the same time.
 Tables for people, `--json` for scripts; exit code 0 on success, 1 on failure, 2 on bad usage.
@@ -335,6 +336,72 @@ async def _account_remove(args: argparse.Namespace, store: Store) -> None:
     _emit(args, {"name": args.name, "removed": True}, f"account {args.name} removed")
 
 
+async def _release_add(args: argparse.Namespace, store: Store) -> None:
+    from iotbiz import releases
+
+    settings: Settings = args.settings
+    release = await releases.add_release(
+        store, settings.releases, args.app, args.version, args.file, actor=_actor()
+    )
+    signed = "signed" if release.signature else "unsigned"
+    _emit(
+        args,
+        release.to_json(),
+        f"release {release.app} {release.version} added ({release.size} bytes, {signed},"
+        f" sha256 {release.sha256})",
+    )
+
+
+async def _release_list(args: argparse.Namespace, store: Store) -> None:
+    found = await store.list_releases(app=args.app)
+    if args.json:
+        _print_json([r.to_json() for r in found])
+        return
+    _print_table(
+        ["APP", "VERSION", "SIZE", "SIGNED", "SHA256", "CREATED"],
+        [
+            [
+                r.app,
+                r.version,
+                str(r.size),
+                "yes" if r.signature else "no",
+                r.sha256[:16],
+                iso_time(r.created_at) or "",
+            ]
+            for r in found
+        ],
+    )
+
+
+async def _release_remove(args: argparse.Namespace, store: Store) -> None:
+    from iotbiz import releases
+
+    release = await releases.remove_release(store, args.app, args.version, actor=_actor())
+    _emit(
+        args,
+        {"app": release.app, "version": release.version, "removed": True},
+        f"release {release.app} {release.version} removed",
+    )
+
+
+def _release_keygen(args: argparse.Namespace) -> int:
+    from iotbiz.releases import keygen
+
+    private, public = keygen(args.dir)
+    if args.json:
+        _print_json({"private_key": str(private), "public_key": str(public)})
+        return 0
+    print(f"wrote {private} (mode 0600: keep it on the platform) and {public}")
+    print()
+    print("# the platform's settings (TOML):")
+    print("[releases]")
+    print(f'signing_key_file = "{private.resolve()}"')
+    print()
+    print("# the agent's settings (where you copy the public key on the device):")
+    print(f'release_public_key = "/etc/iotbiz/{public.name}"')
+    return 0
+
+
 # -- output ---------------------------------------------------------------------------------------
 
 
@@ -499,6 +566,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
     audit.set_defaults(run=_audit)
 
+    _release_parsers(commands, store_opts, output)
+
     tls = commands.add_parser("tls", help="TLS certificates for a self-hosted platform")
     tls_cmds = tls.add_subparsers(dest="tls_command", metavar="COMMAND", required=True)
     tls_init = tls_cmds.add_parser(
@@ -517,6 +586,41 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
     cli_remote.add_parsers(commands, store_opts)
     return parser
+
+
+def _release_parsers(
+    commands: Any, store_opts: argparse.ArgumentParser, output: argparse.ArgumentParser
+) -> None:
+    release = commands.add_parser("release", help="application releases for upgrades")
+    release_cmds = release.add_subparsers(dest="action", metavar="ACTION", required=True)
+    rel_add = release_cmds.add_parser(
+        "add",
+        parents=[store_opts, output],
+        help="store a release artifact (.tar.gz), signed with releases.signing_key_file if set",
+    )
+    rel_add.add_argument("--app", required=True, help="the app's name, as in the agent's [[apps]]")
+    rel_add.add_argument("--version", required=True, help="the release's version")
+    rel_add.add_argument("file", metavar="FILE.tar.gz", type=Path)
+    rel_add.set_defaults(run=_release_add)
+    rel_list = release_cmds.add_parser("list", parents=[store_opts, output], help="list releases")
+    rel_list.add_argument("--app", help="only this app's releases")
+    rel_list.set_defaults(run=_release_list)
+    rel_remove = release_cmds.add_parser(
+        "remove", parents=[store_opts, output], help="remove a release and its artifact"
+    )
+    rel_remove.add_argument("app", metavar="APP")
+    rel_remove.add_argument("version", metavar="VERSION")
+    rel_remove.set_defaults(run=_release_remove)
+    rel_keygen = release_cmds.add_parser(
+        "keygen",
+        parents=[output],
+        help="write an Ed25519 key pair for signing releases",
+        description="Write release-signing.key (mode 0600: the platform's "
+        "releases.signing_key_file) and release-signing.pub (the agents' release_public_key) "
+        "into DIR. An existing key is never replaced.",
+    )
+    rel_keygen.add_argument("--dir", type=Path, required=True, help="folder for the files")
+    rel_keygen.set_defaults(local=_release_keygen)
 
 
 def _tls_init(args: argparse.Namespace) -> int:
