@@ -325,7 +325,9 @@ def test_the_fleet_refetches_at_most_once_a_second_while_devices_report(
             client.loop_stop()
     gaps = [later - earlier for earlier, later in itertools.pairwise(fetched)]
     assert 3 <= len(fetched) <= 7, fetched  # 5.5 s: not the 20 or more events' worth
-    assert min(gaps) >= 0.9, gaps
+    # the page keeps a second between refetches; these times are when Playwright delivered the
+    # request events to this process (batched while it waits), so they jitter by ~0.1 s
+    assert min(gaps) >= 0.75, gaps
 
 
 def test_a_session_ended_elsewhere_brings_back_the_login(new_page: Callable[..., Page]) -> None:
