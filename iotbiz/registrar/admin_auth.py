@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -59,6 +60,12 @@ class AdminAuth:
     public_metrics: bool
     sessions: ConsoleSessions
     token: bytes | None = None
+    # told of every refused request (the audit log's refusals: `iotbiz.registrar.refusals`)
+    on_refused: Callable[[web.Request, str], None] | None = None
+
+    def refused(self, request: web.Request, reason: str) -> None:
+        if self.on_refused is not None:
+            self.on_refused(request, reason)
 
     def set_token(self, token: str) -> None:
         self.token = token.encode("ascii")
@@ -82,6 +89,19 @@ class AdminAuth:
             raise Unauthorized
 
 
+def _authenticate(auth: AdminAuth, request: web.Request) -> None:
+    header = request.headers.get("Authorization")
+    if header is None and COOKIE in request.cookies:
+        session = auth.sessions.check(request.cookies[COOKIE])
+        if session is None:
+            raise Unauthorized
+        if request.method not in SAFE_METHODS:
+            auth.sessions.check_csrf(session, request.headers.get(CSRF_HEADER))
+        request[VIA_CONSOLE] = True
+    else:
+        auth.check(header)
+
+
 def auth_middleware(auth: AdminAuth) -> Middleware:
     """Asks for the admin token on the admin API (and /metrics unless it is public); the
     device API and /healthz stay open. Runs inside `error_middleware`."""
@@ -93,16 +113,14 @@ def auth_middleware(auth: AdminAuth) -> Middleware:
         # by the path asked for (a wrong admin path is a 401 too, not a 404 that tells routes
         # apart) and by the route it matched
         if auth.protects(request.path) or auth.protects(route):
-            header = request.headers.get("Authorization")
-            if header is None and COOKIE in request.cookies:
-                session = auth.sessions.check(request.cookies[COOKIE])
-                if session is None:
-                    raise Unauthorized
-                if request.method not in SAFE_METHODS:
-                    auth.sessions.check_csrf(session, request.headers.get(CSRF_HEADER))
-                request[VIA_CONSOLE] = True
-            else:
-                auth.check(header)
+            try:
+                _authenticate(auth, request)
+            except Unauthorized:
+                auth.refused(request, "missing or wrong admin token or session")
+                raise
+            except HTTPError as exc:  # a console session's change without its CSRF token
+                auth.refused(request, str(exc))
+                raise
         return await handler(request)
 
     return admin_token

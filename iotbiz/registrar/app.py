@@ -24,6 +24,7 @@ from iotbiz.registrar import (
     device_api,
     fleet_feed,
     openapi,
+    releases_api,
 )
 from iotbiz.registrar.admin_auth import AdminAuth, auth_middleware, load_or_create_admin_token
 from iotbiz.registrar.console import add_console_routes
@@ -120,7 +121,10 @@ def create_app(
     registrar = settings.registrar
     app[RATE_LIMITER] = RateLimiter(registrar.rate_per_ip, registrar.rate_burst)
     app[CUSTOMER_LIMITER] = RateLimiter(registrar.rate_per_customer, registrar.customer_burst)
-    app[REFUSALS] = RefusalAudit(store, metrics.device_api_refusals)
+    refusals = app[REFUSALS] = RefusalAudit(store, metrics.refusals)
+    auth.on_refused = lambda request, reason: refusals.note(
+        "admin_auth", "admin", request.remote, reason
+    )
     app[HEALTH_CHECKS] = [_check_store(store)]
     app[METRICS] = metrics
     app[ADMIN_AUTH] = auth
@@ -132,6 +136,8 @@ def create_app(
     app.on_shutdown.append(fleet_feed.close_feed)
     if presence is not None:
         presence.on_recorded.append(feed.note)
+    if authority is not None:
+        app[releases_api.AUTHORITY] = authority  # release downloads check device logins
     if dispatcher is not None:
         app[DISPATCHER] = dispatcher
         metrics.add_collector(CommandCollector(dispatcher))
@@ -151,6 +157,7 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_handler(metrics))
     app.router.add_get("/api/v1/openapi.json", openapi.serve)
+    app.router.add_get("/api/v1/releases/{app}/{version}", releases_api.download)
     _add_admin_routes(app.router)
     add_console_routes(app)
     app.on_response_prepare.append(server_header)
@@ -176,6 +183,10 @@ def _add_admin_routes(router: web.UrlDispatcher) -> None:
     router.add_post(f"{admin}/commands", admin_commands.send_command, **body)
     router.add_get(f"{admin}/commands", admin_commands.list_commands)
     router.add_get(f"{admin}/commands/{{command_id}}", admin_commands.show_command)
+    router.add_get(f"{admin}/releases", releases_api.list_releases)
+    upload = {"expect_handler": releases_api.expect_upload}
+    router.add_post(f"{admin}/releases", releases_api.add_release, **upload)
+    router.add_delete(f"{admin}/releases/{{app}}/{{version}}", releases_api.remove_release)
     router.add_get(f"{admin}/audit", admin_api.list_audit)
     router.add_get(f"{admin}/events", admin_api.list_events)
     router.add_get(f"{admin}/stream", fleet_feed.stream)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from iotbiz.errors import HTTPError
 from iotbiz.registrar.console_auth import (
     COOKIE,
     CSRF_HEADER,
@@ -89,7 +90,11 @@ async def login(request: web.Request) -> web.Response:
     auth = request.app[ADMIN_AUTH]
     limit_logins(auth.sessions, request)
     token = await read_login_token(request, timeout_s=request.app[SETTINGS].http.body_timeout_s)
-    auth.check(f"Bearer {token}")
+    try:
+        auth.check(f"Bearer {token}")
+    except HTTPError:
+        auth.refused(request, "console login with a wrong token")
+        raise
     cookie, session = auth.sessions.open()
     response = web.json_response(session_answer(session), headers={"Cache-Control": "no-store"})
     set_cookie(response, request, cookie, max_age=int(auth.sessions.ttl_s))

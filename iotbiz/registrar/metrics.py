@@ -240,9 +240,9 @@ class Metrics:
             ["step", "outcome"],
             registry=self.registry,
         )
-        self.device_api_refusals = Counter(
-            "iotbiz_device_api_refusals",
-            "device API requests refused, by step (register, activate, rate_limit) and reason",
+        self.refusals = Counter(
+            "iotbiz_refusals",
+            "requests refused, by step (register, activate, rate_limit, admin_auth) and reason",
             ["step", "reason"],
             registry=self.registry,
         )

@@ -3,8 +3,9 @@
 The device API notes each refusal (`note`): a registration refused (unknown customer, limit
 reached, an activated or revoked device: a takeover attempt), an activation refused (with the
 real reason, which the answer does not tell: unknown device, wrong password, expired, revoked),
-and a client over the rate limits. Each is counted at once
-(`iotbiz_device_api_refusals_total{step, reason}`). The audit log gets one entry per (what,
+and a client over the rate limits; the admin API notes a missing or wrong token (or console
+session, or CSRF token) and a console login with a wrong token (`admin_auth`). Each is counted at
+once (`iotbiz_refusals_total{step, reason}`). The audit log gets one entry per (what,
 device, address, reason) per `WINDOW_S`; repeats within the window are counted into that key's
 next entry (`detail.repeats`). Entries are written every `FLUSH_S` in one transaction, at most
 `MAX_PENDING` waiting (beyond: counted in `dropped`, never blocking a request), and the throttle
@@ -56,7 +57,8 @@ class RefusalAudit:
         """A refusal of `step` (register, activate, rate_limit) about `subject` (a device name,
         or an address) from `address`; only notes it (called from request handlers)."""
         self._counter.labels(step, reason).inc()
-        actor = f"device-api:{address or 'unknown'}"
+        kind = "admin" if step == "admin_auth" else "device-api"
+        actor = f"{kind}:{address or 'unknown'}"
         key = (f"{step}.refused", subject, actor, reason)
         now = self._clock()
         last = self._last.get(key)

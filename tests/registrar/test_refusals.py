@@ -62,10 +62,7 @@ async def test_a_takeover_attempt_is_audited_once_per_window_and_counted(
     assert entry.actor == "device-api:127.0.0.1"
     assert entry.detail == {"reason": "device already activated"}
     metrics = await (await api.get("/metrics", headers=AUTH)).text()
-    assert (
-        'iotbiz_device_api_refusals_total{reason="device already activated",step="register"} 2.0'
-        in metrics
-    )
+    assert 'iotbiz_refusals_total{reason="device already activated",step="register"} 2.0' in metrics
 
 
 async def test_an_activation_refusal_keeps_its_real_reason_for_operators(
@@ -101,3 +98,18 @@ async def test_one_customer_is_rate_limited_across_addresses(api: Client, store:
     assert other.status == 201
     (entry, *_) = await refusals(store, "abc123", 1)
     assert (entry.action, entry.detail["reason"]) == ("rate_limit.refused", "per customer")
+
+
+async def test_a_wrong_admin_token_and_a_wrong_console_login_are_audited(
+    api: Client, store: Store
+) -> None:
+    wrong = {"Authorization": "Bearer not-the-token"}
+    await assert_error(await api.get("/api/v1/admin/customers", headers=wrong), 401)
+    login = await api.post("/api/v1/console/login", json={"token": "guess"})
+    await assert_error(login, 401)
+    entries = await refusals(store, "admin", 2)
+    assert {(e.action, e.detail["reason"]) for e in entries} == {
+        ("admin_auth.refused", "missing or wrong admin token or session"),
+        ("admin_auth.refused", "console login with a wrong token"),
+    }
+    assert {e.actor for e in entries} == {"admin:127.0.0.1"}
