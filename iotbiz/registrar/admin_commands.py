@@ -3,6 +3,10 @@
 A send names its devices in ONE of three ways: `device` ("c/d"), `devices` (a list of them), or
 `customer_id` (its active devices, optionally only those with all of `tags`). Devices that are
 unknown or not active make the whole send a 400 naming them; nothing is queued then.
+
+`update` (args `app`, `version`, optionally `force`) is filled in from its release before it is
+stored (`iotbiz.releases.prepare_update`: url, sha256, size, signature) and the release offered
+to the devices (they may download it); no such release is a 400 naming it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from iotbiz import releases
 from iotbiz.errors import BadRequest, NotFoundError, ServiceUnavailable
 from iotbiz.models import Command, CommandState
 from iotbiz.names import DeviceName
@@ -40,6 +45,7 @@ POLL_S = 0.5
 STATES = tuple(state.value for state in CommandState)
 TARGETS = ("device", "devices", "customer_id")
 NO_DISPATCHER = "commands need the running platform (no dispatcher here)"
+UPDATE = "update"
 
 
 async def send_command(request: web.Request) -> web.Response:
@@ -60,10 +66,18 @@ async def send_command(request: web.Request) -> web.Response:
     names = await _targets(request, body, settings.max_devices)
     if DISPATCHER not in request.app:
         raise ServiceUnavailable(NO_DISPATCHER)
+    withdraw_offers = None
     try:
-        batch_id, commands = await request.app[DISPATCHER].send(
-            names, action, args, expires_in_s=expires_in_s, actor=actor(request)
-        )
+        if action == UPDATE:  # the release's url, sha256, size, signature; offered to names
+            args, withdraw_offers = await releases.prepare_update(request.app[STORE], names, args)
+        try:
+            batch_id, commands = await request.app[DISPATCHER].send(
+                names, action, args, expires_in_s=expires_in_s, actor=actor(request)
+            )
+        except BaseException:
+            if withdraw_offers is not None:
+                await withdraw_offers()
+            raise
     except NotFoundError as exc:  # devices that are not active: the request is wrong
         raise BadRequest(str(exc)) from exc
     except ValueError as exc:

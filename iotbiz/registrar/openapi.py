@@ -15,6 +15,7 @@ from aiohttp import web
 from iotbiz import __version__
 from iotbiz.registrar.openapi_schema import (
     ADMIN,
+    APP_NAME,
     BEFORE_EVENT,
     CUSTOMER_ID,
     DEVICE_PARAMETERS,
@@ -22,7 +23,9 @@ from iotbiz.registrar.openapi_schema import (
     PARAMETERS,
     PUBLIC,
     READ_ERRORS,
+    RELEASE_PARAMETERS,
     SCHEMAS,
+    VERSION,
     body,
     limit,
     object_schema,
@@ -414,6 +417,86 @@ def _command_ops() -> dict[str, Any]:
     }
 
 
+def _release_ops() -> dict[str, Any]:
+    artifact = {"type": "string", "format": "binary"}
+    return {
+        "/api/v1/releases/{app}/{version}": {
+            "parameters": RELEASE_PARAMETERS,
+            "get": {
+                "summary": "download a release's artifact offered to this device (Range: resume)",
+                "security": [{"deviceBasic": []}],
+                "parameters": [
+                    {
+                        "name": "Range",
+                        "in": "header",
+                        "schema": {"type": "string", "pattern": "^bytes=[0-9]+-[0-9]*$"},
+                        "description": "bytes=N- (the rest from byte N) or bytes=N-M",
+                    }
+                ],
+                "responses": responses(
+                    {
+                        200: {
+                            "description": "the artifact (.tar.gz); ETag: the quoted sha256",
+                            "content": {"application/gzip": {"schema": artifact}},
+                        },
+                        206: {
+                            "description": "the bytes of the Range asked for",
+                            "content": {"application/gzip": {"schema": artifact}},
+                        },
+                    },
+                    400,
+                    401,
+                    403,
+                    404,
+                    416,
+                    429,
+                    503,
+                ),
+            },
+        },
+        "/api/v1/admin/releases": {
+            "get": operation(
+                "all releases, by app, oldest first",
+                responses(
+                    {
+                        200: ok(
+                            object_schema({"releases": {"type": "array", "items": ref("Release")}})
+                        )
+                    },
+                    *READ_ERRORS,
+                ),
+                parameters=[
+                    query("app", {"type": "string", "pattern": APP_NAME}, "only this app's")
+                ],
+            ),
+            "post": operation(
+                "add a release: the .tar.gz as the raw body (signed if a signing key is set)",
+                responses({201: ok(ref("Release"), "stored")}, 400, 401, 409, 413, 503),
+                parameters=[
+                    query("app", {"type": "string", "pattern": APP_NAME}, "the app", required=True),
+                    query(
+                        "version",
+                        {"type": "string", "pattern": VERSION},
+                        "its version",
+                        required=True,
+                    ),
+                ],
+                requestBody={
+                    "required": True,
+                    "content": {"application/octet-stream": {"schema": artifact}},
+                },
+            ),
+        },
+        "/api/v1/admin/releases/{app}/{version}": {
+            "parameters": RELEASE_PARAMETERS,
+            "delete": operation(
+                "remove a release, its artifact and its offers; answers it as it was",
+                responses({200: ok(ref("Release"))}, 400, 401, 404, 503),
+            ),
+        },
+    }
+
+
 def _console_ops() -> dict[str, Any]:
     session = ok(
         object_schema({"csrf_token": {"type": "string"}, "expires_at": {"type": "string"}}),
@@ -511,6 +594,7 @@ def document() -> dict[str, Any]:
                 **_customer_ops(),
                 **_device_ops(),
                 **_command_ops(),
+                **_release_ops(),
                 **_log_ops(),
                 **_console_ops(),
             }
@@ -527,6 +611,11 @@ def document() -> dict[str, Any]:
                     "type": "http",
                     "scheme": "bearer",
                     "description": "setting admin.token, or the file admin.token beside the store",
+                },
+                "deviceBasic": {
+                    "type": "http",
+                    "scheme": "basic",
+                    "description": "a device's MQTT username (customer/device) and password",
                 },
                 "consoleSession": {
                     "type": "apiKey",

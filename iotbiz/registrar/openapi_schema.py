@@ -13,10 +13,11 @@ ERRORS = {
     400: "bad input (the message names the field)",
     401: "missing or wrong admin token (or console session)",
     403: "refused (a console session's change without its X-CSRF-Token)",
-    404: "no such customer, device or command",
+    404: "no such customer, device, command or release (or the release is not offered to you)",
     408: "the request's body did not arrive in time (http.body_timeout_s)",
     409: "exists already",
     413: "request body too large",
+    416: "range not satisfiable (Content-Range: bytes */SIZE)",
     429: "too many requests or busy: retry after Retry-After seconds",
     503: "store (or broker) unavailable, try again later",
 }
@@ -151,6 +152,21 @@ SCHEMAS: dict[str, Any] = {
             "batch_id": {"type": "string"},
         }
     ),
+    "Release": object_schema(
+        {
+            "app": {"type": "string"},
+            "version": {"type": "string"},
+            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            "size": {"type": "integer", "minimum": 0},
+            "signature": {
+                "type": ["string", "null"],
+                "description": "base64 Ed25519 signature of the raw sha256 digest",
+            },
+            "url": {"type": "string", "description": "where devices download it"},
+            "created_at": TIME,
+            "actor": {"type": "string"},
+        }
+    ),
     "Sample": object_schema(
         {
             "at": TIME,
@@ -186,3 +202,20 @@ PARAMETERS = {
         "schema": {"type": "string", "pattern": DEVICE_ID},
     },
 }
+
+APP_NAME = "^[A-Za-z0-9_.-]{1,64}$"
+VERSION = "^[A-Za-z0-9_.+-]{1,64}$"
+RELEASE_PARAMETERS = [
+    {
+        "name": "app",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": APP_NAME},
+    },
+    {
+        "name": "version",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": VERSION},
+    },
+]

@@ -1,0 +1,219 @@
+"""Releases over HTTP against a real platform (broker authority, dispatcher, store): the admin
+API adds, lists and removes them; `update` commands are filled in from them and offer them; a
+device downloads what it is offered with its own MQTT credentials, resuming with Range."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest_asyncio
+
+from iotbiz.platform import Platform
+from tests.registrar.admin_helpers import ADMIN, AUTH, assert_error, enroll, ok_json, platform
+
+Session = aiohttp.ClientSession
+__all__ = ["platform"]  # the fixture, used by name
+
+
+def artifact(size: int) -> bytes:
+    """A .tar.gz holding `size` random (incompressible) bytes."""
+    buffer = io.BytesIO()
+    payload = os.urandom(size)
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        info = tarfile.TarInfo("blob")
+        info.size = size
+        archive.addfile(info, io.BytesIO(payload[:size]))
+    return buffer.getvalue()
+
+
+@pytest_asyncio.fixture
+async def api(platform: Platform) -> AsyncIterator[Session]:
+    async with aiohttp.ClientSession(
+        f"http://127.0.0.1:{platform.http_port}", headers=AUTH
+    ) as session:
+        yield session
+
+
+@pytest_asyncio.fixture
+async def plain(platform: Platform) -> AsyncIterator[Session]:
+    """A session without the admin token: the device's."""
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{platform.http_port}") as session:
+        yield session
+
+
+async def upload(api: Session, app: str, version: str, data: bytes) -> dict[str, Any]:
+    async with api.post(
+        f"{ADMIN}/releases", params={"app": app, "version": version}, data=data
+    ) as response:
+        body: dict[str, Any] = await ok_json(response, 201)
+        return body
+
+
+async def send_update(api: Session, device: str, **args: Any) -> dict[str, Any]:
+    async with api.post(
+        f"{ADMIN}/commands", json={"device": device, "action": "update", "args": args}
+    ) as response:
+        body: dict[str, Any] = await ok_json(response, 201)
+        return body
+
+
+def basic(name: str, password: str, **headers: str) -> dict[str, str]:
+    """Headers with HTTP basic auth (and `headers`)."""
+    return {"Authorization": aiohttp.encode_basic_auth(name, password), **headers}
+
+
+async def test_admin_add_list_remove(platform: Platform, api: Session) -> None:
+    data = artifact(5000)
+    added = await upload(api, "web", "1.0.0", data)
+    assert added["sha256"] == hashlib.sha256(data).hexdigest()
+    assert added["size"] == len(data)
+    assert added["signature"] is None
+    assert added["url"] == "/api/v1/releases/web/1.0.0"
+    assert added["actor"].startswith("admin:")
+    async with api.post(
+        f"{ADMIN}/releases", params={"app": "web", "version": "1.0.0"}, data=data
+    ) as r:
+        await assert_error(r, 409, "release web 1.0.0 exists already")
+    not_gzip = "the artifact is not a .tar.gz (no gzip header)"
+    for params, body, error in (
+        ({"app": "web"}, data, "app and version are required query parameters"),
+        ({"app": "../x", "version": "1"}, data, None),
+        ({"app": "web", "version": "2"}, b"plain text", not_gzip),
+        ({"app": "web", "version": "2", "x": "1"}, data, None),
+    ):
+        async with api.post(f"{ADMIN}/releases", params=params, data=body) as response:
+            await assert_error(response, 400, error)
+    async with api.get(f"{ADMIN}/releases") as response:
+        listed = await ok_json(response)
+    assert [(r["app"], r["version"]) for r in listed["releases"]] == [("web", "1.0.0")]
+    async with api.delete(f"{ADMIN}/releases/web/1.0.0") as response:
+        assert (await ok_json(response))["sha256"] == added["sha256"]
+    async with api.delete(f"{ADMIN}/releases/web/1.0.0") as response:
+        await assert_error(response, 404, "no release web 1.0.0")
+    assert not (platform.store.path.parent / "releases" / "web" / "1.0.0").exists()
+
+
+async def test_too_large_upload_is_413(platform: Platform, api: Session) -> None:
+    limit = platform.settings.releases.max_bytes
+    headers = {"Content-Length": str(limit + 1)}
+    async with api.post(
+        f"{ADMIN}/releases", params={"app": "web", "version": "1"}, data=b"x", headers=headers
+    ) as response:
+        await assert_error(response, 413)
+
+
+async def test_update_is_filled_in_and_the_device_downloads_it(
+    platform: Platform, api: Session, plain: Session
+) -> None:
+    password = await enroll(api, "dev-1")
+    other_password = await enroll(api, "dev-2")
+    data = artifact(300_000)
+    release = await upload(api, "web", "1.2.0", data)
+    await upload(api, "web", "9.9.9", artifact(100))
+    url = "/api/v1/releases/web/1.2.0"
+
+    # not offered yet: 404, whoever asks; no credentials or wrong ones: 401
+    async with plain.get(url, headers=basic("abc123/dev-1", password)) as response:
+        await assert_error(response, 404, "release web 1.2.0 is not offered to abc123/dev-1")
+    async with plain.get(url) as response:
+        await assert_error(response, 401, "missing or wrong device credentials")
+        assert response.headers["WWW-Authenticate"] == 'Basic realm="IoTBiz releases"'
+    async with plain.get(url, headers=basic("abc123/dev-1", "wrong")) as response:
+        await assert_error(response, 401)
+    async with plain.get(url, headers={"Authorization": "Basic !!!"}) as response:
+        await assert_error(response, 401)
+
+    sent = await send_update(api, "abc123/dev-1", app="web", version="1.2.0")
+    [command] = sent["commands"]
+    assert command["args"] == {
+        "app": "web",
+        "version": "1.2.0",
+        "url": url,
+        "sha256": release["sha256"],
+        "size": len(data),
+        "signature": None,
+        "force": False,
+    }
+    assert [str(n) for n in await platform.store.release_offers("web", "1.2.0")] == ["abc123/dev-1"]
+
+    async with plain.get(url, headers=basic("abc123/dev-1", password)) as response:
+        assert response.status == 200
+        assert response.headers["ETag"] == f'"{release["sha256"]}"'
+        assert response.headers["Accept-Ranges"] == "bytes"
+        assert response.content_type == "application/gzip"
+        assert await response.read() == data
+
+    # a broken transfer resumes: exactly the rest, from the credential cache (no bcrypt)
+    bcrypt_before = platform.authority.hasher.operations
+    cut = 123_457
+    headers = {"Range": f"bytes={cut}-"}
+    async with plain.get(url, headers=basic("abc123/dev-1", password, **headers)) as response:
+        assert response.status == 206
+        assert response.headers["Content-Range"] == f"bytes {cut}-{len(data) - 1}/{len(data)}"
+        rest = await response.read()
+    assert rest == data[cut:]
+    headers = {"Range": "bytes=10-19"}
+    async with plain.get(url, headers=basic("abc123/dev-1", password, **headers)) as response:
+        assert response.status == 206
+        assert await response.read() == data[10:20]
+    assert platform.authority.hasher.operations == bcrypt_before
+    for bad_range in (f"bytes={len(data)}-", "bytes=5-2", "pages=1-2"):
+        headers = {"Range": bad_range}
+        async with plain.get(url, headers=basic("abc123/dev-1", password, **headers)) as response:
+            await assert_error(response, 416)
+            assert response.headers["Content-Range"] == f"bytes */{len(data)}"
+
+    # offered to dev-1 only; another release is not offered to dev-1
+    async with plain.get(url, headers=basic("abc123/dev-2", other_password)) as response:
+        await assert_error(response, 404)
+    async with plain.get(
+        "/api/v1/releases/web/9.9.9", headers=basic("abc123/dev-1", password)
+    ) as response:
+        await assert_error(response, 404)
+    async with plain.get(
+        "/api/v1/releases/web/1.2.0", headers=basic("abc123/dev-1", password), params={"x": "1"}
+    ) as response:
+        await assert_error(response, 400)
+
+    # revoked: refused at once (before the broker's cache hears of it)
+    async with api.post(f"{ADMIN}/devices/abc123/dev-1/revoke") as response:
+        await ok_json(response)
+    async with plain.get(url, headers=basic("abc123/dev-1", password)) as response:
+        await assert_error(response, 401)
+
+
+async def test_update_refusals_queue_nothing(platform: Platform, api: Session) -> None:
+    await enroll(api, "dev-1")
+    await upload(api, "web", "1.0", artifact(100))
+    no_release = "update: no release web 2.0 (add it with iotbiz release add)"
+    cases = [
+        ({"app": "web", "version": "2.0"}, no_release),
+        ({"app": "web"}, "update: args app and version are required strings"),
+        (
+            {"app": "web", "version": "1.0", "force": "yes"},
+            "update: arg force must be true or false",
+        ),
+        ({"app": "web", "version": "1.0", "url": "http://evil"}, None),
+    ]
+    for args, error in cases:
+        body = {"device": "abc123/dev-1", "action": "update", "args": args}
+        async with api.post(f"{ADMIN}/commands", json=body) as response:
+            await assert_error(response, 400, error)
+    # a device that is not active: nothing queued, and no offer left behind
+    body = {"devices": ["abc123/dev-1", "abc123/ghost"], "action": "update",
+            "args": {"app": "web", "version": "1.0"}}  # fmt: skip
+    async with api.post(f"{ADMIN}/commands", json=body) as response:
+        await assert_error(response, 400)
+    assert await platform.store.release_offers("web", "1.0") == []
+    async with api.get(f"{ADMIN}/commands") as response:
+        assert (await ok_json(response))["commands"] == []
+
+    sent = await send_update(api, "abc123/dev-1", app="web", version="1.0", force=True)
+    assert sent["commands"][0]["args"]["force"] is True
+    assert [str(n) for n in await platform.store.release_offers("web", "1.0")] == ["abc123/dev-1"]
