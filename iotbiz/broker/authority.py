@@ -57,6 +57,7 @@ _RETAINED_DROPPING_ACTIONS = frozenset({"device.revoke", "device.reset"})
 CHANGE_POLL_S = 0.25
 LOGIN_HASH_SHARE = 0.5  # MQTT logins may fill this share of the bcrypt queue bound (default)
 BUSY_LOG_PERIOD_S = 10.0
+REFUSAL_LOG_PERIOD_S = 10.0
 
 
 class Refusal(enum.Enum):
@@ -116,6 +117,8 @@ class Authority:
         self.refused_logins = 0  # refused as DENIED
         self.busy_refusals = 0  # refused as UNAVAILABLE because bcrypt was at its share
         self._busy_logged_at = -BUSY_LOG_PERIOD_S
+        self._refusal_logged_at = -REFUSAL_LOG_PERIOD_S
+        self._refusals_logged = 0
 
     @property
     def hasher(self) -> PasswordHasher:
@@ -169,19 +172,18 @@ class Authority:
         name = parse_device_name(username)
         if name is not None and str(name) == username:
             device = await self._store.get_device(name)
-            if device is None or device.state is not DeviceState.ACTIVE:
-                return None
-            if device.password_hash is None:
-                return None
+            usable = device is not None and device.state is DeviceState.ACTIVE
+            known_hash = device.password_hash if usable and device is not None else None
             self._check_hasher()
-            if not await self._hasher.check(password, device.password_hash):
+            # a decoy check when there is no hash: a refusal takes one bcrypt check's time
+            # whether the device exists or not (no device-existence oracle)
+            if not await self._hasher.check(password, known_hash):
                 return None
             return device_principal(name)
         account = await self._store.get_account(username)
-        if account is None:
-            return None
         self._check_hasher()
-        if not await self._hasher.check(password, account.password_hash):
+        known = account.password_hash if account is not None else None
+        if not await self._hasher.check(password, known) or account is None:
             return None
         return Principal(username, Role.SUPERUSER if account.superuser else Role.SERVICE)
 
@@ -190,8 +192,20 @@ class Authority:
             raise _HasherBusy
 
     def _refuse(self, username: str | None, reason: str) -> Refusal:
+        """One refused login: counted, logged at DEBUG, and summed up in one INFO line at most
+        every REFUSAL_LOG_PERIOD_S (a flood of bad logins must not flood the log)."""
         self.refused_logins += 1
-        log.info("MQTT login of %s refused: %s", username, reason)
+        log.debug("MQTT login of %s refused: %s", username, reason)
+        now = time.monotonic()
+        if now - self._refusal_logged_at >= REFUSAL_LOG_PERIOD_S:
+            unlogged = self.refused_logins - self._refusals_logged
+            self._refusal_logged_at, self._refusals_logged = now, self.refused_logins
+            log.info(
+                "MQTT logins refused: %d since the last such line (the latest: %s, %s)",
+                unlogged,
+                username,
+                reason,
+            )
         return Refusal.DENIED
 
     def _refuse_busy(self) -> Refusal:

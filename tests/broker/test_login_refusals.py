@@ -1,0 +1,61 @@
+"""Refused MQTT logins tell nothing and cost the log nothing: an unknown device and a known one
+with a wrong password cost the same bcrypt check and get the same CONNACK; a flood of refusals
+is summed up in one INFO line per period, not a line each."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from iotbiz.names import DeviceName
+from iotbiz.platform import Platform
+from iotbiz.settings import Settings
+from tests.mqtt_device import PahoDevice
+from tests.test_dispatch import enroll
+
+
+@pytest.fixture
+async def platform(make_settings: Callable[..., Settings]) -> AsyncIterator[Platform]:
+    running = Platform(make_settings(http={"host": "127.0.0.1"}, mqtt={"host": "127.0.0.1"}))
+    await running.start()
+    await running.store.add_customer("abc123", 10, actor="test")
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+async def refused(platform: Platform, username: str) -> int:
+    device = PahoDevice(platform.mqtt_port, username, "x" * 32)
+    try:
+        return await device.connect()
+    finally:
+        device.close()
+
+
+async def test_unknown_and_known_devices_are_refused_alike(platform: Platform) -> None:
+    known = DeviceName("abc123", "dev-known")
+    await enroll(platform, known)
+    hasher = platform._hasher
+    assert hasher is not None
+    codes, costs = [], []
+    for username in ("abc123/dev-unknown", str(known), "nobody-account"):
+        before = hasher.operations
+        codes.append(await refused(platform, username))
+        costs.append(hasher.operations - before)
+    assert codes == [135, 135, 135]  # paho maps CONNACK 5 (not authorized) to reason 135
+    assert costs == [1, 1, 1]  # one bcrypt check each, the decoy's for the unknown ones
+
+
+async def test_a_flood_of_bad_logins_is_summed_up_in_the_log(
+    platform: Platform, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="iotbiz.broker.authority")
+    for index in range(30):
+        assert await refused(platform, f"abc123/flood-{index}") == 135
+    lines = [r for r in caplog.records if r.name == "iotbiz.broker.authority"]
+    assert len(lines) <= 2, [r.getMessage() for r in lines]
+    assert platform.authority is not None
+    assert platform.authority.refused_logins == 30
