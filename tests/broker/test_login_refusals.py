@@ -5,26 +5,13 @@ is summed up in one INFO line per period, not a line each."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from iotbiz.names import DeviceName
 from iotbiz.platform import Platform
-from iotbiz.settings import Settings
 from tests.mqtt_device import PahoDevice
 from tests.test_dispatch import enroll
-
-
-@pytest.fixture
-async def platform(make_settings: Callable[..., Settings]) -> AsyncIterator[Platform]:
-    running = Platform(make_settings(http={"host": "127.0.0.1"}, mqtt={"host": "127.0.0.1"}))
-    await running.start()
-    await running.store.add_customer("abc123", 10, actor="test")
-    try:
-        yield running
-    finally:
-        await running.stop()
 
 
 async def refused(platform: Platform, username: str) -> int:
