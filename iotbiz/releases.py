@@ -272,6 +272,13 @@ async def prepare_update(
             " the platform fills in the rest)"
         )
     app, version, force = args.get("app"), args.get("version"), args.get("force", False)
+    if isinstance(version, int) and not isinstance(version, bool) and version >= 0:
+        version = str(version)  # `iotbiz cmd --arg version=2` sends it as JSON: 2 (exact)
+    if isinstance(version, float):  # 1.10 became 1.1 on its way: nothing to trust
+        raise ValueError(
+            f"update: version {version!r} must be a string (with iotbiz cmd, quote it as JSON:"
+            " --arg 'version=\"1.10\"')"
+        )
     if not isinstance(app, str) or not isinstance(version, str):
         raise ValueError("update: args app and version are required strings")
     if not isinstance(force, bool):

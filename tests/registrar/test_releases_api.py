@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import tarfile
 from collections.abc import AsyncIterator
@@ -15,7 +16,16 @@ import aiohttp
 import pytest_asyncio
 
 from iotbiz.platform import Platform
-from tests.registrar.admin_helpers import ADMIN, AUTH, assert_error, enroll, ok_json, platform
+from tests.registrar.admin_helpers import (
+    ADMIN,
+    AUTH,
+    TOKEN,
+    assert_error,
+    enroll,
+    ok_json,
+    platform,
+)
+from tests.test_cli_cmd import run_cli
 
 Session = aiohttp.ClientSession
 __all__ = ["platform"]  # the fixture, used by name
@@ -217,3 +227,29 @@ async def test_update_refusals_queue_nothing(platform: Platform, api: Session) -
     sent = await send_update(api, "abc123/dev-1", app="web", version="1.0", force=True)
     assert sent["commands"][0]["args"]["force"] is True
     assert [str(n) for n in await platform.store.release_offers("web", "1.0")] == ["abc123/dev-1"]
+
+
+async def test_iotbiz_cmd_update(platform: Platform, api: Session) -> None:
+    """`iotbiz cmd DEV update --arg app=A --arg version=V`, the CLI as it is, goes through the
+    same filling in (--arg values are JSON when they parse: version=2 arrives as 2)."""
+    await enroll(api, "dev-1")
+    await upload(api, "web", "1.2.0", artifact(100))
+    await upload(api, "web", "2", artifact(100))
+    await upload(api, "web", "1.10", artifact(100))
+    device = ["abc123/dev-1", "update", "--wait", "0", "--json", "--token", TOKEN]
+    for version, args in (
+        ("1.2.0", ["--arg", "app=web", "--arg", "version=1.2.0"]),
+        ("2", ["--arg", "app=web", "--arg", "version=2"]),
+        ("1.10", ["--arg", "app=web", "--arg", 'version="1.10"']),
+    ):
+        code, out, err = await run_cli(platform, *device, *args)
+        assert code == 0, err
+        sent = json.loads(out)
+        assert sent["args"]["version"] == version
+        assert sent["args"]["url"] == f"/api/v1/releases/web/{version}"
+    code, _, err = await run_cli(platform, *device, "--arg", "app=web", "--arg", "version=1.10")
+    assert code == 1
+    assert "must be a string" in err
+    code, _, err = await run_cli(platform, *device, "--arg", "app=web", "--arg", "version=3.0.0")
+    assert code == 1
+    assert "400 update: no release web 3.0.0" in err
