@@ -4,18 +4,24 @@ device downloads what it is offered with its own MQTT credentials, resuming with
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
 import os
 import tarfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest_asyncio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from iotbiz.platform import Platform
+from iotbiz.releases import keygen
+from iotbiz.settings import Settings
 from tests.registrar.admin_helpers import (
     ADMIN,
     AUTH,
@@ -253,3 +259,46 @@ async def test_iotbiz_cmd_update(platform: Platform, api: Session) -> None:
     code, _, err = await run_cli(platform, *device, "--arg", "app=web", "--arg", "version=3.0.0")
     assert code == 1
     assert "400 update: no release web 3.0.0" in err
+
+
+async def test_an_operator_account_may_not_download(
+    platform: Platform, api: Session, plain: Session
+) -> None:
+    password = "operator-password-0123456789"
+    password_hash = await platform.authority.hasher.hash(password)
+    await platform.store.add_account("ops", password_hash, superuser=False, actor="test")
+    await upload(api, "web", "1.0", artifact(100))
+    async with plain.get("/api/v1/releases/web/1.0", headers=basic("ops", password)) as r:
+        await assert_error(r, 403, "only devices download releases here")
+
+
+async def test_uploads_are_signed_with_the_signing_key(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    private, public = keygen(tmp_path / "keys")
+    settings = make_settings(
+        admin={"token": TOKEN},
+        http={"host": "127.0.0.1"},
+        releases={"signing_key_file": str(private)},
+    )
+    running = Platform(settings)
+    await running.start()
+    try:
+        async with aiohttp.ClientSession(
+            f"http://127.0.0.1:{running.http_port}", headers=AUTH
+        ) as api:
+            data = artifact(1000)
+            added = await upload(api, "web", "1.0", data)
+            key = serialization.load_pem_public_key(public.read_bytes())
+            assert isinstance(key, Ed25519PublicKey)
+            key.verify(base64.b64decode(added["signature"]), hashlib.sha256(data).digest())
+
+            private.write_text("not a key any more")
+            async with api.post(
+                f"{ADMIN}/releases", params={"app": "web", "version": "1.1"}, data=data
+            ) as response:
+                await assert_error(response, 503, "the platform's release signing key is unusable")
+            assert await running.store.get_release("web", "1.1") is None
+            assert not (tmp_path / "releases" / "web" / "1.1").exists()
+    finally:
+        await running.stop()
