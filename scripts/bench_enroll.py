@@ -118,7 +118,7 @@ async def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         "store": {"path": folder / "bench.db"},
         "http": {"port": 0},
         "mqtt": {"port": 0, "mqtts_port": 0},
-        "registrar": {"bcrypt_cost": args.cost, "rate_per_ip": 0},
+        "registrar": {"bcrypt_cost": args.cost, "rate_per_ip": 0, "rate_per_customer": 0},
         "log": {"level": "WARNING"},
     }
     client_tls: ssl.SSLContext | None = None

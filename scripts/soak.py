@@ -101,7 +101,11 @@ class Platform:
             *(sys.executable, "-m", "iotbiz.broker", "--db", str(self.db)),
             *("--http-port", str(self.http_port), "--mqtt-port", str(self.mqtt_port)),
         ]
-        env = {**os.environ, "IOTBIZ_REGISTRAR_RATE_PER_IP": "0"}
+        env = {
+            **os.environ,
+            "IOTBIZ_REGISTRAR_RATE_PER_IP": "0",
+            "IOTBIZ_REGISTRAR_RATE_PER_CUSTOMER": "0",
+        }
         began = time.monotonic()
         with log.open("wb") as out:
             self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
