@@ -470,20 +470,30 @@ def _release_ops() -> dict[str, Any]:
                 ],
             ),
             "post": operation(
-                "add a release: the .tar.gz as the raw body (signed if a signing key is set)",
+                "add a release: the .tar.gz as the raw body, app and version in the query; or"
+                " multipart/form-data with the fields app and version, then the part file"
+                " (signed if a signing key is set)",
                 responses({201: ok(ref("Release"), "stored")}, 400, 401, 409, 413, 503),
                 parameters=[
-                    query("app", {"type": "string", "pattern": APP_NAME}, "the app", required=True),
-                    query(
-                        "version",
-                        {"type": "string", "pattern": VERSION},
-                        "its version",
-                        required=True,
-                    ),
+                    query("app", {"type": "string", "pattern": APP_NAME}, "the app"),
+                    query("version", {"type": "string", "pattern": VERSION}, "its version"),
                 ],
                 requestBody={
                     "required": True,
-                    "content": {"application/octet-stream": {"schema": artifact}},
+                    "content": {
+                        "application/octet-stream": {"schema": artifact},
+                        "multipart/form-data": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "app": {"type": "string", "pattern": APP_NAME},
+                                    "version": {"type": "string", "pattern": VERSION},
+                                    "file": artifact,
+                                },
+                                "required": ["file"],
+                            }
+                        },
+                    },
                 },
             ),
         },

@@ -21,8 +21,9 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from aiohttp.helpers import ETag
+from aiohttp.http_exceptions import HttpProcessingError
 
 from iotbiz import releases
 from iotbiz.broker.authority import Authority, Refusal, Role
@@ -195,21 +196,28 @@ async def list_releases(request: web.Request) -> web.Response:
 
 
 async def add_release(request: web.Request) -> web.Response:
-    """POST ?app=A&version=V with the .tar.gz as the raw body: 201 Release; 409 when it
-    exists; 413 beyond releases.max_bytes."""
+    """POST ?app=A&version=V with the .tar.gz as the raw body, or a multipart/form-data body
+    with the fields app and version (or those in the query) and then the part `file`: 201
+    Release; 409 when it exists; 413 beyond releases.max_bytes."""
     query = Query(request, ("app", "version"))
     app_name, version = query.text("app", max_length=64), query.text("version", max_length=64)
-    if app_name is None or version is None:
-        raise BadRequest("app and version are required query parameters")
-    try:
-        releases.check_name(app_name, version)
-    except releases.ReleaseError as exc:
-        raise BadRequest(str(exc)) from exc
     settings = request.app[SETTINGS]
     limit = settings.releases.max_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body too large (at most {limit} bytes)")
-    chunks = _body_chunks(request, settings.http.body_timeout_s)
+    timeout_s = settings.http.body_timeout_s
+    chunks: AsyncIterator[bytes]
+    if request.content_type == "multipart/form-data":
+        fields, chunks = await _multipart(request, timeout_s)
+        app_name, version = app_name or fields.get("app"), version or fields.get("version")
+    else:
+        chunks = _body_chunks(request, timeout_s)
+    if app_name is None or version is None:
+        raise BadRequest("app and version are required (query parameters or multipart fields)")
+    try:
+        releases.check_name(app_name, version)
+    except releases.ReleaseError as exc:
+        raise BadRequest(str(exc)) from exc
     try:
         release = await releases.add_release(
             request.app[STORE], settings.releases, app_name, version, chunks, actor=actor(request)
@@ -239,6 +247,54 @@ async def _body_chunks(request: web.Request, timeout_s: float) -> AsyncIterator[
             raise RequestTimeout(f"request body stalled for {timeout_s:g} s") from exc
         except ConnectionResetError as exc:
             raise BodyCutOff("request body cut off") from exc
+        if not chunk:
+            return
+        yield chunk
+
+
+async def _multipart(
+    request: web.Request, timeout_s: float
+) -> tuple[dict[str, str], AsyncIterator[bytes]]:
+    """The text fields before the part `file`, and that part's chunks."""
+    fields: dict[str, str] = {}
+    try:
+        async with asyncio.timeout(timeout_s):
+            reader = await request.multipart()
+            while True:
+                part = await reader.next()
+                if part is None:
+                    raise BadRequest("multipart body without a part named file")
+                if not isinstance(part, BodyPartReader):
+                    raise BadRequest("nested multipart bodies are not taken")
+                if part.name == "file":
+                    return fields, _part_chunks(part, timeout_s)
+                if part.name not in ("app", "version"):
+                    raise BadRequest(
+                        f"unknown multipart field {part.name!r} (known: app, version, file)"
+                    )
+                value = (await part.read()).decode("utf-8", "replace")
+                if not 0 < len(value) <= 64:
+                    raise BadRequest(f"{part.name} must be 1 to 64 characters")
+                fields[part.name] = value
+    except TimeoutError as exc:
+        raise RequestTimeout(f"request body not received within {timeout_s:g} s") from exc
+    except ConnectionResetError as exc:
+        raise BodyCutOff("request body cut off") from exc
+    except (ValueError, RuntimeError, HttpProcessingError) as exc:  # aiohttp's multipart parser
+        raise BadRequest("malformed multipart body") from exc
+
+
+async def _part_chunks(part: BodyPartReader, timeout_s: float) -> AsyncIterator[bytes]:
+    while True:
+        try:
+            async with asyncio.timeout(timeout_s):
+                chunk = await part.read_chunk(releases.CHUNK_BYTES)
+        except TimeoutError as exc:
+            raise RequestTimeout(f"request body stalled for {timeout_s:g} s") from exc
+        except ConnectionResetError as exc:
+            raise BodyCutOff("request body cut off") from exc
+        except (ValueError, RuntimeError, HttpProcessingError) as exc:
+            raise BadRequest("malformed multipart body") from exc
         if not chunk:
             return
         yield chunk

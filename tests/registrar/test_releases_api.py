@@ -98,7 +98,11 @@ async def test_admin_add_list_remove(platform: Platform, api: Session) -> None:
         await assert_error(r, 409, "release web 1.0.0 exists already")
     not_gzip = "the artifact is not a .tar.gz (no gzip header)"
     for params, body, error in (
-        ({"app": "web"}, data, "app and version are required query parameters"),
+        (
+            {"app": "web"},
+            data,
+            "app and version are required (query parameters or multipart fields)",
+        ),
         ({"app": "../x", "version": "1"}, data, None),
         ({"app": "web", "version": "2"}, b"plain text", not_gzip),
         ({"app": "web", "version": "2", "x": "1"}, data, None),
@@ -302,3 +306,36 @@ async def test_uploads_are_signed_with_the_signing_key(
             assert not (tmp_path / "releases" / "web" / "1.1").exists()
     finally:
         await running.stop()
+
+
+async def test_multipart_upload(platform: Platform, api: Session) -> None:
+    data = artifact(2000)
+    form = aiohttp.FormData()
+    form.add_field("app", "web")
+    form.add_field("version", "3.0")
+    form.add_field("file", data, filename="web.tar.gz", content_type="application/gzip")
+    async with api.post(f"{ADMIN}/releases", data=form) as response:
+        added = await ok_json(response, 201)
+    assert (added["app"], added["version"]) == ("web", "3.0")
+    assert added["sha256"] == hashlib.sha256(data).hexdigest()
+    stored = platform.store.path.parent / "releases" / "web" / "3.0" / "artifact.tar.gz"
+    assert stored.read_bytes() == data
+
+    unknown = "unknown multipart field 'other' (known: app, version, file)"
+    no_name = "app and version are required (query parameters or multipart fields)"
+    for fields, error in (
+        ([("app", "web"), ("version", "3.1")], "multipart body without a part named file"),
+        ([("app", "web"), ("other", "x")], unknown),
+        ([("file", data)], no_name),
+    ):
+        form = aiohttp.FormData(default_to_multipart=True)
+        for name, value in fields:
+            if isinstance(value, bytes):
+                form.add_field(name, value, filename="x.tar.gz")
+            else:
+                form.add_field(name, value)
+        async with api.post(f"{ADMIN}/releases", data=form) as response:
+            await assert_error(response, 400, error)
+    headers = {"Content-Type": "multipart/form-data; boundary=zzz"}
+    async with api.post(f"{ADMIN}/releases", data=b"garbage", headers=headers) as response:
+        await assert_error(response, 400)
