@@ -339,3 +339,17 @@ async def test_multipart_upload(platform: Platform, api: Session) -> None:
     headers = {"Content-Type": "multipart/form-data; boundary=zzz"}
     async with api.post(f"{ADMIN}/releases", data=b"garbage", headers=headers) as response:
         await assert_error(response, 400)
+
+
+async def test_a_version_with_a_plus_downloads_by_its_url(
+    platform: Platform, api: Session, plain: Session
+) -> None:
+    password = await enroll(api, "dev-1")
+    data = artifact(500)
+    await upload(api, "web", "1.0+build.7", data)
+    sent = await send_update(api, "abc123/dev-1", app="web", version="1.0+build.7")
+    url = sent["commands"][0]["args"]["url"]
+    assert url == "/api/v1/releases/web/1.0+build.7"
+    async with plain.get(url, headers=basic("abc123/dev-1", password)) as response:
+        assert response.status == 200
+        assert await response.read() == data
