@@ -129,14 +129,19 @@ def add_parsers(commands: Any, store_opts: argparse.ArgumentParser) -> None:
     cmd.set_defaults(remote=run_cmd)
 
 
+# Command arguments that are names, always sent as text: `version=1.10` is "1.10", not 1.1.
+TEXT_ARGS = frozenset({"app", "name", "version"})
+
+
 def parse_pairs(pairs: list[str], what: str, *, values_as_json: bool) -> dict[str, Any]:
-    """`["k=v", ...]` -> a dict; with values_as_json, `lines=50` gives 50 and `name=web` "web"."""
+    """`["k=v", ...]` -> a dict; with values_as_json, `lines=50` gives 50 and `name=web` "web"
+    (and the names in TEXT_ARGS stay text whatever they look like)."""
     result: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"{what}: expected KEY=VALUE, got {pair!r}")
-        if values_as_json:
+        if values_as_json and key not in TEXT_ARGS:
             try:
                 result[key] = json.loads(value)
             except ValueError:

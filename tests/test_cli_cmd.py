@@ -130,3 +130,17 @@ async def test_a_wrong_token_is_refused(platform: Platform) -> None:
     code, _, err = await run_cli(platform, str(A), "ping", "--token", "wrong")
     assert code == 1
     assert "401" in err
+
+
+def test_names_stay_text_other_values_are_json() -> None:
+    from iotbiz.cli_remote import parse_pairs
+
+    args = ["version=1.10", "app=2", "name=007", "lines=50", "force=true", "label=web"]
+    assert parse_pairs(args, "--arg", values_as_json=True) == {
+        "version": "1.10",
+        "app": "2",
+        "name": "007",
+        "lines": 50,
+        "force": True,
+        "label": "web",
+    }
