@@ -26,6 +26,7 @@ import signal
 import sys
 import time
 from collections.abc import Coroutine, Sequence
+from dataclasses import replace
 from typing import Any
 
 from iotbiz import __version__, topics
@@ -38,6 +39,7 @@ from iotbiz.agent.processes import become_subreaper
 from iotbiz.agent.supervisor import Supervisor
 from iotbiz.agent.systemd import keep_watchdog_fed, notify, watchdog_interval_s
 from iotbiz.agent.telemetry import collect_system
+from iotbiz.agent.updates import Updater, release_cwd
 from iotbiz.names import DeviceName
 from iotbiz.settings import AgentSettings
 
@@ -49,6 +51,12 @@ SHUTDOWN_GRACE_S = 3.0  # for the agent's own tasks to end once cancelled
 
 class Agent:
     def __init__(self, settings: AgentSettings) -> None:
+        # a release app runs in its `current` release
+        apps = tuple(
+            replace(app, cwd=release_cwd(settings.state_dir, app.name)) if app.release else app
+            for app in settings.apps
+        )
+        settings = replace(settings, apps=apps)
         self.settings = settings
         self.name = DeviceName(settings.customer_id, resolve_device_id(settings))
         make_private_dir(settings.state_dir)
@@ -73,7 +81,10 @@ class Agent:
             state_file=settings.state_dir / "supervisor.json",
         )
         self.enrollment = Enrollment(settings, self.name.device_id)
-        self.commands = CommandHandler(settings, self.supervisor, self._send_reply, self.report)
+        self.updater = Updater(settings, self.supervisor, self._on_app_event, self._device_login)
+        self.commands = CommandHandler(
+            settings, self.supervisor, self._send_reply, self.report, self.updater
+        )
         self.link: Link | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lasting: set[asyncio.Task[Any]] = set()  # tasks meant to run until the shutdown
@@ -92,7 +103,10 @@ class Agent:
             (self.settings.state_dir / "logs").mkdir(mode=0o700, exist_ok=True)
             if stop.is_set():  # a signal arrived while the agent was starting
                 return self.exit_code
+            # before the apps start: an update cut short is finished or rolled back
+            await self.updater.recover()
             await self.supervisor.start_all()
+            self._spawn(self.updater.resume(self.commands.answer), "updates")
             self._spawn(self._report_every_interval(), "telemetry", lasting=True)
             self._spawn(self._stay_online(), "link", lasting=True)
             if watchdog_interval_s() > 0:
@@ -114,6 +128,7 @@ class Agent:
         self._stopping = True
         log.info("stopping")
         notify("STOPPING=1")
+        await self.updater.close()  # first: a trial must not take the apps' stop for a crash
         await self.supervisor.stop_all()
         if self.link is not None:
             await self.link.close()
@@ -180,6 +195,11 @@ class Agent:
                 log.error("the broker refused %s: %s", credentials.name, exc)
                 if not await self.enrollment.recheck(credentials):
                     await asyncio.sleep(REFUSED_PAUSE_S)
+
+    async def _device_login(self) -> tuple[str, str]:
+        """The device's own credentials (basic auth of release downloads)."""
+        credentials = await self.enrollment.credentials()
+        return str(credentials.name), credentials.password
 
     # -- telemetry, events, replies ---------------------------------------------------------
 

@@ -10,6 +10,10 @@ Every reply fits in one MQTT message of `max_message_bytes` (the broker closes t
 a bigger packet): an `app.logs` reply that would not fit loses its oldest lines and says
 `"truncated": true`; any other reply that would not fit becomes the error "reply too large".
 `config.get` never shows the apps' environment values (secrets live there), only their names.
+
+`update` and `rollback` go to the `Updater` (none: those actions are unknown); an update is
+answered when it ends (committed, rolled back or refused), which may be after an agent restart:
+the updater then calls `answer` with the outcome of the command it recovered.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from iotbiz.agent.files import read_json, write_json
+from iotbiz.agent.releases import UpdateError
 from iotbiz.agent.supervisor import Supervisor
+from iotbiz.agent.updates import Updater
 from iotbiz.settings import AgentSettings
 
 log = logging.getLogger(__name__)
@@ -50,6 +56,7 @@ class CommandHandler:
         supervisor: Supervisor,
         send_reply: SendReply,
         status_report: StatusReport,
+        updater: Updater | None = None,
     ) -> None:
         self._settings = settings
         self._supervisor = supervisor
@@ -70,6 +77,11 @@ class CommandHandler:
             "app.logs": self._app_logs,
             "config.get": self._config_get,
         }
+        self._updater = updater
+        # actions that are given the command's id too (the update journal records it)
+        self._actions_with_id: dict[str, Callable[[dict[str, Any], str], Awaitable[Any]]] = {}
+        if updater is not None:
+            self._actions_with_id = {"update": self._update, "rollback": self._rollback}
 
     async def load(self) -> None:
         saved = await asyncio.to_thread(read_json, self._path)
@@ -83,6 +95,17 @@ class CommandHandler:
         task = asyncio.create_task(self._handle(payload))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def answer(self, command_id: str, result: Any) -> None:
+        """Reply to `command_id` with `result`, unless it was answered or is being run (the
+        outcome of an update that the agent finished after a restart)."""
+        if command_id in self._replies or command_id in self._running:
+            return
+        reply = self._fit({"id": command_id, "ok": True, "result": result})
+        log.info("command %s answered after recovery", command_id)
+        self._remember(reply)
+        await self._save()
+        await self._send_reply(reply)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -122,14 +145,18 @@ class CommandHandler:
         try:
             if isinstance(expires_at, int | float) and expires_at < time.time():
                 raise CommandError("command expired before it arrived")
-            if not isinstance(action, str) or action not in self._actions:
+            known = action in self._actions or action in self._actions_with_id
+            if not isinstance(action, str) or not known:
                 raise CommandError(f"unknown action {action!r}")
             if args is None:
                 args = {}
             if not isinstance(args, dict):
                 raise CommandError("args must be an object")
-            result = await self._actions[action](args)
-        except CommandError as exc:
+            if action in self._actions_with_id:
+                result = await self._actions_with_id[action](args, command_id)
+            else:
+                result = await self._actions[action](args)
+        except (CommandError, UpdateError) as exc:
             log.info("command %s (%s) failed: %s", command_id, action, exc)
             return {"id": command_id, "ok": False, "error": str(exc)}
         except Exception:  # a bug must not take the agent down; the platform gets an answer
@@ -199,6 +226,14 @@ class CommandHandler:
 
     async def _config_get(self, args: dict[str, Any]) -> Any:
         return settings_to_json(self._settings)
+
+    async def _update(self, args: dict[str, Any], command_id: str) -> Any:
+        assert self._updater is not None  # noqa: S101 - only registered with an updater
+        return await self._updater.update(args, command_id)
+
+    async def _rollback(self, args: dict[str, Any], command_id: str) -> Any:
+        assert self._updater is not None  # noqa: S101 - only registered with an updater
+        return await self._updater.rollback(args)
 
     def _app_name(self, args: dict[str, Any]) -> str:
         name = args.get("name")

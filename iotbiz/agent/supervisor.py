@@ -28,6 +28,12 @@ been up for max(start_s, RESET_AFTER_S) seconds. Operator stops outlive the agen
 the app's name to `state_file` (atomically, first), `start` and `restart` take it out, and
 `start_all` leaves the apps it names STOPPED.
 
+Release apps (`release = true`): their `cwd` is the `current` symlink of their releases
+(`updates.release_cwd`); while it does not lead to an installed release, a start leaves the app
+STOPPED ("no release installed"). `listen` lets the updater follow one app's transitions during an
+update's trial; `halt` stops an app without remembering it as an operator's stop (a rollback to
+no release at all).
+
 Processes: each app runs in its own session and process group, stdin from /dev/null, stdout and
 stderr into one pipe read by `applog.AppLog`. On Linux the app's process gets SIGKILL when the
 agent dies and `become_subreaper` makes orphaned grandchildren the agent's, which reaps them
@@ -210,6 +216,7 @@ class Supervisor:
         self._state_file = state_file
         self._held: set[str] = set()  # apps stopped by an operator
         self._state_lock = asyncio.Lock()  # one write of state_file at a time, in order
+        self._listeners: list[EventSink] = []
         self._usage = ProcessUsage()
         self._sample_lock = asyncio.Lock()
         self._reaper: asyncio.Task[None] | None = None
@@ -294,6 +301,21 @@ class Supervisor:
             self._start(app)
         return self._status(app)
 
+    async def halt(self, name: str, reason: str) -> AppStatus:
+        """Stop `name` and leave it STOPPED, without remembering it as an operator's stop."""
+        app = self._app(name)
+        async with app.lock:
+            await self._stop(app, reason)
+            if app.state in (AppState.EXITED, AppState.FATAL):
+                # EXITED/FATAL -> STOPPED
+                self._transition(app, AppState.STOPPED, reason)
+        return self._status(app)
+
+    def listen(self, sink: EventSink) -> Callable[[], None]:
+        """Call `sink` with every event (as `on_event`) until the returned function is called."""
+        self._listeners.append(sink)
+        return lambda: self._listeners.remove(sink)
+
     # -- the state machine ---------------------------------------------------------------------
 
     def _transition(self, app: _App, new: AppState, reason: str) -> None:
@@ -318,6 +340,15 @@ class Supervisor:
     def _start(self, app: _App) -> None:
         if app.runner is not None and not app.runner.done():
             return  # STARTING, RUNNING, BACKOFF or STOPPING: already being run
+        settings = app.settings
+        if settings.release and (settings.cwd is None or not settings.cwd.is_dir()):
+            if app.state is not AppState.STOPPED:
+                # EXITED/FATAL -> STOPPED: its release is gone
+                self._transition(app, AppState.STOPPED, "no release installed")
+            elif app.reason != "no release installed":
+                app.reason = "no release installed"
+                log.info("%s: left STOPPED (no release installed)", settings.name)
+            return
         app.stop_requested.clear()
         app.failures = app.failed_starts = 0
         # STOPPED/EXITED/FATAL -> STARTING
@@ -489,12 +520,12 @@ class Supervisor:
         )
 
     def _emit(self, event: dict[str, Any]) -> None:
-        if self._on_event is None:
-            return
-        try:
-            self._on_event(event)
-        except Exception:  # a broken sink must not stop supervision
-            log.exception("event sink failed on %s", event.get("event"))
+        sinks = ([self._on_event] if self._on_event is not None else []) + self._listeners
+        for sink in sinks:
+            try:
+                sink(event)
+            except Exception:  # a broken sink must not stop supervision
+                log.exception("event sink failed on %s", event.get("event"))
 
     async def _hold(self, name: str, *, held: bool) -> None:
         """Remember (or forget) the operator's stop of `name` in the state file. A failed write
