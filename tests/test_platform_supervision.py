@@ -101,6 +101,7 @@ async def test_tasks_cancelled_by_stop_are_not_failures(
         "dispatch",
         "event-loop-lag",
         "presence",
+        "refusal-audit",
         "retention",
         "service-client",
         "store-changes",
