@@ -79,7 +79,9 @@ def _fetch(
     cancelled: threading.Event,
 ) -> None:
     """One request (blocking): append to `part` what the server sends from its current end."""
-    with part.open("ab") as out:
+    # unbuffered: every byte received is in the file (the page cache) at once, so that a
+    # break or a kill leaves all of it to resume from
+    with part.open("ab", buffering=0) as out:
         have = out.tell()
         if have > size:  # a file longer than the release: not ours to resume
             out.truncate(0)
@@ -111,10 +113,13 @@ def _fetch(
                 while have < size:
                     if cancelled.is_set():
                         return
-                    chunk = response.read(min(CHUNK, size - have))
+                    # read1: what has arrived, so that the file holds all of it at a break
+                    chunk = response.read1(min(CHUNK, size - have))
                     if not chunk:
                         break
-                    out.write(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[out.write(view) or 0 :]
                     have += len(chunk)
                     if have - reported >= PROGRESS_EVERY_BYTES:
                         out.flush()

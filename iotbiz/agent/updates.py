@@ -217,7 +217,11 @@ class Updater:
                 log.info("%s: removing %s, an unpack cut short", name, path.name)
                 releases.remove_tree(path)
             journal = self._load(name)
-            if journal is None or journal.state in FINAL:
+            if journal is None:
+                continue
+            if journal.state in FINAL:
+                if journal.command_id is not None:  # killed before its reply went out?
+                    self._finished.append((journal.command_id, journal.result()))
                 continue
             log.info("%s: update to %s found in state %s", name, journal.version, journal.state)
             if journal.state in (_S.DOWNLOADING, _S.VERIFIED, _S.STAGED):

@@ -20,7 +20,9 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 import shutil
+import subprocess
 import sys
 import tarfile
 import time
@@ -79,7 +81,8 @@ def release_artifact(version: str, program: str = GOOD, check: str = HEALTHY) ->
             info.size, info.mode = len(data), 0o644
             archive.addfile(info, io.BytesIO(data))
         padding = tarfile.TarInfo("data/padding.bin")  # big enough to be cut in the middle
-        blob = hashlib.sha256(version.encode()).digest() * 8192
+        seed = hashlib.sha256(version.encode()).digest()
+        blob = b"".join(hashlib.sha256(seed + n.to_bytes(4)).digest() for n in range(8192))
         padding.size = len(blob)
         archive.addfile(padding, io.BytesIO(blob))
     return buffer.getvalue()
@@ -105,6 +108,9 @@ class ReleaseServer:
     artifacts: dict[tuple[str, str], bytes] = field(default_factory=dict)
     requests: list[Served] = field(default_factory=list)
     cut_at: int | None = None  # the first request ending past this byte is cut off there
+    stall_at: int | None = None  # the first request past this byte stops sending there
+    stalled: asyncio.Event = field(default_factory=asyncio.Event)  # set once it stopped
+    _closing: asyncio.Event = field(default_factory=asyncio.Event)
     port: int = 0
     _runner: web.AppRunner | None = None
     _session: aiohttp.ClientSession | None = None
@@ -121,6 +127,7 @@ class ReleaseServer:
         self.port = self._runner.addresses[0][1]
 
     async def close(self) -> None:
+        self._closing.set()
         if self._runner is not None:
             await self._runner.cleanup()
         if self._session is not None:
@@ -162,10 +169,21 @@ class ReleaseServer:
             assert self.cut_at is not None
             end = self.cut_at
             self.cut_at = None
+        stall = self.stall_at is not None and start < self.stall_at < end
+        if stall:
+            assert self.stall_at is not None
+            end = self.stall_at
+            self.stall_at = None
         for offset in range(start, end, 16384):
             chunk = data[offset : min(offset + 16384, end)]
             await response.write(chunk)
             record.sent += len(chunk)
+        if stall:  # hold the connection open, sending nothing more, until the client goes
+            self.stalled.set()
+            await self._closing.wait()
+            assert request.transport is not None
+            request.transport.abort()
+            return response
         if cut:
             await asyncio.sleep(0.1)  # let the bytes leave, then break the connection
             assert request.transport is not None
@@ -583,3 +601,32 @@ async def test_bad_update_args_are_an_error_reply(
     reply = await operator.ask("update", {**good, **args})
     assert reply == {"id": reply["id"], "ok": False, "error": error + reply["error"][len(error) :]}
     assert reply["error"].startswith(error)
+
+
+def test_a_public_key_without_cryptography_is_a_one_line_start_up_error(tmp_path: Path) -> None:
+    """cryptography made unimportable (a package of that name that raises ImportError, first on
+    the path): the agent says what to install, in one line, and exits 1."""
+    shadow = tmp_path / "shadow" / "cryptography"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('no cryptography here')\n")
+    write_public_key(tmp_path / "release-signing.pub")
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        'customer_id = "abc123"\ndevice_id = "sig-1"\n'
+        f'state_dir = "{tmp_path / "state"}"\n'
+        f'release_public_key = "{tmp_path / "release-signing.pub"}"\n'
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'shadow'}:{Path.cwd()}"}
+    result = subprocess.run(
+        [sys.executable, "-m", "iotbiz.agent", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr == (
+        "iotbiz-agent: release_public_key is set but the cryptography library is missing:"
+        " pip install 'iotbiz[signing]'\n"
+    )
