@@ -515,7 +515,7 @@ class Supervisor:
             started_at=app.started_at,
             cpu_percent=None,
             rss_bytes=None,
-            version=None,
+            version=_release_version(app.settings),
             reason=app.reason,
         )
 
@@ -550,6 +550,17 @@ class Supervisor:
             reaped = await asyncio.to_thread(reap_orphans)
             if reaped:
                 log.debug("reaped %d orphaned processes", reaped)
+
+
+def _release_version(settings: AppSettings) -> str | None:
+    """The version a release app's `current` link points at (None: not a release app, or no
+    release installed)."""
+    if not settings.release or settings.cwd is None:
+        return None
+    try:
+        return Path(os.readlink(settings.cwd)).name
+    except OSError:
+        return None
 
 
 def _read_held(path: Path) -> set[str]:

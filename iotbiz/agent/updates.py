@@ -38,51 +38,34 @@ SIGKILLs the agent right after writing that journal state, as a power cut would.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import os
-import re
 import signal
 import ssl
 import tarfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from iotbiz.agent import releases
 from iotbiz.agent.download import download
 from iotbiz.agent.files import make_private_dir, read_json, write_json
-from iotbiz.agent.health import check_health
+from iotbiz.agent.journal import FINAL, OPERATOR_ROLLBACK, Journal, State, update_args
 from iotbiz.agent.releases import SignatureCheck, UpdateError
-from iotbiz.agent.supervisor import AppState, Supervisor
-from iotbiz.settings import AgentSettings, AppSettings, update_kill_hook
+from iotbiz.agent.supervisor import Supervisor
+from iotbiz.agent.trial import TrialFailed, run_trial
+from iotbiz.settings import AgentSettings, update_kill_hook
 from iotbiz.tls import client_context
 
 log = logging.getLogger(__name__)
 
-VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}", re.ASCII)
-SHA256 = re.compile(r"[0-9a-fA-F]{64}", re.ASCII)
-START_ALLOWANCE_S = 30.0  # beyond start_s, for the new release to reach RUNNING
 PROGRESS_EVERY_S = 2.0
 RESTARTED_IN_TRIAL = "agent restarted during the trial"
 
 
-class State(enum.StrEnum):
-    DOWNLOADING = "downloading"
-    VERIFIED = "verified"
-    STAGED = "staged"
-    SWITCHING = "switching"
-    TRIAL = "trial"
-    COMMITTED = "committed"
-    ROLLING_BACK = "rolling_back"
-    ROLLED_BACK = "rolled_back"
-    REFUSED = "refused"
-
-
 _S = State
-FINAL = frozenset({_S.COMMITTED, _S.ROLLED_BACK, _S.REFUSED})
 EDGES: dict[State | None, frozenset[State]] = {
     None: frozenset({_S.DOWNLOADING, _S.REFUSED}),  # (start) -> downloading, -> refused
     _S.DOWNLOADING: frozenset({_S.VERIFIED, _S.REFUSED}),
@@ -95,65 +78,6 @@ EDGES: dict[State | None, frozenset[State]] = {
     _S.ROLLED_BACK: frozenset({_S.ROLLING_BACK}),  # the operator's rollback
     _S.REFUSED: frozenset({_S.ROLLING_BACK}),  # the operator's rollback
 }
-
-
-@dataclass(frozen=True, slots=True)
-class Journal:
-    """One app's last update (or rollback), as written to its journal file."""
-
-    app: str
-    version: str
-    state: State
-    previous: str | None  # the release that ran before (None: the first release)
-    url: str
-    sha256: str
-    size: int
-    signature: str | None
-    force: bool = False
-    command_id: str | None = None
-    reason: str | None = None
-    bad: tuple[str, ...] = ()
-    updated_at: float = field(default_factory=time.time)
-
-    def to_json(self) -> dict[str, Any]:
-        fields = {name: getattr(self, name) for name in self.__slots__}
-        return {**fields, "state": self.state.value, "bad": list(self.bad)}
-
-    @classmethod
-    def from_json(cls, data: Any) -> Journal | None:
-        try:
-            return cls(
-                app=str(data["app"]),
-                version=str(data["version"]),
-                state=State(data["state"]),
-                previous=None if data["previous"] is None else str(data["previous"]),
-                url=str(data["url"]),
-                sha256=str(data["sha256"]),
-                size=int(data["size"]),
-                signature=data.get("signature"),
-                force=bool(data.get("force", False)),
-                command_id=data.get("command_id"),
-                reason=data.get("reason"),
-                bad=tuple(str(version) for version in data.get("bad", ())),
-                updated_at=float(data.get("updated_at", 0.0)),
-            )
-        except (KeyError, TypeError, ValueError):
-            return None
-
-    def result(self) -> dict[str, Any]:
-        """The command's result once the update ended (the spec's reply)."""
-        outcome = self.state.value if self.state in FINAL else "rolled_back"
-        return {
-            "outcome": outcome,
-            "app": self.app,
-            "version": self.version,
-            "reason": self.reason,
-            "previous": self.previous,
-        }
-
-
-class TrialFailed(Exception):
-    """The new release did not stay up and healthy; the message is the reason."""
 
 
 def release_cwd(state_dir: Path, app: str) -> Path:
@@ -258,7 +182,7 @@ class Updater:
         arguments, an update of this app already under way) becomes an error reply."""
         self._loop = asyncio.get_running_loop()
         name = self._release_app(args.get("app"))
-        version, url, sha256, size, signature, force = _update_args(args)
+        version, url, sha256, size, signature, force = update_args(args)
         running = self._tasks.get(name)
         if running is not None and not running.done():
             journal = self._load(name)
@@ -458,74 +382,7 @@ class Updater:
         return self._enter(journal, _S.STAGED)
 
     async def _trial(self, journal: Journal) -> None:
-        """Restart the app in its new release; TrialFailed unless it reaches RUNNING and stays
-        there (and healthy) for update_trial_s."""
-        name = journal.app
-        settings = self._apps[name]
-        changes: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-
-        def on_event(event: dict[str, Any]) -> None:
-            if event.get("app") == name and event.get("event") in ("app.state", "app.unhealthy"):
-                changes.put_nowait(event)
-
-        stop_listening = self._supervisor.listen(on_event)
-        try:
-            await self._supervisor.restart(name)
-            await self._until_running(settings, changes)
-            await self._stay_up(settings, changes, self._settings.update_trial_s)
-        finally:
-            stop_listening()
-
-    async def _until_running(
-        self, settings: AppSettings, changes: asyncio.Queue[dict[str, Any]]
-    ) -> None:
-        if self._supervisor.status(settings.name).state is AppState.RUNNING:
-            return
-        try:
-            async with asyncio.timeout(settings.start_s + START_ALLOWANCE_S):
-                while True:
-                    event = await changes.get()
-                    if event.get("to") == AppState.RUNNING:
-                        return
-                    if event.get("to") in (AppState.BACKOFF, AppState.EXITED, AppState.FATAL):
-                        raise TrialFailed(f"crashed on start: {event.get('reason')}")
-        except TimeoutError as exc:
-            raise TrialFailed("did not reach RUNNING") from exc
-
-    async def _stay_up(
-        self, settings: AppSettings, changes: asyncio.Queue[dict[str, Any]], trial_s: float
-    ) -> None:
-        deadline = time.monotonic() + trial_s
-        health = settings.health
-        next_check = time.monotonic() + (health.grace_s if health else trial_s)
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                break
-            try:
-                async with asyncio.timeout(min(deadline, next_check) - now):
-                    event = await changes.get()
-            except TimeoutError:
-                event = None
-            if event is not None:
-                if event.get("event") == "app.unhealthy":
-                    raise TrialFailed(f"unhealthy in the trial: {event.get('reason')}")
-                if event.get("to") != AppState.RUNNING:
-                    raise TrialFailed(f"left RUNNING in the trial: {event.get('reason')}")
-            due = time.monotonic() >= next_check
-            if health is not None and due and next_check < deadline:
-                await self._check(settings)
-                next_check = time.monotonic() + health.interval_s
-        if health is not None:
-            await self._check(settings)  # the last word: healthy at the end of the trial
-        if self._supervisor.status(settings.name).state is not AppState.RUNNING:
-            raise TrialFailed("not RUNNING at the end of the trial")
-
-    async def _check(self, settings: AppSettings) -> None:
-        assert settings.health is not None  # noqa: S101 - only called with a health check
-        problem = await check_health(settings, settings.health)
-        if problem is not None:
-            raise TrialFailed(f"health check failed in the trial: {problem}")
+        await run_trial(self._supervisor, self._apps[journal.app], self._settings.update_trial_s)
 
     def _finish_rollback(self, journal: Journal, *, mark_bad: bool) -> None:
         """ROLLING_BACK -> ROLLED_BACK (blocking): `current` at the previous release (removed
@@ -644,27 +501,3 @@ class Updater:
                 "bytes": done,
             }
         )
-
-
-OPERATOR_ROLLBACK = "rollback requested by the operator"
-
-
-def _update_args(args: dict[str, Any]) -> tuple[str, str, str, int, str | None, bool]:
-    """(version, url, sha256, size, signature, force) from the update command's args."""
-    version, url, sha256 = args.get("version"), args.get("url"), args.get("sha256")
-    size, signature, force = args.get("size"), args.get("signature"), args.get("force", False)
-    if not isinstance(version, str) or not VERSION.fullmatch(version):
-        raise UpdateError("args.version must be 1 to 64 of A-Z a-z 0-9 _ . + -")
-    if not isinstance(url, str) or not url.startswith("/") or url.startswith("//"):
-        raise UpdateError("args.url must be a path on the registrar")
-    if not isinstance(sha256, str) or not SHA256.fullmatch(sha256):
-        raise UpdateError("args.sha256 must be 64 hex digits")
-    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-        raise UpdateError("args.size must be a positive whole number")
-    if signature is not None and not isinstance(signature, str):
-        raise UpdateError("args.signature must be a string or null")
-    if isinstance(force, str):
-        force = force.lower() in ("1", "true", "yes")
-    if not isinstance(force, bool):
-        raise UpdateError("args.force must be true or false")
-    return version, url, sha256, size, signature, force

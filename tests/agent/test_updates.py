@@ -410,6 +410,7 @@ async def test_a_good_release_commits_two_are_kept_and_rollback_goes_back(
     }
     assert await operator.states_of("1.0", "committed") == FLOW
     assert running_in(agent, state_dir, "1.0")
+    assert agent.supervisor.status(APP).version == "1.0"  # in telemetry too
     assert [r.authorization for r in server.requests] == [
         (str(AGENT), json.loads((state_dir / "credentials.json").read_text())["password"])
     ]
@@ -580,6 +581,17 @@ async def test_an_artifact_that_cannot_fit_is_refused_before_the_download(
     assert reply["result"]["reason"].startswith("not enough disk space")
     assert server.requests == []
     assert await operator.states_of("1.0", "refused") == ["refused"]
+    assert agent.supervisor.status(APP).state is AppState.STOPPED
+
+
+async def test_a_release_the_registrar_does_not_offer_is_refused(
+    agent: Agent, operator: Operator, server: ReleaseServer, state_dir: Path
+) -> None:
+    args = update_args("1.0", release_artifact("1.0"))  # not served: 404
+    reply = await operator.ask("update", args)
+    assert reply["result"]["outcome"] == "refused"
+    assert reply["result"]["reason"] == "download refused: HTTP 404"
+    assert [(r.status, r.sent) for r in server.requests] == [(404, 0)]  # not retried
     assert agent.supervisor.status(APP).state is AppState.STOPPED
 
 
