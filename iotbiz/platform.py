@@ -23,7 +23,6 @@ import asyncio
 import errno
 import gc
 import logging
-import resource
 import secrets
 import signal
 import ssl
@@ -36,6 +35,7 @@ from iotbiz.broker.authority import Authority
 from iotbiz.broker.embedded import EmbeddedBroker
 from iotbiz.dispatch import Dispatcher
 from iotbiz.errors import ConfigError, PlatformFailed
+from iotbiz.file_limits import fit_to_file_limit, raise_file_limit
 from iotbiz.passwords import PasswordHasher
 from iotbiz.presence import PresenceRecorder
 from iotbiz.registrar import create_app, http_server
@@ -107,7 +107,7 @@ class Platform:
             raise
 
     async def _start(self) -> None:
-        settings = self.settings
+        settings = self.settings = fit_to_file_limit(self.settings)
         if settings.tls.cert_file:  # first: a bad key or certificate stops nothing half-started
             self.tls = ServerTLS(settings.tls.cert_file, settings.tls.key_file)
         store = self._store = await Store.open(settings.store.path)
@@ -275,14 +275,13 @@ def _listen_error(what: str, host: str, port: int, flag: str, exc: OSError) -> C
 # storms took 0.90 to 2.22 s. With generation 0 at 20,000, one full collection happened and the
 # warm storms took 0.58 to 0.92 s. (Two runs with the defaults, three with 20,000.)
 GC_THRESHOLDS = (20_000, 10, 10)
-MIN_DEVICE_FILES = 1024  # an open-file limit should leave at least this many for devices
 
 
 def run_platform(settings: Settings) -> None:
     """The platform's process: `serve` on uvloop (a faster event loop: the broker's per-message
     work is mostly event-loop overhead), or on asyncio's own loop where uvloop is not installed."""
     gc.set_threshold(*GC_THRESHOLDS)
-    raise_file_limit(settings.http.max_connections)
+    raise_file_limit()
     try:
         import uvloop  # not installed on Windows
     except ImportError:
@@ -317,31 +316,6 @@ async def serve(settings: Settings) -> None:
         log.error("platform: STOPPING -> STOPPED (exit 1)")
         raise PlatformFailed("; ".join(failures))
     log.info("stopped")
-
-
-def raise_file_limit(http_connections: int) -> int:
-    """Raise the soft limit on open files to the hard one (every device connection is a file
-    descriptor; systemd's default soft limit is 1024) and return it; warn when it leaves little
-    room for devices beside the HTTP connections allowed."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if target > soft:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise the open-file limit from %d: %s", soft, exc)
-            target = soft
-        else:
-            log.info("open-file limit raised from %d to %d", soft, target)
-    if target < http_connections + MIN_DEVICE_FILES:
-        log.warning(
-            "open-file limit %d leaves fewer than %d for MQTT connections beside"
-            " http.max_connections (%d): raise LimitNOFILE (see config/iotbiz.service)",
-            target,
-            MIN_DEVICE_FILES,
-            http_connections,
-        )
-    return target
 
 
 def _own_listener_context() -> ssl.SSLContext:

@@ -99,6 +99,21 @@ class MQTTSettings:
         "accepted messages waiting for delivery, all clients; while full publishers are not read",
         min=1,
     )
+    max_keepalive_s: int = setting(
+        300,
+        "longest keep-alive a client may ask; 0 (none) or more is taken as this",
+        min=5,
+        max=65535,
+    )
+    max_connections: int = setting(
+        20_000, "MQTT connections open at once; more are closed at once", min=1
+    )
+    max_connections_per_address: int = setting(
+        2000, "MQTT connections open at once from one client address (a NAT gateway)", min=1
+    )
+    max_pending_per_address: int = setting(
+        1000, "connections from one address that have not sent their CONNECT yet", min=1
+    )
     login_hash_share: float = setting(
         0.5,
         "share of the bcrypt queue MQTT logins may fill; beyond it CONNACK 3, server unavailable",

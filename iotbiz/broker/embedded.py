@@ -10,6 +10,7 @@ from typing import Any
 from amqtt.errors import BrokerError
 
 from iotbiz import topics
+from iotbiz.broker.admission import Admission
 from iotbiz.broker.authority import Authority
 from iotbiz.broker.hardened import HardenedBroker
 from iotbiz.broker.plugins import AuthPlugin, PresencePlugin, TopicPlugin, principal_of
@@ -122,6 +123,12 @@ class EmbeddedBroker:
             max_queued_messages=settings.max_queued_messages,
             max_inflight_in=settings.max_inflight_in,
             max_broadcast_queue=settings.max_broadcast_queue,
+            max_keepalive=settings.max_keepalive_s,
+            admission=Admission(
+                settings.max_connections,
+                settings.max_connections_per_address,
+                settings.max_pending_per_address,
+            ),
         )
         for plugin in self._broker.plugins_manager.plugins:
             if isinstance(plugin, AuthPlugin | TopicPlugin):

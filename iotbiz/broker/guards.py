@@ -224,6 +224,7 @@ class GuardedWriter(WriterAdapter):
         self._inner = inner
         self._write_timeout = write_timeout
         self._closed = False
+        self.ticket: Any = None  # the connection's admission (iotbiz.broker.admission.Ticket)
         self._transport = _transport_of(inner)
         self._pending: list[bytes] = []  # written during this loop iteration, not yet sent
         self._pending_size = 0

@@ -112,6 +112,7 @@ from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.session import Session
 from transitions import MachineError
 
+from iotbiz.broker.admission import Admission
 from iotbiz.broker.guards import ConnectionGuardError, GuardedReader, GuardedWriter
 from iotbiz.broker.handler import (
     DEFAULT_ACK_TIMEOUT,
@@ -156,6 +157,10 @@ DEFAULT_WRITE_TIMEOUT = 30.0
 DEFAULT_TAKEOVER_TIMEOUT = 5.0
 DEFAULT_MAX_QUEUED_MESSAGES = 1000  # mosquitto's max_queued_messages default
 DEFAULT_MAX_BROADCAST_QUEUE = 10_000
+FAILED_CONNECT_LOG_PERIOD_S = 10.0
+DEFAULT_MAX_KEEPALIVE = 300  # seconds: a client asking 0 or more gets this
+DEFAULT_MAX_CONNECTIONS = 20_000
+DEFAULT_MAX_PENDING_PER_ADDRESS = 50
 DROP_LOG_PERIOD_S = 10.0  # dropped messages are logged at most this often (and always counted)
 # asyncio's default listen backlog is 100: in a reconnect storm of 2,000 devices the kernel dropped
 # thousands of SYNs (ListenOverflows), and each dropped client waited for its SYN to be re-sent
@@ -199,6 +204,37 @@ class _StartupFailureFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.msg == "Broker startup failed" and record.exc_info)
+
+
+class _FailedConnectSummary(logging.Filter):
+    """amqtt logs a WARNING for every connection that sent no CONNECT in time or a bad one: a
+    pool of silent sockets, reopened as they time out, wrote lines without end. Those records
+    are dropped and counted; one INFO line at most every FAILED_CONNECT_LOG_PERIOD_S sums them
+    up (the latest's reason with it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self._logged = 0
+        self._throttle = _Throttle(FAILED_CONNECT_LOG_PERIOD_S)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Failed to initialize client session"):
+            return True
+        self.count += 1
+        if self._throttle.ready():
+            log.info(
+                "connections closed without a good CONNECT: %d since the last such line"
+                " (the latest: %s)",
+                self.count - self._logged,
+                str(record.getMessage()).removeprefix("Failed to initialize client session: "),
+            )
+            self._logged = self.count
+        return False
+
+
+FAILED_CONNECTS = _FailedConnectSummary()
+logging.getLogger("amqtt.broker").addFilter(FAILED_CONNECTS)
 
 
 @dataclass(eq=False)
@@ -267,8 +303,11 @@ class HardenedBroker(Broker):
         max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES,
         max_inflight_in: int = DEFAULT_MAX_INFLIGHT_IN,
         max_broadcast_queue: int = DEFAULT_MAX_BROADCAST_QUEUE,
+        max_keepalive: int = DEFAULT_MAX_KEEPALIVE,
+        admission: Admission | None = None,
     ) -> None:
         limits = {
+            "max_keepalive": max_keepalive,
             "ack_timeout": ack_timeout,
             "keepalive_grace": keepalive_grace,
             "connect_timeout": connect_timeout,
@@ -293,6 +332,10 @@ class HardenedBroker(Broker):
         self.takeover_timeout = takeover_timeout
         self.max_queued_messages = max_queued_messages
         self.max_inflight_in = max_inflight_in
+        self.max_keepalive = max_keepalive
+        self.admission = admission or Admission(
+            DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_PER_ADDRESS
+        )
         # amqtt's queue was unbounded; a full one makes publishers' message loops wait.
         self._broadcast_queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(
             maxsize=max_broadcast_queue
@@ -410,11 +453,22 @@ class HardenedBroker(Broker):
     # -- connection set-up -------------------------------------------------------------------
 
     async def _client_connected(self, listener_name: str, reader: Any, writer: Any) -> None:
+        """amqtt's, behind the connection caps (`admission`): a connection over one is closed
+        at once, before amqtt logs or reads anything."""
+        peer = writer.get_peer_info()
+        address = str(peer[0]) if peer else "unknown"
+        ticket = self.admission.admit(address)
+        if ticket is None:
+            log.debug("MQTT connection from %s closed: over the connection caps", address)
+            await GuardedWriter(writer, self.write_timeout).close()
+            return
         guarded_writer = GuardedWriter(writer, self.write_timeout)
+        guarded_writer.ticket = ticket
         guarded_reader = GuardedReader(reader, self.max_packet_size)
         try:
             await super()._client_connected(listener_name, guarded_reader, guarded_writer)
         finally:
+            ticket.release()
             await guarded_writer.close()
 
     async def _initialize_client_session(
@@ -438,6 +492,13 @@ class HardenedBroker(Broker):
         except _CONNECT_ERRORS as exc:
             await writer.close()
             raise MQTTError(f"bad CONNECT from {peer}: {exc!r}") from exc
+        ticket = getattr(writer, "ticket", None)
+        if ticket is not None:
+            ticket.connect_read()  # no longer one of its address's sockets waiting for CONNECT
+        if not 0 < session.keep_alive <= self.max_keepalive:
+            # 0 (no keep-alive) or more than the server allows: a silent client would count as
+            # online for ever; MQTT 3.1.1 has no way to tell it, so the broker just applies its own
+            session.keep_alive = self.max_keepalive
         handler.ack_timeout = self.ack_timeout
         handler.keepalive_grace = self.keepalive_grace
         handler.max_inflight_in = self.max_inflight_in
@@ -463,7 +524,7 @@ class HardenedBroker(Broker):
         """
         if not await self._authenticate(client_session, self.listeners_config[listener_name]):
             code = client_session.attributes.get(REFUSAL_CODE, NOT_AUTHORIZED)
-            log.info(
+            log.debug(  # counted, and summed up by the authority: a flood must not flood the log
                 "refused CONNECT of client id %r (user %r) from %s:%s: CONNACK %s",
                 client_session.client_id,
                 client_session.username,
