@@ -26,9 +26,11 @@ Measured, at default sizes (about 5 minutes on 2 cores; --quick is a CI-size run
   e. the agent: RSS and CPU of `python -m iotbiz.agent` with three apps and telemetry every
      10 s (scripts/bench_agent.py), sampled for 60 s (20 s with --quick).
 
---fleet-scale runs only the fleet-scale step instead (IoTBiz alone; scripts/bench_fleet.py):
-the same total telemetry rate and command rate at each fleet size, broker CPU per message,
-delivery and command latency, losses, cold and warm connect and memory per device.
+--fleet-scale runs only the fleet-scale step instead (scripts/bench_fleet.py): IoTBiz and
+mosquitto (the same accounts, a per-device ACL of `pattern` lines) one after the other at each
+fleet size, the same total telemetry rate (and, for IoTBiz, the command rate) at every size;
+broker CPU per message, delivery and command latency, losses, cold and warm connect and memory
+per device; --plot draws cost per message and delivery p99 against fleet size to a PNG.
 
 Plain amqtt runs with the only plugin it needs to accept connections (anonymous auth).
 If the `mosquitto` binary is missing, its columns are skipped with a message.
@@ -237,19 +239,27 @@ def amqtt_spec(folder: Path) -> BrokerSpec:
     return BrokerSpec("amqtt", start, lambda c: Login(c.name), Login(SUBSCRIBER))
 
 
-def mosquitto_spec(folder: Path, fleet: Sequence[Credentials], password: str) -> BrokerSpec:
-    """mosquitto with a password file and an ACL file granting each device IoTBiz's rules."""
+def mosquitto_spec(
+    folder: Path, fleet: Sequence[Credentials], password: str, *, patterns: bool = False
+) -> BrokerSpec:
+    """mosquitto with a password file and an ACL file granting each device IoTBiz's rules.
+
+    The rules are a `user` block per device, or with `patterns` the same rules once as `pattern`
+    lines on the username (`%u` is `customer/device`), as a large fleet would be configured."""
     passwd = folder / "mosquitto.passwd"
     lines = [f"{c.name}:{c.password}" for c in fleet] + [f"{SUBSCRIBER}:{password}"]
     passwd.write_text("\n".join(lines) + "\n")
     passwd.chmod(0o600)
     subprocess.run(["mosquitto_passwd", "-U", str(passwd)], check=True, timeout=600)
     acl = [f"user {SUBSCRIBER}", "topic readwrite devices/#", ""]
-    for c in fleet:
+    writes, reads = ("status", "telemetry", "events", "reply"), ("cmd",)
+    if patterns:
+        acl += [f"pattern write {device_topic('%u', s)}" for s in writes]
+        acl += [f"pattern read {device_topic('%u', s)}" for s in reads] + [""]
+    for c in () if patterns else fleet:
         acl.append(f"user {c.name}")
-        acl += [f"topic write {device_topic(c.name, s)}" for s in ("status", "telemetry")]
-        acl += [f"topic write {device_topic(c.name, s)}" for s in ("events", "reply")]
-        acl += [f"topic read {device_topic(c.name, 'cmd')}", ""]
+        acl += [f"topic write {device_topic(c.name, s)}" for s in writes]
+        acl += [f"topic read {device_topic(c.name, s)}" for s in reads] + [""]
     (folder / "mosquitto.acl").write_text("\n".join(acl))
 
     @contextlib.contextmanager
@@ -842,6 +852,9 @@ def broker_drops(http_port: int, token_file: Path) -> dict[str, float]:
 def run_fleet_scale(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     """The fleet-scale step alone (see scripts/bench_fleet.py)."""
     sizes = sorted({int(n) for n in args.fleet_scale.split(",")})
+    names = [n for n in args.scale_brokers.split(",") if n]
+    if unknown := set(names) - {"iotbiz", "mosquitto"}:
+        raise SystemExit(f"--scale-brokers: unknown {sorted(unknown)}")
     load = bench_fleet.ScaleLoad(
         args.scale_rate, args.scale_qos, args.scale_seconds, args.commands_per_s
     )
@@ -850,14 +863,14 @@ def run_fleet_scale(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         "machine": machine(),
         "open_files_limit": raise_open_files_limit(),
         "bcrypt": {"cost": cost, "pair_ms": round(bcrypt_pair_seconds(cost) * 1000, 2)},
-        "fleet_scale": {"load": dataclasses.asdict(load), "sizes": {}, "profiles": {}},
+        "fleet_scale": {"load": dataclasses.asdict(load), "brokers": {}, "profiles": {}},
     }
     db = folder / "bench.db"
     add_customer(db, CUSTOMER, max(sizes) + 10)
     password = add_account(db, SUBSCRIBER)
-    spec = iotbiz_spec(folder, db, cost, args.log_level, password)
+    iotbiz = iotbiz_spec(folder, db, cost, args.log_level, password)
     print(f"enrolling {max(sizes)} devices ...", file=sys.stderr, flush=True)
-    with spec.start() as running:
+    with iotbiz.start() as running:
         url = f"http://127.0.0.1:{running.http_port}"
         enrolled = asyncio.run(
             enroll_devices(
@@ -867,29 +880,59 @@ def run_fleet_scale(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     fleet = sorted(enrolled.credentials, key=lambda c: c.device_id)
     if len(fleet) < max(sizes):
         raise RuntimeError(f"only {len(fleet)} of {max(sizes)} devices enrolled")
+    specs = [iotbiz] if "iotbiz" in names else []
+    if "mosquitto" in names and shutil.which("mosquitto") and shutil.which("mosquitto_passwd"):
+        started = time.perf_counter()
+        specs.append(mosquitto_spec(folder, fleet, password, patterns=True))
+        result["mosquitto_passwd_s"] = round(time.perf_counter() - started, 2)
+    elif "mosquitto" in names:
+        print("mosquitto not found (scripts/bench-setup): skipped", file=sys.stderr)
+        result["mosquitto_skipped"] = "mosquitto binary not found"
+    brokers = result["fleet_scale"]["brokers"]
     for size in sizes:
-        print(f"  {size} devices", file=sys.stderr, flush=True)
-        out = bench_fleet.profile_path(args.py_spy, size)
-        with spec.start() as running:
-            pid = running.pid
-            measured = asyncio.run(
-                bench_fleet.measure_size(
-                    running.port,
-                    fleet[:size],
-                    spec.subscriber,
-                    load,
-                    cpu=functools.partial(cpu_seconds, pid),
-                    rss=functools.partial(rss, pid),
-                    profile=functools.partial(profiling, out, pid),
-                    drops=functools.partial(
-                        broker_drops, running.http_port or 0, folder / "admin.token"
-                    ),
-                )
-            )
-        result["fleet_scale"]["sizes"][str(size)] = measured
-        if out is not None and out.exists():
-            result["fleet_scale"]["profiles"][str(size)] = summarize_profile(out)
+        for spec in specs:  # side by side: every broker at this size before the next size
+            print(f"  {spec.name}: {size} devices", file=sys.stderr, flush=True)
+            measured = _fleet_size(spec, fleet[:size], load, args.py_spy, folder)
+            brokers.setdefault(spec.name, {"sizes": {}})["sizes"][str(size)] = measured
+            out = bench_fleet.profile_path(args.py_spy, size)
+            if spec.name == "iotbiz" and out is not None and out.exists():
+                result["fleet_scale"]["profiles"][str(size)] = summarize_profile(out)
     return result
+
+
+def _fleet_size(
+    spec: BrokerSpec,
+    fleet: Sequence[Credentials],
+    load: bench_fleet.ScaleLoad,
+    py_spy: Path | None,
+    folder: Path,
+) -> dict[str, Any]:
+    """One broker at one fleet size, freshly started. Commands are a platform feature: mosquitto
+    carries the telemetry only (its devices have no agent to answer them)."""
+    is_iotbiz = spec.name == "iotbiz"
+    out = bench_fleet.profile_path(py_spy, len(fleet)) if is_iotbiz else None
+    if not is_iotbiz:
+        load = dataclasses.replace(load, commands_per_s=0.0)
+    with spec.start() as running:
+        pid = running.pid
+
+        def drops() -> dict[str, float]:
+            if not is_iotbiz:
+                return {}
+            return broker_drops(running.http_port or 0, folder / "admin.token")
+
+        return asyncio.run(
+            bench_fleet.measure_size(
+                running.port,
+                fleet,
+                spec.subscriber,
+                load,
+                cpu=functools.partial(cpu_seconds, pid),
+                rss=functools.partial(rss, pid),
+                profile=functools.partial(profiling, out, pid),
+                drops=drops,
+            )
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -908,6 +951,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--scale-qos", type=int, choices=(0, 1), default=1, help="its QoS")
     parser.add_argument("--scale-seconds", type=float, default=20.0, help="measured per size")
     parser.add_argument("--commands-per-s", type=float, default=10.0, help="operator commands")
+    parser.add_argument(
+        "--scale-brokers",
+        default="iotbiz,mosquitto",
+        help="fleet-scale brokers (default: both; mosquitto only if installed)",
+    )
+    parser.add_argument(
+        "--plot", type=Path, help="fleet-scale: draw cost per message and p99 to this PNG"
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     step = run_fleet_scale if args.fleet_scale else run
@@ -921,6 +972,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     result["seconds"] = round(time.perf_counter() - started, 1)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(bench_fleet.markdown(result) if args.fleet_scale else markdown(result))
+    if args.fleet_scale and args.plot:
+        bench_fleet.plot(result, args.plot)
+        print(f"plot in {args.plot}")
     print(f"\n{result['seconds']} s; JSON in {args.out}")
 
 

@@ -1,7 +1,8 @@
 """The fleet-scale step of scripts/bench.py: what a message and a connect cost as the fleet grows.
 
     python scripts/bench.py --fleet-scale 1000,2000,5000,10000 [--scale-rate 1000] [--scale-qos 1]
-        [--scale-seconds 20] [--commands-per-s 10] [--py-spy profile.txt] [--out fleet.json]
+        [--scale-seconds 20] [--commands-per-s 10] [--scale-brokers iotbiz,mosquitto]
+        [--py-spy profile.txt] [--out fleet.json] [--plot docs/fleet-scale.png]
 
 The largest fleet is enrolled once; then, for each size, a fresh platform process: the fleet
 connects at once (cold: every login pays bcrypt; each device subscribes to its `cmd`), leaves,
@@ -15,6 +16,14 @@ drain; the broker's own drop counters from /metrics beside it), command round tr
 and unanswered commands, cold and warm connect of the whole fleet, RSS per connected device.
 With --py-spy, each size is profiled into PATH.SIZE (raw collapsed stacks) and summarized in
 the JSON.
+
+mosquitto 2 (scripts/bench-setup installs it) is the anchor: at each size, right after the
+platform, a private mosquitto on a free port with the same accounts (`mosquitto_passwd -U`) and
+a per-device ACL as `pattern` lines on the username, under the same load and the same
+measurements. Commands are a platform feature, so mosquitto carries the telemetry only (no
+command columns); it caches no credentials, so its cold and warm connects both hash every
+password (PBKDF2-SHA512, mosquitto_passwd's default); its RSS is the mosquitto process's.
+--plot draws cost per message and delivery p99 against fleet size for both to a PNG.
 
 The platform runs from the current directory's `iotbiz` (`python -m iotbiz.broker`), so running
 this from a `git worktree` of another commit measures that commit with the same load.
@@ -192,42 +201,112 @@ def _own_cpu() -> float:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    sizes = result["fleet_scale"]["sizes"]
+    brokers = result["fleet_scale"]["brokers"]
     load = result["fleet_scale"]["load"]
     out = [
         f"Fleet scale: {load['rate']:g} telemetry msgs/s in all at QoS {load['qos']}, "
-        f"{load['commands_per_s']:g} commands/s, {load['seconds']:g} s measured per size.",
+        f"{load['commands_per_s']:g} commands/s (IoTBiz only), {load['seconds']:g} s measured "
+        "per size.",
         "",
-        "| devices | broker us/msg | broker cores | load cores | msgs/s | p50 ms | p99 ms | lost "
-        "| broker dropped | cmd p99 ms | cmd unanswered | cold s | warm s | KB/device |",
-        "|---" * 14 + "|",
+        "| devices | broker | broker us/msg | broker cores | load cores | msgs/s | p50 ms | p99 ms "
+        "| lost | broker dropped | cmd p99 ms | cmd unanswered | cold s | warm s | KB/device |",
+        "|---" * 15 + "|",
     ]
-    for size, s in sizes.items():
-        t = s["traffic"]
-        cells = [
-            t["broker_us_per_msg"],
-            t["broker_cpu"],
-            t["client_cpu"],
-            t["msgs_per_s"],
-            t["p50_ms"],
-            t["p99_ms"],
-            t["lost"],
-            t.get("broker_drops", {}).get("dropped_deliveries"),
-            t["command_rtt_p99_ms"],
-            t["commands_unanswered"],
-            s["cold"]["connack_s"],
-            s["warm"]["connack_s"],
-            s["kb_per_device"],
-        ]
-        out.append(f"| {size} | " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
-    first, last = next(iter(sizes.values())), list(sizes.values())[-1]
-    a, b = first["traffic"]["broker_us_per_msg"], last["traffic"]["broker_us_per_msg"]
-    if a and b:
-        out += ["", f"CPU per message at {last['devices']} / at {first['devices']}: {b / a:.2f}"]
+    sizes = sorted({int(n) for b in brokers.values() for n in b["sizes"]})
+    for size in sizes:
+        for name, broker in brokers.items():
+            s = broker["sizes"].get(str(size))
+            if s is None:
+                continue
+            t = s["traffic"]
+            commands = name == "iotbiz"
+            cells = [
+                t["broker_us_per_msg"],
+                t["broker_cpu"],
+                t["client_cpu"],
+                t["msgs_per_s"],
+                t["p50_ms"],
+                t["p99_ms"],
+                t["lost"],
+                t.get("broker_drops", {}).get("dropped_deliveries"),
+                t["command_rtt_p99_ms"] if commands else None,
+                t["commands_unanswered"] if commands else None,
+                s["cold"]["connack_s"],
+                s["warm"]["connack_s"],
+                s["kb_per_device"],
+            ]
+            out.append(
+                f"| {size} | {name} | "
+                + " | ".join("-" if c is None else str(c) for c in cells)
+                + " |"
+            )
+    out.append("")
+    for name, broker in brokers.items():
+        a, b = (cost_per_message(broker, n) for n in (sizes[0], sizes[-1]))
+        if a and b:
+            out.append(f"{name}: CPU per message at {sizes[-1]} / at {sizes[0]}: {b / a:.2f}")
+    if "iotbiz" in brokers and "mosquitto" in brokers:
+        ratios = []
+        for size in sizes:
+            a, b = (cost_per_message(brokers[n], size) for n in ("iotbiz", "mosquitto"))
+            ratios.append(f"{size}: {a / b:.1f}x" if a and b else f"{size}: -")
+        out.append("IoTBiz / mosquitto CPU per message: " + ", ".join(ratios))
     for size, profile in result["fleet_scale"].get("profiles", {}).items():
         out += ["", f"py-spy at {size} devices (own share of samples):", ""]
         out += [f"- {share:.1%}: {frame}" for frame, share in profile["own"]]
     return "\n".join(out)
+
+
+def cost_per_message(broker: dict[str, Any], size: int) -> float | None:
+    measured = broker["sizes"].get(str(size))
+    return None if measured is None else measured["traffic"]["broker_us_per_msg"]
+
+
+LABELS = {"iotbiz": "IoTBiz (embedded amqtt)", "mosquitto": "mosquitto 2"}
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Cost per message and delivery p99 against fleet size, one line per broker, to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot, ticker
+
+    load = result["fleet_scale"]["load"]
+    figure, (cost_axes, p99_axes) = pyplot.subplots(1, 2, figsize=(10, 4.2), layout="constrained")
+    every_size: set[int] = set()
+    for name, broker in result["fleet_scale"]["brokers"].items():
+        sizes = sorted(int(n) for n in broker["sizes"])
+        every_size.update(sizes)
+        traffic = [broker["sizes"][str(n)]["traffic"] for n in sizes]
+        style = {"marker": "o", "label": LABELS.get(name, name)}
+        cost_axes.plot(sizes, [t["broker_us_per_msg"] for t in traffic], **style)
+        p99_axes.plot(sizes, [t["p99_ms"] for t in traffic], **style)
+    for axes, title, unit in (
+        (cost_axes, "Broker CPU per message", "us per message (process CPU / delivered)"),
+        (p99_axes, "Delivery latency p99", "ms, device to operator (log)"),
+    ):
+        axes.set_xscale("log")
+        axes.set_xticks(sorted(every_size), [f"{n:,}" for n in sorted(every_size)])
+        axes.xaxis.set_minor_formatter(ticker.NullFormatter())
+        axes.set_xlabel("connected devices (log)")
+        axes.set_ylabel(unit)
+        axes.set_title(title)
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend()
+    cost_axes.set_ylim(bottom=0)
+    p99_axes.set_yscale("log")
+    plain = ticker.FuncFormatter(lambda value, _: f"{value:g}")
+    p99_axes.yaxis.set_major_formatter(plain)
+    p99_axes.yaxis.set_minor_formatter(plain)
+    cores = result.get("machine", {}).get("cores")
+    figure.suptitle(
+        f"Fleet scale: {load['rate']:g} msgs/s QoS {load['qos']} in all, {load['seconds']:g} s "
+        f"per size, load generator on the same {cores} cores"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    pyplot.close(figure)
 
 
 def profile_path(base: Path | None, size: int) -> Path | None:
