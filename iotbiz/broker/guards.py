@@ -103,6 +103,9 @@ class InflowGate:
         return True
 
 
+CONNECT_TYPE = 1
+
+
 class GuardedReader(ReaderAdapter):
     """Wraps a reader adapter and follows the MQTT framing of the bytes it returns.
 
@@ -125,6 +128,7 @@ class GuardedReader(ReaderAdapter):
         self._error: ConnectionGuardError | None = None
         self.last_packet_at = time.monotonic()
         self.inflow: InflowGate | None = None
+        self._first = True  # the first packet must be CONNECT [MQTT-3.1.0-1]
 
     @property
     def paused(self) -> bool:
@@ -175,6 +179,10 @@ class GuardedReader(ReaderAdapter):
             byte = data[index]
             index += 1
             if self._state == _EXPECT_TYPE:
+                if self._first:
+                    self._first = False
+                    if byte >> 4 != CONNECT_TYPE:
+                        self._fail(f"the first packet is type {byte >> 4}, not CONNECT")
                 self._state = _EXPECT_LENGTH
                 self._length, self._multiplier, self._length_bytes = 0, 1, 0
                 continue

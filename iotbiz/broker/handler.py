@@ -58,6 +58,7 @@ from amqtt.session import OUTGOING, Session
 
 from iotbiz.broker.guards import GuardedReader, InflowGate
 from iotbiz.broker.sessions import LeanQueue, lean_init_from_connect
+from iotbiz.broker.strict import malformed
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ _PACKET_HANDLERS = {
     PUBLISH: "handle_publish",
     DISCONNECT: "handle_disconnect",
 }
+_STRICT_KINDS = frozenset({PUBLISH, SUBSCRIBE, UNSUBSCRIBE})  # checked by `strict.malformed`
 
 
 def log_task_failure(task: asyncio.Task[Any]) -> None:
@@ -182,6 +184,9 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
                 if kind == CONNECT:
                     await self.handle_connect(packet)
                     continue
+                if kind in _STRICT_KINDS and (reason := malformed(packet)) is not None:
+                    log.debug("%s sent a malformed packet (%s): closing", session.client_id, reason)
+                    break
                 name = _PACKET_HANDLERS.get(kind)
                 if name is None:
                     log.warning("%s sent unhandled packet type %s", session.client_id, kind)
