@@ -114,6 +114,15 @@ class MQTTSettings:
     max_pending_per_address: int = setting(
         1000, "connections from one address that have not sent their CONNECT yet", min=1
     )
+    login_failures_free: int = setting(
+        10, "refused logins a minute from one address answered at once; later ones wait", min=0
+    )
+    login_delay_max_s: float = setting(
+        8.0,
+        "the longest wait before refusing a login from an address that keeps failing (0: none)",
+        min=0,
+        max=60,
+    )
     login_hash_share: float = setting(
         0.5,
         "share of the bcrypt queue MQTT logins may fill; beyond it CONNACK 3, server unavailable",

@@ -10,7 +10,7 @@ from typing import Any
 from amqtt.errors import BrokerError
 
 from iotbiz import topics
-from iotbiz.broker.admission import Admission
+from iotbiz.broker.admission import Admission, LoginBrake
 from iotbiz.broker.authority import Authority
 from iotbiz.broker.hardened import HardenedBroker
 from iotbiz.broker.plugins import AuthPlugin, PresencePlugin, TopicPlugin, principal_of
@@ -124,6 +124,7 @@ class EmbeddedBroker:
             max_inflight_in=settings.max_inflight_in,
             max_broadcast_queue=settings.max_broadcast_queue,
             max_keepalive=settings.max_keepalive_s,
+            login_brake=LoginBrake(settings.login_failures_free, settings.login_delay_max_s),
             admission=Admission(
                 settings.max_connections,
                 settings.max_connections_per_address,

@@ -112,7 +112,7 @@ from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.session import Session
 from transitions import MachineError
 
-from iotbiz.broker.admission import Admission
+from iotbiz.broker.admission import Admission, LoginBrake
 from iotbiz.broker.guards import ConnectionGuardError, GuardedReader, GuardedWriter
 from iotbiz.broker.handler import (
     DEFAULT_ACK_TIMEOUT,
@@ -158,7 +158,9 @@ DEFAULT_TAKEOVER_TIMEOUT = 5.0
 DEFAULT_MAX_QUEUED_MESSAGES = 1000  # mosquitto's max_queued_messages default
 DEFAULT_MAX_BROADCAST_QUEUE = 10_000
 FAILED_CONNECT_LOG_PERIOD_S = 10.0
-DEFAULT_MAX_KEEPALIVE = 300  # seconds: a client asking 0 or more gets this
+DEFAULT_MAX_KEEPALIVE = 300
+DEFAULT_FREE_LOGIN_FAILURES = 10
+DEFAULT_MAX_LOGIN_DELAY_S = 8.0  # seconds: a client asking 0 or more gets this
 DEFAULT_MAX_CONNECTIONS = 20_000
 DEFAULT_MAX_PENDING_PER_ADDRESS = 50
 DROP_LOG_PERIOD_S = 10.0  # dropped messages are logged at most this often (and always counted)
@@ -305,6 +307,7 @@ class HardenedBroker(Broker):
         max_broadcast_queue: int = DEFAULT_MAX_BROADCAST_QUEUE,
         max_keepalive: int = DEFAULT_MAX_KEEPALIVE,
         admission: Admission | None = None,
+        login_brake: LoginBrake | None = None,
     ) -> None:
         limits = {
             "max_keepalive": max_keepalive,
@@ -333,6 +336,9 @@ class HardenedBroker(Broker):
         self.max_queued_messages = max_queued_messages
         self.max_inflight_in = max_inflight_in
         self.max_keepalive = max_keepalive
+        self.login_brake = login_brake or LoginBrake(
+            DEFAULT_FREE_LOGIN_FAILURES, DEFAULT_MAX_LOGIN_DELAY_S
+        )
         self.admission = admission or Admission(
             DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_PER_ADDRESS
         )
@@ -532,6 +538,8 @@ class HardenedBroker(Broker):
                 client_session.remote_port,
                 code,
             )
+            if code == NOT_AUTHORIZED:  # not for CONNACK 3 (busy): those credentials may be right
+                await asyncio.sleep(self.login_brake.refused(client_session.remote_address))
             client_session.parent = 0
             handler.attach(client_session, reader, writer)
             await handler.mqtt_connack_refuse(code)

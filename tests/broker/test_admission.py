@@ -130,3 +130,15 @@ async def test_a_keepalive_of_none_or_too_much_becomes_the_servers_maximum(
         assert session.keep_alive == 20
     finally:
         sock.close()
+
+
+def test_the_login_brake_doubles_up_to_its_cap_and_forgets_after_its_window() -> None:
+    from iotbiz.broker.admission import LoginBrake
+
+    now = [0.0]
+    brake = LoginBrake(free=2, max_delay_s=1.0, window_s=60, clock=lambda: now[0])
+    assert [brake.refused("a") for _ in range(6)] == [0.0, 0.0, 0.25, 0.5, 1.0, 1.0]
+    assert brake.refused("b") == 0.0  # another address
+    now[0] = 61.0
+    assert brake.refused("a") == 0.0  # a new window
+    assert brake.slowed == 4
