@@ -241,7 +241,7 @@ async def test_update_refusals_queue_nothing(platform: Platform, api: Session) -
 
 async def test_iotbiz_cmd_update(platform: Platform, api: Session) -> None:
     """`iotbiz cmd DEV update --arg app=A --arg version=V`, the CLI as it is, goes through the
-    same filling in (--arg values are JSON when they parse: version=2 arrives as 2)."""
+    same filling in (app and version are sent as text, whatever they look like)."""
     await enroll(api, "dev-1")
     await upload(api, "web", "1.2.0", artifact(100))
     await upload(api, "web", "2", artifact(100))
@@ -250,16 +250,13 @@ async def test_iotbiz_cmd_update(platform: Platform, api: Session) -> None:
     for version, args in (
         ("1.2.0", ["--arg", "app=web", "--arg", "version=1.2.0"]),
         ("2", ["--arg", "app=web", "--arg", "version=2"]),
-        ("1.10", ["--arg", "app=web", "--arg", 'version="1.10"']),
+        ("1.10", ["--arg", "app=web", "--arg", "version=1.10"]),
     ):
         code, out, err = await run_cli(platform, *device, *args)
         assert code == 0, err
         sent = json.loads(out)
         assert sent["args"]["version"] == version
         assert sent["args"]["url"] == f"/api/v1/releases/web/{version}"
-    code, _, err = await run_cli(platform, *device, "--arg", "app=web", "--arg", "version=1.10")
-    assert code == 1
-    assert "must be a string" in err
     code, _, err = await run_cli(platform, *device, "--arg", "app=web", "--arg", "version=3.0.0")
     assert code == 1
     assert "400 update: no release web 3.0.0" in err
