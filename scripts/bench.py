@@ -213,13 +213,30 @@ def listen_overflows() -> int:
 # -- the brokers -----------------------------------------------------------------------------------
 
 
+def _one_address_fleet(devices: int = 10**5) -> dict[str, str]:
+    """The simulated fleet connects from one address: the per-address MQTT caps (since 620db5d)
+    raised above it, as the registrar's rate limit is switched off, if the platform under test
+    (the current directory's iotbiz) has them; an older one refuses unknown settings."""
+    probe = "import dataclasses, iotbiz.settings as s; print(*dataclasses.fields(s.MQTTSettings))"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        fields = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+        caps = ("max_connections_per_address", "max_pending_per_address")
+        return {f"IOTBIZ_MQTT_{c.upper()}": str(devices) for c in caps if f"'{c}'" in fields}
+    return {}
+
+
+ONE_ADDRESS_FLEET = _one_address_fleet()
+
+
 def iotbiz_spec(folder: Path, db: Path, cost: int, log_level: str, password: str) -> BrokerSpec:
     runs = itertools.count(1)
 
     @contextlib.contextmanager
     def start() -> Iterator[Running]:
         log = folder / f"iotbiz-{next(runs)}.log"
-        env = {"IOTBIZ_REGISTRAR_BCRYPT_COST": str(cost)}
+        env = {"IOTBIZ_REGISTRAR_BCRYPT_COST": str(cost), **ONE_ADDRESS_FLEET}
         with start_platform(db, log, log_level=log_level, env=env) as platform_process:
             yield Running(
                 platform_process.proc.pid, platform_process.mqtt_port, platform_process.http_port
