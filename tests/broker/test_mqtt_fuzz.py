@@ -1,0 +1,228 @@
+"""Hostile raw MQTT connections (hypothesis, `tests/mqtt_fuzz.py`) against a real platform while
+an honest device stays connected: every answer is a documented packet or a closed connection,
+nothing hangs, no ACL is crossed, nothing undocumented is logged, and the honest device is still
+served afterwards. `scripts/fuzz_mqtt.py` runs the same with many more cases."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from iotbiz.settings import Settings
+from tests.mqtt_fuzz import Names, fuzz_cases
+from tests.processes import enroll_device
+from tests.registrar.test_admin_openapi import PlatformThread
+
+CUSTOMER = "abc123"
+MAX_PACKET = 2048  # mqtt.max_packet_bytes for the run: huge payloads stay cheap
+MQTT_SETTINGS = {
+    "host": "127.0.0.1",
+    "max_packet_bytes": MAX_PACKET,
+    # packets before CONNECT are held this long (known laxness [MQTT-3.1.0-1])
+    "connect_timeout_s": 0.2,
+    # refused logins from one address wait up to this (docs/mqtt.md); kept inside the bound
+    # of a case, and short, since the fuzzing device's wrong passwords all come from 127.0.0.1
+    "login_delay_max_s": 0.5,
+}
+
+# WARNING lines a hostile client may cause at most once per connection, as it is closed. Anything
+# else at WARNING, anything at ERROR that is not a KNOWN_DEFECT, and any traceback fails the run.
+EXPECTED_WARNINGS = [
+    # hardened.py _will_allowed: a will on a topic the device may not publish to
+    re.compile(r"^dropped will of .*: (invalid topic|may not publish to) "),
+    # handler.py _reader_loop: packet types 0 and 15 close the connection
+    re.compile(r" sent a reserved packet type: closing$"),
+    # handler.py _reader_loop: the framing guard closed the connection (oversized packet,
+    # remaining length over 4 bytes; docs/mqtt.md: "a larger packet closes the connection")
+    re.compile(r"^reader of .* failed: ConnectionGuardError\("),
+    # amqtt broker.py _handle_message_delivery: a PUBLISH topic that is empty, has a wildcard
+    # or starts with $ closes the connection
+    re.compile(r"^\[MQTT-(4\.7\.3-1|3\.3\.2-2)\] - .* invalid TOPIC sent in PUBLISH message, clos"),
+    re.compile(r"^\[MQTT-4\.7\.2-1\] - .* cannot use a topic with a leading \$ character\.$"),
+]
+# Log lines that are defects, found by this test and reported, not yet fixed (the broker is
+# someone else's): each is one line per hostile *packet*, so one connection can write them
+# without end. The cases that cause them stay in the strategy (their answers, the ACL and the
+# honest device are still checked); only these lines are tolerated, and counted.
+KNOWN_DEFECTS = {
+    # amqtt handler.py: WARNING with the whole packet repr (payload up to max_packet_bytes) for
+    # each QoS 0 PUBLISH with DUP=1. Minimal: good CONNECT, then b"\x38\x03\x00\x01a".
+    "dup on QoS 0 logged with its payload": re.compile(r"^\[MQTT-3\.3\.1-2\] DUP flag must "),
+    # iotbiz/broker/handler.py handle_puback/pubrec/pubcomp: WARNING for each ack of a packet id
+    # the broker never sent. Minimal: good CONNECT, then b"\x40\x02\x00\x01" (repeatable).
+    "ack for an unknown packet id": re.compile(
+        r"^(PUBACK|PUBREC|PUBCOMP) for unknown packet id \d+ from "
+    ),
+    # amqtt handler.py _handle_qos2_message_flow: WARNING for each QoS 2 PUBLISH reusing the
+    # packet id of one still waiting for PUBREL. Minimal: good CONNECT, then
+    # b"\x34\x05\x00\x01a\x00\x01" twice (with a topic the device may publish to).
+    "QoS 2 packet id reused": re.compile(r"^A waiter already exists for message Id "),
+    # amqtt broker_handler.py handle_connect: ERROR for a second CONNECT [MQTT-3.1.0-2].
+    # Minimal: good CONNECT twice on one connection.
+    "second CONNECT logged as an ERROR": re.compile(
+        r"\[MQTT-3\.1\.0-2\] .* CONNECT message received during messages handling$"
+    ),
+}
+
+
+def fuzz_settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings(
+        registrar={"rate_per_ip": 0.0},
+        http={"host": "127.0.0.1"},
+        mqtt=MQTT_SETTINGS,
+    )
+
+
+@pytest.fixture
+def live(make_settings: Callable[..., Settings]) -> Iterator[PlatformThread]:
+    with PlatformThread(fuzz_settings(make_settings)) as thread:
+        yield thread
+
+
+class HonestDevice:
+    """A device (paho) connected for the whole run, subscribed to its own cmd, with a retained
+    status that a wildcard subscription would reveal."""
+
+    def __init__(self, url: str, mqtt_port: int, device_id: str) -> None:
+        self.name = f"{CUSTOMER}/{device_id}"
+        password = enroll_device(url, CUSTOMER, device_id)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=self.name, protocol=mqtt.MQTTv311
+        )
+        self.client.username_pw_set(self.name, password)
+        self.disconnects = 0
+        self.connected = threading.Event()
+        self.subscribed = threading.Event()
+        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self.client.on_connect = lambda *_: self.connected.set()
+        self.client.on_subscribe = lambda *_: self.subscribed.set()
+        self.client.on_disconnect = self._lost
+        self.client.on_message = lambda _c, _u, message: self.messages.put(message)
+        self.client.connect("127.0.0.1", mqtt_port)
+        self.client.loop_start()
+        assert self.connected.wait(10), "the honest device did not connect"
+        self.client.subscribe(f"devices/{self.name}/cmd", 1)
+        assert self.subscribed.wait(10), "the honest device's SUBSCRIBE was not answered"
+        self.publish("status", b'{"state": "online"}', retain=True)
+
+    def _lost(self, *_: Any) -> None:
+        self.disconnects += 1
+
+    def publish(self, suffix: str, payload: bytes, *, retain: bool = False) -> None:
+        info = self.client.publish(f"devices/{self.name}/{suffix}", payload, qos=1, retain=retain)
+        info.wait_for_publish(10)
+        assert info.is_published(), f"the honest device's QoS 1 publish to {suffix} got no PUBACK"
+
+    def still_served(self) -> None:
+        self.publish("telemetry", b'{"cpu_percent": 1}')
+        assert self.client.is_connected()
+        assert self.disconnects == 0, "the honest device's connection dropped"
+        leaked = []
+        while not self.messages.empty():
+            message = self.messages.get_nowait()
+            leaked.append((message.topic, message.payload[:80]))
+        assert not leaked, f"the honest device received messages nobody may send it: {leaked}"
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+class LogLines(logging.Handler):
+    """Keeps WARNING-or-worse records: a hostile connection must not cost a traceback."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def sorted_out(self) -> tuple[list[str], Counter[str]]:
+        """The lines that break the rule, and how many of each known defect's lines came."""
+        unexpected: list[str] = []
+        known: Counter[str] = Counter()
+        for record in self.records:
+            text = record.getMessage()
+            if record.exc_info:
+                unexpected.append(f"{record.levelname} {record.name}: {text} (traceback)")
+                continue
+            defect = next((n for n, p in KNOWN_DEFECTS.items() if p.search(text)), None)
+            if defect is not None:
+                known[defect] += 1
+            elif record.levelno != logging.WARNING or not any(
+                p.search(text) for p in EXPECTED_WARNINGS
+            ):
+                unexpected.append(f"{record.levelname} {record.name}: {text[:300]}")
+        return unexpected, known
+
+
+def run_fuzz(
+    live: PlatformThread, examples: int, workers: int = 1
+) -> tuple[Counter[str], Counter[str]]:
+    """Run `examples` cases against `live` (split among `workers` processes, each its own
+    fuzzing device); the outcomes seen and the known defects' log lines. Raises on the first
+    case that breaks the rule (hypothesis then shrinks it), or if the honest device was not
+    served."""
+    assert live.platform is not None
+    port = live.platform.mqtt_port
+    honest = HonestDevice(live.url, port, "honest")
+    fuzzers = [
+        Names(
+            username=f"{CUSTOMER}/fuzzer-{index}",
+            password=enroll_device(live.url, CUSTOMER, f"fuzzer-{index}"),
+            other=honest.name,
+            max_packet=MAX_PACKET,
+        )
+        for index in range(workers)
+    ]
+    outcomes: Counter[str] = Counter()
+    lines = LogLines()
+    root = logging.getLogger()
+    root.addHandler(lines)
+    try:
+        if workers == 1:
+            outcomes = fuzz_cases(port, fuzzers[0], examples)
+        else:
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                runs = [
+                    pool.submit(fuzz_cases, port, names, -(-examples // workers))
+                    for names in fuzzers
+                ]
+                for run in runs:
+                    outcomes += run.result()
+        honest.still_served()
+        unexpected, known = lines.sorted_out()
+        assert not unexpected, (
+            f"{len(unexpected)} unexpected log lines, the first: {unexpected[:5]}"
+        )
+    finally:
+        root.removeHandler(lines)
+        honest.close()
+    return outcomes, known
+
+
+@pytest.mark.timeout(120)
+def test_hostile_mqtt_connections_get_documented_answers_and_a_device_stays_served(
+    live: PlatformThread,
+) -> None:
+    started = time.monotonic()
+    outcomes, _known_defects = run_fuzz(live, examples=300)
+    assert sum(outcomes.values()) >= 300
+    kinds = {outcome.split(":")[0] for outcome in outcomes}
+    assert kinds == {"before", "connect", "session"}, outcomes
+    assert len(outcomes) >= 5, outcomes  # the cases reach more than one kind of answer
+    assert time.monotonic() - started < 90
