@@ -887,14 +887,25 @@ def run_fleet_scale(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     password = add_account(db, SUBSCRIBER)
     iotbiz = iotbiz_spec(folder, db, cost, args.log_level, password)
     print(f"enrolling {max(sizes)} devices ...", file=sys.stderr, flush=True)
+    ids, fleet, errors = iter(device_ids(10**6)), [], Counter[str]()
     with iotbiz.start() as running:
         url = f"http://127.0.0.1:{running.http_port}"
-        enrolled = asyncio.run(
-            enroll_devices(
-                url, CUSTOMER, device_ids(max(sizes)), concurrency=2 * (os.cpu_count() or 1)
+        for _ in range(5):  # top up (a failed enrollment is counted, then replaced)
+            missing = max(sizes) - len(fleet)
+            if missing <= 0:
+                break
+            enrolled = asyncio.run(
+                enroll_devices(
+                    url,
+                    CUSTOMER,
+                    itertools.islice(ids, missing),
+                    concurrency=2 * (os.cpu_count() or 1),
+                )
             )
-        )
-    fleet = sorted(enrolled.credentials, key=lambda c: c.device_id)
+            fleet += enrolled.credentials
+            errors.update(enrolled.errors)
+    result["enrollment_errors"] = dict(errors)
+    fleet = sorted(fleet, key=lambda c: c.device_id)
     if len(fleet) < max(sizes):
         raise RuntimeError(f"only {len(fleet)} of {max(sizes)} devices enrolled")
     specs = [iotbiz] if "iotbiz" in names else []
