@@ -883,7 +883,7 @@ def run_fleet_scale(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         "fleet_scale": {"load": dataclasses.asdict(load), "brokers": {}, "profiles": {}},
     }
     db = folder / "bench.db"
-    add_customer(db, CUSTOMER, max(sizes) + 10)
+    add_customer(db, CUSTOMER, max(sizes) + 10**5)  # failed enrollments count to the limit
     password = add_account(db, SUBSCRIBER)
     iotbiz = iotbiz_spec(folder, db, cost, args.log_level, password)
     print(f"enrolling {max(sizes)} devices ...", file=sys.stderr, flush=True)
@@ -904,6 +904,8 @@ def run_fleet_scale(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             )
             fleet += enrolled.credentials
             errors.update(enrolled.errors)
+            if enrolled.errors:
+                print(f"  enrollment errors: {dict(enrolled.errors)}", file=sys.stderr, flush=True)
     result["enrollment_errors"] = dict(errors)
     fleet = sorted(fleet, key=lambda c: c.device_id)
     if len(fleet) < max(sizes):
