@@ -217,13 +217,20 @@ def _one_address_fleet(devices: int = 10**5) -> dict[str, str]:
     """The simulated fleet connects from one address: the per-address MQTT caps (since 620db5d)
     raised above it, as the registrar's rate limit is switched off, if the platform under test
     (the current directory's iotbiz) has them; an older one refuses unknown settings."""
-    probe = "import dataclasses, iotbiz.settings as s; print(*dataclasses.fields(s.MQTTSettings))"
+    probe = (
+        "import dataclasses, iotbiz.settings as s; "
+        "print(*(f.name for c in (s.MQTTSettings, s.RegistrarSettings) "
+        "for f in dataclasses.fields(c)))"
+    )
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         fields = subprocess.run(
             [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
-        ).stdout
+        ).stdout.split()
         caps = ("max_connections_per_address", "max_pending_per_address")
-        return {f"IOTBIZ_MQTT_{c.upper()}": str(devices) for c in caps if f"'{c}'" in fields}
+        env = {f"IOTBIZ_MQTT_{c.upper()}": str(devices) for c in caps if c in fields}
+        if "rate_per_customer" in fields:  # the whole fleet is one customer enrolling at once
+            env["IOTBIZ_REGISTRAR_RATE_PER_CUSTOMER"] = "0"
+        return env
     return {}
 
 
