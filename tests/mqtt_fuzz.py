@@ -345,7 +345,10 @@ def cases(draw: Any, names: Names) -> Case:
         built += draw(st.lists(session_packets(names), min_size=1, max_size=6))
     subscriptions: dict[int, tuple[tuple[bytes, int], ...]] = {}
     ambiguous: set[int] = set()
-    for item in built:
+    # Re-framed packets and junk can be parsed as a SUBSCRIBE with any packet id: then no
+    # SUBACK is matched to its filters (nothing delivered still shows an ACL hole).
+    broken = any(item.step == "junk" or ":" in item.step.split("(")[0] for item in built)
+    for item in [] if broken else built:
         if item.packet_id is not None:
             if item.packet_id in subscriptions:
                 ambiguous.add(item.packet_id)
