@@ -152,12 +152,12 @@ class RegistrarSettings:
     )
     rate_burst: int = setting(200, "requests one client address may make in a burst", min=1)
     rate_per_customer: float = setting(
-        200.0,
+        500.0,
         "device API requests per second for one customer, all addresses together (0: no limit)",
         min=0,
     )
     customer_burst: int = setting(
-        1000, "device API requests one customer may make in a burst", min=1
+        2000, "device API requests one customer may make in a burst", min=1
     )
 
 
