@@ -181,9 +181,9 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
                 await self.plugins_manager.fire_event(
                     MQTTEvents.PACKET_RECEIVED, packet=packet, session=session
                 )
-                if kind == CONNECT:
-                    await self.handle_connect(packet)
-                    continue
+                if kind == CONNECT:  # a second one [MQTT-3.1.0-2]: a protocol violation
+                    log.debug("%s sent a second CONNECT: closing", session.client_id)
+                    break
                 if kind in _STRICT_KINDS and (reason := malformed(packet)) is not None:
                     log.debug("%s sent a malformed packet (%s): closing", session.client_id, reason)
                     break
@@ -509,7 +509,7 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
             del inflight[packet_id]
             log.debug("late PUBACK %s from %s", packet_id, self.client_id)
             return
-        log.warning("PUBACK for unknown packet id %s from %s", packet_id, self.client_id)
+        log.debug("PUBACK for unknown packet id %s from %s", packet_id, self.client_id)
 
     async def handle_pubrec(self, pubrec: Any) -> None:
         packet_id: int = pubrec.packet_id
@@ -521,7 +521,7 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
                 message.pubrec_packet = pubrec
                 self._spawn(self._outgoing_flow(message))
             return
-        log.warning("PUBREC for unknown packet id %s from %s", packet_id, self.client_id)
+        log.debug("PUBREC for unknown packet id %s from %s", packet_id, self.client_id)
 
     async def handle_pubcomp(self, pubcomp: Any) -> None:
         packet_id: int = pubcomp.packet_id
@@ -534,7 +534,7 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
             del inflight[packet_id]
             log.debug("late PUBCOMP %s from %s", packet_id, self.client_id)
             return
-        log.warning("PUBCOMP for unknown packet id %s from %s", packet_id, self.client_id)
+        log.debug("PUBCOMP for unknown packet id %s from %s", packet_id, self.client_id)
 
     async def handle_pubrel(self, pubrel: Any) -> None:
         """Also answer a PUBREL nobody waits for (re-sent after a reconnect) [MQTT-4.3.3-2].

@@ -60,20 +60,10 @@ KNOWN_DEFECTS = {
     # amqtt handler.py: WARNING with the whole packet repr (payload up to max_packet_bytes) for
     # each QoS 0 PUBLISH with DUP=1. Minimal: good CONNECT, then b"\x38\x03\x00\x01a".
     "dup on QoS 0 logged with its payload": re.compile(r"^\[MQTT-3\.3\.1-2\] DUP flag must "),
-    # iotbiz/broker/handler.py handle_puback/pubrec/pubcomp: WARNING for each ack of a packet id
-    # the broker never sent. Minimal: good CONNECT, then b"\x40\x02\x00\x01" (repeatable).
-    "ack for an unknown packet id": re.compile(
-        r"^(PUBACK|PUBREC|PUBCOMP) for unknown packet id \d+ from "
-    ),
     # amqtt handler.py _handle_qos2_message_flow: WARNING for each QoS 2 PUBLISH reusing the
     # packet id of one still waiting for PUBREL. Minimal: good CONNECT, then
     # b"\x34\x05\x00\x01a\x00\x01" twice (with a topic the device may publish to).
     "QoS 2 packet id reused": re.compile(r"^A waiter already exists for message Id "),
-    # amqtt broker_handler.py handle_connect: ERROR for a second CONNECT [MQTT-3.1.0-2].
-    # Minimal: good CONNECT twice on one connection.
-    "second CONNECT logged as an ERROR": re.compile(
-        r"\[MQTT-3\.1\.0-2\] .* CONNECT message received during messages handling$"
-    ),
 }
 
 
