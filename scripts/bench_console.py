@@ -41,19 +41,12 @@ from typing import Any
 from playwright.sync_api import sync_playwright
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_admin import TOKEN, start_platform
 from bench_store import fill_fleet
 
 from iotbiz.store import Store
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-]
+from tests.console.conftest import CHROMIUM, CHROMIUM_ARGS  # the tests' own launch
 
 
 async def prepare(db: Path, devices: int) -> None:
@@ -73,7 +66,7 @@ def measure(url: str, runs: int) -> dict[str, Any]:
     heap_mb: list[float] = []
     shown = total = 0
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         context = browser.new_context(base_url=url, viewport={"width": 1440, "height": 900})
         answer = context.request.post("/api/v1/console/login", data={"token": TOKEN})
         assert answer.status == 200, answer.text()

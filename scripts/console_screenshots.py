@@ -43,17 +43,10 @@ if str(ROOT) not in sys.path:
 from iotbiz.models import TelemetrySample  # noqa: E402
 from iotbiz.names import DeviceName  # noqa: E402
 from iotbiz.store import Store  # noqa: E402
+from tests.console.conftest import CHROMIUM, CHROMIUM_ARGS  # noqa: E402 - the tests' launch
 from tests.processes import PlatformProcess, enroll_device, platform_process  # noqa: E402
 
 TOKEN = "screenshot-admin-token-0123456789"  # noqa: S105 - a throw-away platform's
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-]
 CUSTOMERS = {"acme": 25, "globex": 12, "initech": 6}
 # (customer, device, online, cpu, memory, apps {name: state}, tags)
 DEVICES: list[tuple[str, str, bool, float, float, dict[str, str], dict[str, str]]] = [
@@ -290,7 +283,7 @@ def shoot(page: Page, path: Path, height: int | None = None) -> None:
 
 def take_screenshots(platform: PlatformProcess, out: Path) -> None:
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         context = browser.new_context(
             base_url=platform.url, viewport={"width": 1440, "height": 900}, device_scale_factor=1
         )
