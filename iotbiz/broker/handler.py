@@ -411,10 +411,19 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
             await super()._handle_qos1_message_flow(app_message)
 
     async def _handle_qos2_message_flow(self, app_message: Any) -> None:
+        """Outgoing: our flow. Incoming: amqtt's, except for a PUBLISH whose packet id still
+        waits for its PUBREL: [MQTT-4.3.3-2] that is the same message sent again, answered with
+        PUBREC once more and not delivered twice. amqtt cancelled the first one, kept the second
+        and logged a WARNING for each (a client could fill the log at line rate)."""
         if app_message.direction == OUTGOING:
             await self._outgoing_flow(app_message)
-        else:
-            await super()._handle_qos2_message_flow(app_message)
+            return
+        waiter = self._pubrel_waiters.get(app_message.packet_id)
+        if waiter is not None and not waiter.done():
+            log.debug("QoS 2 PUBLISH %s again from %s", app_message.packet_id, self.client_id)
+            await self._send_packet(PubrecPacket.build(app_message.packet_id))
+            return
+        await super()._handle_qos2_message_flow(app_message)
 
     async def _outgoing_flow(self, message: Any, waiter: asyncio.Future[Any] | None = None) -> None:
         """Drive one outgoing QoS 1/2 message until acknowledged, timed out, or disconnected.

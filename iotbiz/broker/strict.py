@@ -7,6 +7,8 @@ breaks one closes its connection (the spec's answer to a malformed packet).
   reading it back as bytes and decoding those (a real topic of the characters `b'\xff'` would
   be taken for one: no device may publish there anyway).
 - [MQTT-1.5.3-2] a string holding U+0000.
+- [MQTT-3.3.1-2] a QoS 0 PUBLISH with the DUP flag set: amqtt dropped it with a WARNING holding
+  the whole packet (its payload too) for each one, a log a client could fill at line rate.
 - [MQTT-3.3.1-4] a PUBLISH with both QoS bits set (QoS 3).
 - [MQTT-3.8.3-4] a SUBSCRIBE asking QoS 3 (amqtt answered 0x03 in the SUBACK).
 
@@ -27,8 +29,11 @@ def malformed(packet: Any) -> str | None:
     """Why `packet` (a decoded amqtt packet) breaks MQTT 3.1.1, or None."""
     kind = packet.fixed_header.packet_type
     if kind == PUBLISH:
-        if (packet.fixed_header.flags >> 1) & 0x03 == 0x03:
+        flags = packet.fixed_header.flags
+        if (flags >> 1) & 0x03 == 0x03:
             return "PUBLISH with QoS 3"
+        if flags & 0x08 and not (flags >> 1) & 0x03:
+            return "QoS 0 PUBLISH with DUP set"
         return _bad_string(packet.variable_header.topic_name, "topic")
     if kind == SUBSCRIBE:
         for topic_filter, qos in packet.payload.topics:

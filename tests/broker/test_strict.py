@@ -1,7 +1,9 @@
 """MQTT 3.1.1 rules amqtt let pass, through a real broker on raw sockets: a first packet that is
 not CONNECT closes the connection at once [MQTT-3.1.0-1]; a topic that is not valid UTF-8 or
-holds U+0000 [MQTT-1.5.3-1, -2], a PUBLISH with QoS 3 [MQTT-3.3.1-4] and a SUBSCRIBE asking QoS
-3 [MQTT-3.8.3-4] close it instead of being acknowledged; good packets are still answered."""
+holds U+0000 [MQTT-1.5.3-1, -2], a PUBLISH with QoS 3 [MQTT-3.3.1-4] or QoS 0 with DUP set
+[MQTT-3.3.1-2] and a SUBSCRIBE asking QoS 3 [MQTT-3.8.3-4] close it instead of being
+acknowledged; good packets are still answered; a QoS 2 PUBLISH sent again before its PUBREL is
+acknowledged again and delivered once [MQTT-4.3.3-2]."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import time
 import pytest
 
 from iotbiz.broker.strict import _bad_string
+from iotbiz.names import DeviceName
 from iotbiz.platform import Platform
 from tests.broker.conftest import Enroll
 from tests.mqtt_wire import connect_packet, encode_string, packet
@@ -74,6 +77,7 @@ async def test_a_first_packet_that_is_not_connect_closes_at_once(platform: Platf
         publish(TOPIC + b"/\xff\xfe", 1),
         publish(TOPIC + b"\x00", 1),
         publish(TOPIC, 3),
+        packet(0x38, encode_string(TOPIC) + b"{}"),  # QoS 0 with DUP set [MQTT-3.3.1-2]
         packet(
             0x82, struct.pack("!H", 9) + encode_string(b"devices/abc123/strict-dev/cmd") + b"\x03"
         ),
@@ -84,6 +88,7 @@ async def test_a_first_packet_that_is_not_connect_closes_at_once(platform: Platf
         "topic-not-utf8",
         "topic-nul",
         "publish-qos-3",
+        "qos-0-dup",
         "subscribe-qos-3",
         "filter-not-utf8",
         "unsubscribe-nul",
@@ -108,6 +113,48 @@ async def test_good_packets_are_still_answered(platform: Platform, enroll: Enrol
         await loop.sock_sendall(sock, publish(TOPIC, 1))
         async with asyncio.timeout(5):
             assert await loop.sock_recv(sock, 4) == b"\x40\x02\x00\x07"  # PUBACK of id 7
+    finally:
+        sock.close()
+
+
+async def test_a_qos_2_publish_sent_again_before_its_pubrel_is_delivered_once(
+    platform: Platform, enroll: Enroll, caplog: pytest.LogCaptureFixture
+) -> None:
+    sock = await logged_in(platform, enroll)
+    loop = asyncio.get_running_loop()
+    events = b"devices/abc123/strict-dev/events"
+
+    def event(qos: int, packet_id: int, kind: str, *, dup: bool = False) -> bytes:
+        body = (
+            encode_string(events) + struct.pack("!H", packet_id) + b'{"kind": "%s"}' % kind.encode()
+        )
+        return packet(0x30 | (qos << 1) | (0x08 if dup else 0), body)
+
+    async def read(expected: bytes) -> None:
+        async with asyncio.timeout(5):
+            got = b""
+            while len(got) < len(expected):
+                got += await loop.sock_recv(sock, len(expected) - len(got))
+        assert got == expected
+
+    try:
+        await loop.sock_sendall(sock, event(2, 5, "first"))
+        await read(b"\x50\x02\x00\x05")  # PUBREC
+        await loop.sock_sendall(sock, event(2, 5, "second", dup=True))  # the same packet id
+        await read(b"\x50\x02\x00\x05")  # PUBREC again
+        await loop.sock_sendall(sock, packet(0x62, struct.pack("!H", 5)))  # PUBREL
+        await read(b"\x70\x02\x00\x05")  # PUBCOMP
+        await loop.sock_sendall(sock, event(1, 6, "sentinel"))
+        await read(b"\x40\x02\x00\x06")  # PUBACK
+        name = DeviceName("abc123", "strict-dev")
+        async with asyncio.timeout(10):
+            while True:
+                recorded = await platform.store.list_events(name=name)
+                if any(e.body.get("kind") == "sentinel" for e in recorded):
+                    break
+                await asyncio.sleep(0.05)
+        assert sorted(e.body["kind"] for e in recorded) == ["first", "sentinel"]
+        assert "A waiter already exists" not in caplog.text
     finally:
         sock.close()
 
