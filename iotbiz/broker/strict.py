@@ -11,6 +11,8 @@ breaks one closes its connection (the spec's answer to a malformed packet).
   the whole packet (its payload too) for each one, a log a client could fill at line rate.
 - [MQTT-3.3.1-4] a PUBLISH with both QoS bits set (QoS 3).
 - [MQTT-3.8.3-4] a SUBSCRIBE asking QoS 3 (amqtt answered 0x03 in the SUBACK).
+- [MQTT-3.8.3-3, MQTT-3.10.3-2] a SUBSCRIBE or UNSUBSCRIBE without a topic filter (amqtt
+  answered a SUBACK without return codes), and [MQTT-4.7.3-1] an empty topic filter.
 
 A first packet that is not CONNECT [MQTT-3.1.0-1] is caught earlier, in the framing
 (`guards.GuardedReader`), so that the connection closes at once instead of at the CONNECT timeout.
@@ -36,16 +38,26 @@ def malformed(packet: Any) -> str | None:
             return "QoS 0 PUBLISH with DUP set"
         return _bad_string(packet.variable_header.topic_name, "topic")
     if kind == SUBSCRIBE:
+        if not packet.payload.topics:
+            return "SUBSCRIBE without a topic filter"
         for topic_filter, qos in packet.payload.topics:
             if not QOS_0 <= qos <= QOS_2:
                 return f"SUBSCRIBE asking QoS {qos}"
-            if reason := _bad_string(topic_filter, "topic filter"):
+            if reason := _bad_filter(topic_filter):
                 return reason
     elif kind == UNSUBSCRIBE:
+        if not packet.payload.topics:
+            return "UNSUBSCRIBE without a topic filter"
         for topic_filter in packet.payload.topics:
-            if reason := _bad_string(topic_filter, "topic filter"):
+            if reason := _bad_filter(topic_filter):
                 return reason
     return None
+
+
+def _bad_filter(topic_filter: str | None) -> str | None:
+    if not topic_filter:
+        return "empty topic filter"
+    return _bad_string(topic_filter, "topic filter")
 
 
 def _bad_string(text: str | None, what: str) -> str | None:

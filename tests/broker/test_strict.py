@@ -83,6 +83,9 @@ async def test_a_first_packet_that_is_not_connect_closes_at_once(platform: Platf
         ),
         packet(0x82, struct.pack("!H", 9) + encode_string(b"devices/\xc3\x28") + b"\x01"),
         packet(0xA2, struct.pack("!H", 9) + encode_string(b"devices/\x00/cmd")),
+        packet(0x82, struct.pack("!H", 9)),  # no filter [MQTT-3.8.3-3]
+        packet(0x82, struct.pack("!H", 9) + encode_string(b"") + b"\x01"),  # [MQTT-4.7.3-1]
+        packet(0xA2, struct.pack("!H", 9)),  # no filter [MQTT-3.10.3-2]
     ],
     ids=[
         "topic-not-utf8",
@@ -92,6 +95,9 @@ async def test_a_first_packet_that_is_not_connect_closes_at_once(platform: Platf
         "subscribe-qos-3",
         "filter-not-utf8",
         "unsubscribe-nul",
+        "subscribe-without-filter",
+        "subscribe-empty-filter",
+        "unsubscribe-without-filter",
     ],
 )
 async def test_a_malformed_packet_closes_the_connection(
