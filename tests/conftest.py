@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient
 from iotbiz.registrar import create_app
 from iotbiz.settings import Settings, load_settings
 from iotbiz.store import Store
+from tests.services.postgres import PostgresServer, ServiceUnavailable
 
 
 class FakeClock:
@@ -72,3 +73,23 @@ async def client(
     await store.add_customer("abc123", 10, actor="test")
     result: TestClient[Any, Any] = await aiohttp_client(create_app(make_settings(), store))
     return result
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A private PostgreSQL server for the session (see tests/services/postgres.py). A server
+    that cannot start fails the tests that need it, with the reason: it never skips them."""
+    try:
+        server = PostgresServer.start()
+    except ServiceUnavailable as exc:
+        pytest.fail(f"cannot start a private PostgreSQL: {exc}", pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest_asyncio.fixture
+async def postgres_url(postgres_server: PostgresServer) -> AsyncIterator[str]:
+    """The URL (with its password) of a new, empty database on the session's server."""
+    url = await postgres_server.create_database()
+    yield url
+    await postgres_server.drop_database(url)

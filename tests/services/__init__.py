@@ -1,0 +1,1 @@
+"""Private instances of outside services (PostgreSQL) that the tests start and stop themselves."""
