@@ -114,6 +114,7 @@ class Dispatcher:
         self._replies_ready = asyncio.Event()
         self._waiters: dict[str, list[asyncio.Future[Command]]] = {}
         self._waiting = 0
+        self.on_final: list[Callable[[Command], None]] = []  # a command finished (the rollouts)
         self._dispatch_outage = _Outage("command dispatch", retry_s)
         self._reply_outage = _Outage("command replies", retry_s)
         self._expiry_outage = _Outage("command expiry", retry_s)
@@ -190,6 +191,13 @@ class Dispatcher:
         )
         self._wakeup.set()
         return batch_id, commands
+
+    def commands_queued(self) -> None:
+        """Commands were queued by someone else (the rollouts): look for them soon, as after a
+        `send`."""
+        self._scan_wanted = True
+        self._rescan_at = self._clock() + RESCAN_AFTER_SEND_S
+        self._wakeup.set()
 
     async def wait(self, command_id: str, timeout_s: float) -> Command:
         """The command once it is final (done, failed, expired), or as it is after `timeout_s`.
@@ -408,6 +416,8 @@ class Dispatcher:
     # -- waiters -------------------------------------------------------------------------------
 
     def _resolve(self, command: Command) -> None:
+        for hook in self.on_final:
+            hook(command)
         for future in self._waiters.pop(command.command_id, []):
             if not future.done():
                 future.set_result(command)

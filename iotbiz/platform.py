@@ -39,9 +39,10 @@ from iotbiz.file_limits import fit_to_file_limit, raise_file_limit
 from iotbiz.passwords import PasswordHasher
 from iotbiz.presence import PresenceRecorder
 from iotbiz.registrar import create_app, http_server
-from iotbiz.registrar.keys import HEALTH_CHECKS, SERVICE_CLIENT
+from iotbiz.registrar.keys import HEALTH_CHECKS, ROLLOUTS, SERVICE_CLIENT
 from iotbiz.registrar.service_client import ServiceLink
 from iotbiz.retention import Retention
+from iotbiz.rollouts import RolloutEngine
 from iotbiz.settings import Settings
 from iotbiz.store import Store
 from iotbiz.tls import ServerTLS
@@ -156,11 +157,16 @@ class Platform:
             spawn=self._spawn,
         )
         app[HEALTH_CHECKS].append(self.broker.health)
+        rollouts = app[ROLLOUTS] = RolloutEngine(
+            store, settings.rollouts, commands_queued=dispatcher.commands_queued
+        )
+        dispatcher.on_final.append(rollouts.command_finished)
         dispatcher.bind(app[SERVICE_CLIENT])
         self._spawn(dispatcher.run(), "dispatch")
         self._spawn(dispatcher.run_replies(), "command-replies")
         self._spawn(dispatcher.run_expiry(), "command-expiry")
         self._spawn(Retention(store, settings.history).run(), "retention")
+        self._spawn(rollouts.run(), "rollouts")  # its own task: the leader's alone, one day
         self._runner = http_server.runner(app, settings, handle_signals=False, shutdown_timeout=5.0)
         await self._runner.setup()
         http = settings.http

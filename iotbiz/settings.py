@@ -266,6 +266,19 @@ class ReleaseSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RolloutSettings:
+    device_timeout_s: float = setting(
+        3600.0,
+        "seconds a device of a rollout has for its update before it counts as failed",
+        min=1,
+        max=7 * 86400,
+    )
+    batch_size: int = setting(10, "devices per rollout batch when the operator gives none", min=1)
+    max_devices: int = setting(100000, "devices one rollout may address", min=1)
+    poll_s: float = setting(1.0, "seconds between looks at the running rollouts", min=0.05)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     store: StoreSettings = field(default_factory=StoreSettings)
     http: HTTPSettings = field(default_factory=HTTPSettings)
@@ -278,6 +291,7 @@ class Settings:
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
     releases: ReleaseSettings = field(default_factory=ReleaseSettings)
+    rollouts: RolloutSettings = field(default_factory=RolloutSettings)
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

@@ -103,6 +103,7 @@ async def test_tasks_cancelled_by_stop_are_not_failures(
         "presence",
         "refusal-audit",
         "retention",
+        "rollouts",
         "service-client",
         "store-changes",
     ]

@@ -21,6 +21,7 @@ from iotbiz.registrar import (
     admin_commands,
     admin_devices,
     admin_input,
+    admin_rollouts,
     device_api,
     fleet_feed,
     openapi,
@@ -183,6 +184,10 @@ def _add_admin_routes(router: web.UrlDispatcher) -> None:
     router.add_post(f"{admin}/commands", admin_commands.send_command, **body)
     router.add_get(f"{admin}/commands", admin_commands.list_commands)
     router.add_get(f"{admin}/commands/{{command_id}}", admin_commands.show_command)
+    router.add_post(f"{admin}/rollouts", admin_rollouts.start_rollout, **body)
+    router.add_get(f"{admin}/rollouts", admin_rollouts.list_rollouts)
+    router.add_get(f"{admin}/rollouts/{{rollout_id}}", admin_rollouts.show_rollout)
+    router.add_post(f"{admin}/rollouts/{{rollout_id}}/abort", admin_rollouts.abort_rollout, **body)
     router.add_get(f"{admin}/releases", releases_api.list_releases)
     upload = {"expect_handler": releases_api.expect_upload}
     router.add_post(f"{admin}/releases", releases_api.add_release, **upload)

@@ -15,6 +15,7 @@ from iotbiz.registrar.metrics import CommandCounters, Metrics
 from iotbiz.registrar.ratelimit import RateLimiter
 from iotbiz.registrar.refusals import RefusalAudit
 from iotbiz.registrar.service_client import ServiceClient
+from iotbiz.rollouts import RolloutEngine
 from iotbiz.settings import Settings
 from iotbiz.store import Store
 
@@ -50,3 +51,4 @@ SERVICE_CLIENT = web.AppKey("service_client", ServiceClient)
 ADMIN_AUTH = web.AppKey("admin_auth", AdminAuth)
 METRICS = web.AppKey("metrics", Metrics)
 DISPATCHER = web.AppKey("dispatcher", CommandDispatcher)
+ROLLOUTS = web.AppKey("rollouts", RolloutEngine)  # set by the platform, which runs the engine

@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from iotbiz import __version__
+from iotbiz.registrar.openapi_rollouts import rollout_ops
 from iotbiz.registrar.openapi_schema import (
     ADMIN,
     APP_NAME,
@@ -605,6 +606,7 @@ def document() -> dict[str, Any]:
                 **_device_ops(),
                 **_command_ops(),
                 **_release_ops(),
+                **rollout_ops(),
                 **_log_ops(),
                 **_console_ops(),
             }

@@ -21,7 +21,8 @@ Modules: `core` (the connection, `_call`/`_write`, errors), `schema` (migrations
 per concern, combined into `Store`: `devices` (customers, devices, presence), `fleet` (the
 filtered, paged fleet list; tags), `commands` (the command life cycle, see its docstring),
 `history` (telemetry samples and device events, their retention policy), `accounts` (operator
-accounts, the audit log), `releases` (application releases and their offers to devices).
+accounts, the audit log), `releases` (application releases and their offers to devices),
+`rollouts` (staged rollouts of a release, batch by batch).
 """
 
 from __future__ import annotations
@@ -33,9 +34,19 @@ from iotbiz.store.devices import DeviceOperations
 from iotbiz.store.fleet import FleetOperations
 from iotbiz.store.history import HistoryOperations
 from iotbiz.store.releases import Release, ReleaseOperations
+from iotbiz.store.rollouts import Rollout, RolloutDevice, RolloutOperations
 from iotbiz.store.schema import MIGRATIONS, SCHEMA_VERSION
 
-__all__ = ["BUSY_TIMEOUT_MS", "MIGRATIONS", "SCHEMA_VERSION", "Clock", "Release", "Store"]
+__all__ = [
+    "BUSY_TIMEOUT_MS",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "Clock",
+    "Release",
+    "Rollout",
+    "RolloutDevice",
+    "Store",
+]
 
 
 class Store(
@@ -45,5 +56,6 @@ class Store(
     HistoryOperations,
     AccountOperations,
     ReleaseOperations,
+    RolloutOperations,
 ):
     """Async access to the SQLite store. Open with `await Store.open(path)`, close when done."""

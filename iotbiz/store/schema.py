@@ -159,6 +159,43 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     CREATE INDEX release_offers_by_release ON release_offers (app, version);
     """,
+    # 7: staged rollouts (iotbiz.rollouts): one release to a fixed, ordered list of devices in
+    # batches; each device's update command is linked to it when its batch starts
+    """
+    CREATE TABLE rollouts (
+        rollout_id    TEXT PRIMARY KEY,
+        app           TEXT NOT NULL,
+        version       TEXT NOT NULL,
+        state         TEXT NOT NULL
+            CHECK (state IN ('running', 'completed', 'stopped', 'aborted')),
+        reason        TEXT,
+        batch_size    INTEGER NOT NULL CHECK (batch_size >= 1),
+        max_failures  INTEGER NOT NULL CHECK (max_failures >= 0),
+        timeout_s     REAL NOT NULL,
+        force         INTEGER NOT NULL,
+        created_at    REAL NOT NULL,
+        finished_at   REAL,
+        actor         TEXT NOT NULL,
+        total         INTEGER NOT NULL,
+        batch         INTEGER NOT NULL DEFAULT -1
+    );
+    CREATE INDEX rollouts_by_time ON rollouts (created_at, rollout_id);
+    CREATE INDEX rollouts_by_state ON rollouts (state);
+    CREATE TABLE rollout_devices (
+        rollout_id   TEXT NOT NULL REFERENCES rollouts (rollout_id) ON DELETE CASCADE,
+        position     INTEGER NOT NULL,
+        customer_id  TEXT NOT NULL,
+        device_id    TEXT NOT NULL,
+        batch        INTEGER NOT NULL,
+        result       TEXT NOT NULL
+            CHECK (result IN ('waiting', 'updating', 'committed', 'failed', 'skipped')),
+        reason       TEXT,
+        command_id   TEXT,
+        PRIMARY KEY (rollout_id, position)
+    ) WITHOUT ROWID;
+    CREATE INDEX rollout_devices_by_result ON rollout_devices (rollout_id, result, batch);
+    CREATE INDEX rollout_devices_updating ON rollout_devices (rollout_id) WHERE result = 'updating';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
