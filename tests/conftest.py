@@ -14,6 +14,8 @@ from aiohttp.test_utils import TestClient
 from iotbiz.registrar import create_app
 from iotbiz.settings import Settings, load_settings
 from iotbiz.store import Store
+from iotbiz.store.interface import DeviceStore
+from iotbiz.store.postgres import PostgresStore
 from tests.services.postgres import PostgresServer, ServiceUnavailable
 
 
@@ -93,3 +95,22 @@ async def postgres_url(postgres_server: PostgresServer) -> AsyncIterator[str]:
     url = await postgres_server.create_database()
     yield url
     await postgres_server.drop_database(url)
+
+
+@pytest_asyncio.fixture(params=["sqlite", "postgresql"])
+async def any_store(
+    request: pytest.FixtureRequest, db_path: Path, clock: FakeClock
+) -> AsyncIterator[DeviceStore]:
+    """The store on each backend: SQLite in tmp_path, PostgreSQL in a fresh database. (Only
+    the operations the PostgreSQL store has so far: iotbiz.store.interface.DeviceStore.)"""
+    opened: DeviceStore
+    if request.param == "sqlite":
+        opened = await Store.open(db_path, clock=clock)
+    else:
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        url = await server.create_database()
+        opened = await PostgresStore.open(url, clock=clock)
+    yield opened
+    await opened.close()
+    if request.param == "postgresql":
+        await server.drop_database(url)

@@ -12,6 +12,7 @@ from iotbiz.errors import ConflictError, NotFoundError, StoreError
 from iotbiz.models import DeviceState
 from iotbiz.names import DeviceName
 from iotbiz.store import SCHEMA_VERSION, Store
+from iotbiz.store.interface import DeviceStore
 
 NAME = DeviceName("abc123", "dev-1")
 
@@ -49,7 +50,8 @@ async def test_a_file_that_is_not_sqlite_is_a_store_error(tmp_path: Path) -> Non
         await Store.open(path)
 
 
-async def test_customers(store: Store) -> None:
+async def test_customers(any_store: DeviceStore) -> None:
+    store = any_store
     await store.add_customer("abc123", 3, actor="test")
     with pytest.raises(ConflictError):
         await store.add_customer("abc123", 5, actor="test")

@@ -18,7 +18,7 @@ import urllib.parse
 from collections.abc import Callable, Iterable
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 import aiosqlite
 
@@ -30,6 +30,15 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 BUSY_TIMEOUT_MS = 5000
 T = TypeVar("T")
+
+
+class Row(Protocol):
+    """A result row indexed by column name: sqlite3.Row and asyncpg.Record both are, so the
+    row -> dataclass conversions are shared by both backends."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
 Work = Callable[[sqlite3.Connection], T]
 
 

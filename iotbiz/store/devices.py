@@ -11,7 +11,7 @@ from iotbiz.errors import ConflictError, NotFoundError, RegistrationRefused
 from iotbiz.models import Customer, Device, DeviceState, PresenceUpdate
 from iotbiz.names import DeviceName
 from iotbiz.store.commands import close_open_commands
-from iotbiz.store.core import StoreCore, audit, json_or_none, json_or_null, scalar
+from iotbiz.store.core import Row, StoreCore, audit, json_or_none, json_or_null, scalar
 from iotbiz.store.history import Event, Sample, event_rows, insert_history, sample_rows
 
 DEVICE_COLUMNS = (
@@ -85,7 +85,7 @@ class DeviceOperations(StoreCore):
         """  # noqa: S608 - `where` is one of this module's constants
         values = {**params, "now": self._clock()}
         rows = await self._call(lambda conn: conn.execute(sql, values).fetchall())
-        return [Customer(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+        return [row_to_customer(row) for row in rows]
 
     # -- devices --------------------------------------------------------------------------------
 
@@ -256,7 +256,13 @@ def _device(conn: sqlite3.Connection, name: DeviceName) -> Device | None:
     return None if row is None else row_to_device(row)
 
 
-def row_to_device(row: sqlite3.Row) -> Device:
+def row_to_customer(row: Row) -> Customer:
+    return Customer(
+        row["customer_id"], row["device_limit"], row["created_at"], row["active"], row["pending"]
+    )
+
+
+def row_to_device(row: Row) -> Device:
     return Device(
         customer_id=row["customer_id"],
         device_id=row["device_id"],
@@ -282,18 +288,28 @@ def _refuse_registration(conn: sqlite3.Connection, name: DeviceName, now: float)
     ).fetchone()
     if customer is None:
         raise RegistrationRefused("unknown customer")
-    device = _device(conn, name)
-    if device is not None and device.state is DeviceState.ACTIVE:
-        raise RegistrationRefused("device already activated")
-    if device is not None and device.state is DeviceState.REVOKED:
-        raise RegistrationRefused("device revoked")
-    if device is not None and not device.is_expired(now):
-        return True  # a pending registration whose response was lost: it keeps its slot
+    if refuse_device(_device(conn, name), now):
+        return True
     used = scalar(
         conn,
         f"SELECT count(*) FROM devices WHERE customer_id = :cid AND {_COUNTED}",  # noqa: S608
         {"cid": name.customer_id, "now": now},
     )
-    if used >= customer[0]:
-        raise RegistrationRefused("device limit reached")
+    refuse_over_limit(used, customer[0])
     return False
+
+
+def refuse_device(device: Device | None, now: float) -> bool:
+    """The registration rules on the device row (shared by both backends): raise
+    RegistrationRefused for an active or revoked device; True if it renews an unexpired pending
+    registration (a lost response: it keeps its slot), False if the limit must be checked."""
+    if device is not None and device.state is DeviceState.ACTIVE:
+        raise RegistrationRefused("device already activated")
+    if device is not None and device.state is DeviceState.REVOKED:
+        raise RegistrationRefused("device revoked")
+    return device is not None and not device.is_expired(now)
+
+
+def refuse_over_limit(used: int, device_limit: int) -> None:
+    if used >= device_limit:
+        raise RegistrationRefused("device limit reached")

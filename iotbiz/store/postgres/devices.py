@@ -1,0 +1,199 @@
+"""Customers and devices on PostgreSQL: the operations of `iotbiz.store.devices` that exist so far.
+
+Done: add_customer, set_device_limit, get_customer, list_customers, get_device, list_devices,
+check_registration, register_device, activate_device. Not yet: revoke_device, reset_device
+(they close open commands: wait for the commands mixin), record_presence, mark_all_offline.
+
+The device limit is race-free across processes: a registration locks its customer's row
+(SELECT ... FOR UPDATE) before counting, so concurrent registrations of one customer, from any
+number of processes, count and insert one after the other.
+"""
+
+from __future__ import annotations
+
+import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type hints
+
+from iotbiz.errors import ConflictError, NotFoundError, RegistrationRefused
+from iotbiz.models import Customer, Device
+from iotbiz.names import DeviceName
+from iotbiz.store.devices import refuse_device, refuse_over_limit, row_to_customer, row_to_device
+from iotbiz.store.postgres.core import PostgresCore, audit
+
+DEVICE_COLUMNS = (
+    "customer_id, device_id, state, password_hash, pending_expires_at, created_at, activated_at,"
+    " revoked_at, online, last_seen_at, last_status, last_telemetry,"
+    " (SELECT json_object_agg(t.key, t.value)::text FROM device_tags t"
+    " WHERE t.customer_id = devices.customer_id AND t.device_id = devices.device_id) AS tags"
+)
+_CUSTOMERS = """
+    SELECT c.customer_id, c.device_limit, c.created_at,
+        (SELECT count(*) FROM devices d WHERE d.customer_id = c.customer_id
+            AND d.state = 'active') AS active,
+        (SELECT count(*) FROM devices d WHERE d.customer_id = c.customer_id
+            AND d.state = 'pending' AND d.pending_expires_at > $1) AS pending
+    FROM customers c
+"""
+_LIMIT = "SELECT device_limit FROM customers WHERE customer_id = $1"
+_LIMIT_LOCKED = _LIMIT + " FOR UPDATE"
+# Devices that count against a customer's limit: active ones and unexpired pending ones.
+_COUNTED = "(state = 'active' OR (state = 'pending' AND pending_expires_at > $2))"
+
+
+class PostgresDeviceOperations(PostgresCore):
+    # -- customers ------------------------------------------------------------------------------
+
+    async def add_customer(self, customer_id: str, device_limit: int, *, actor: str) -> Customer:
+        now = self._clock()
+
+        async def add(conn: asyncpg.Connection) -> None:
+            try:
+                await conn.execute(
+                    "INSERT INTO customers (customer_id, device_limit, created_at)"
+                    " VALUES ($1, $2, $3)",
+                    customer_id,
+                    device_limit,
+                    now,
+                )
+            except asyncpg.UniqueViolationError as exc:
+                raise ConflictError(f"customer {customer_id} exists already") from exc
+            await audit(conn, now, actor, "customer.add", customer_id, {"limit": device_limit})
+
+        await self._write(add)
+        return Customer(customer_id, device_limit, now)
+
+    async def set_device_limit(self, customer_id: str, device_limit: int, *, actor: str) -> None:
+        now = self._clock()
+
+        async def update(conn: asyncpg.Connection) -> None:
+            status = await conn.execute(
+                "UPDATE customers SET device_limit = $1 WHERE customer_id = $2",
+                device_limit,
+                customer_id,
+            )
+            if status == "UPDATE 0":
+                raise NotFoundError(f"no customer {customer_id}")
+            await audit(
+                conn, now, actor, "customer.set_limit", customer_id, {"limit": device_limit}
+            )
+
+        await self._write(update)
+
+    async def get_customer(self, customer_id: str) -> Customer | None:
+        sql = _CUSTOMERS + " WHERE c.customer_id = $2"
+        now = self._clock()
+        rows = await self._read(lambda conn: conn.fetch(sql, now, customer_id))
+        return row_to_customer(rows[0]) if rows else None
+
+    async def list_customers(self) -> list[Customer]:
+        sql = _CUSTOMERS + " ORDER BY c.customer_id"
+        now = self._clock()
+        rows = await self._read(lambda conn: conn.fetch(sql, now))
+        return [row_to_customer(row) for row in rows]
+
+    # -- devices --------------------------------------------------------------------------------
+
+    async def get_device(self, name: DeviceName) -> Device | None:
+        return await self._read(lambda conn: _device(conn, name))
+
+    async def list_devices(self, customer_id: str | None = None) -> list[Device]:
+        sql = f"SELECT {DEVICE_COLUMNS} FROM devices"  # noqa: S608 - constant column list
+        args: tuple[str, ...] = ()
+        if customer_id is not None:
+            sql += " WHERE customer_id = $1"
+            args = (customer_id,)
+        sql += " ORDER BY customer_id, device_id"
+        rows = await self._read(lambda conn: conn.fetch(sql, *args))
+        return [row_to_device(row) for row in rows]
+
+    async def check_registration(self, name: DeviceName) -> None:
+        """Raise RegistrationRefused if registering `name` now would be refused (a cheap
+        pre-check; `register_device` checks again, with the customer's row locked)."""
+        now = self._clock()
+        await self._read(lambda conn: _refuse_registration(conn, name, now, lock=False))
+
+    async def register_device(
+        self, name: DeviceName, password_hash: bytes, *, ttl_s: float, actor: str
+    ) -> Device:
+        """Create or renew the pending registration of `name` with a new password hash; the
+        customer's row is locked from the count to the COMMIT. Raises RegistrationRefused."""
+        now = self._clock()
+
+        async def register(conn: asyncpg.Connection) -> Device | None:
+            renewing = await _refuse_registration(conn, name, now, lock=True)
+            await conn.execute(
+                """
+                INSERT INTO devices (customer_id, device_id, state, password_hash,
+                                     pending_expires_at, created_at)
+                VALUES ($1, $2, 'pending', $3, $4, $5)
+                ON CONFLICT (customer_id, device_id) DO UPDATE SET
+                    password_hash = excluded.password_hash,
+                    pending_expires_at = excluded.pending_expires_at
+                """,
+                name.customer_id,
+                name.device_id,
+                password_hash.decode("ascii"),
+                now + ttl_s,
+                now,
+            )
+            action = "device.register_again" if renewing else "device.register"
+            await audit(conn, now, actor, action, str(name), {})
+            return await _device(conn, name)
+
+        device = await self._write(register)
+        assert device is not None  # noqa: S101 - written in this transaction
+        return device
+
+    async def activate_device(self, name: DeviceName, password_hash: bytes, *, actor: str) -> bool:
+        """Make a pending registration active if it still has `password_hash` and has not
+        expired; False when it changed meanwhile (a newer password, expiry, revoke)."""
+        now = self._clock()
+
+        async def activate(conn: asyncpg.Connection) -> bool:
+            status = await conn.execute(
+                """
+                UPDATE devices SET state = 'active', activated_at = $1, pending_expires_at = NULL
+                WHERE customer_id = $2 AND device_id = $3 AND state = 'pending'
+                    AND password_hash = $4 AND pending_expires_at > $1
+                """,
+                now,
+                name.customer_id,
+                name.device_id,
+                password_hash.decode("ascii"),
+            )
+            if status == "UPDATE 0":
+                return False
+            await audit(conn, now, actor, "device.activate", str(name), {})
+            return True
+
+        return await self._write(activate)
+
+
+async def _device(conn: asyncpg.Connection, name: DeviceName) -> Device | None:
+    row = await conn.fetchrow(
+        f"SELECT {DEVICE_COLUMNS} FROM devices WHERE customer_id = $1 AND device_id = $2",  # noqa: S608
+        name.customer_id,
+        name.device_id,
+    )
+    return None if row is None else row_to_device(row)
+
+
+async def _refuse_registration(
+    conn: asyncpg.Connection, name: DeviceName, now: float, *, lock: bool
+) -> bool:
+    """Raise RegistrationRefused if `name` may not register now; True if it renews a pending
+    registration. With `lock`, the customer's row stays locked until the transaction ends."""
+    device_limit = await conn.fetchval(
+        _LIMIT_LOCKED if lock else _LIMIT,
+        name.customer_id,
+    )
+    if device_limit is None:
+        raise RegistrationRefused("unknown customer")
+    if refuse_device(await _device(conn, name), now):
+        return True
+    used = await conn.fetchval(
+        f"SELECT count(*) FROM devices WHERE customer_id = $1 AND {_COUNTED}",  # noqa: S608
+        name.customer_id,
+        now,
+    )
+    refuse_over_limit(int(used), int(device_limit))
+    return False
