@@ -5,6 +5,8 @@ password, the device limit race-free across separate connection pools (as across
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from iotbiz.errors import RegistrationRefused, StoreError
 from iotbiz.models import DeviceState
 from iotbiz.names import DeviceName
+from iotbiz.store import Store
 from iotbiz.store.interface import DeviceStore
 from iotbiz.store.postgres import SCHEMA_VERSION, PostgresStore
 from tests.conftest import FakeClock
@@ -220,3 +223,33 @@ async def test_a_customer_twice_is_a_conflict_and_rolls_back(postgres_url: str) 
             await conn.close()
     finally:
         await store.close()
+
+
+async def test_both_schemas_have_the_same_tables_and_columns(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """A migration added to one backend and not the other fails here."""
+    sqlite_store = await Store.open(tmp_path / "s.db")
+    await sqlite_store.close()
+    with sqlite3.connect(tmp_path / "s.db") as raw:
+        tables = [r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        sqlite_columns = {
+            table: [r[1] for r in raw.execute(f"PRAGMA table_info({table})")]
+            for table in tables
+            if table != "sqlite_sequence"
+        }
+    store = await PostgresStore.open(postgres_url)
+    await store.close()
+    conn = await asyncpg.connect(postgres_url, timeout=10)
+    try:
+        rows = await conn.fetch(
+            "SELECT table_name, column_name FROM information_schema.columns"
+            " WHERE table_schema = 'public' AND table_name != 'schema_migrations'"
+            " ORDER BY table_name, ordinal_position"
+        )
+    finally:
+        await conn.close()
+    postgres_columns: dict[str, list[str]] = {}
+    for row in rows:
+        postgres_columns.setdefault(row["table_name"], []).append(row["column_name"])
+    assert postgres_columns == sqlite_columns

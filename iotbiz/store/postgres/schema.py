@@ -1,8 +1,9 @@
 """The PostgreSQL store's schema: its own forward migrations, versioned in `schema_migrations`.
 
 MIGRATIONS[n] takes the database from version n to n + 1 (version 1 is the SQLite schema's
-version 6, translated: the PostgreSQL store starts there). They are applied at open under an
-advisory lock, each in its own transaction with its row in `schema_migrations`, so that processes
+version 6, translated: the PostgreSQL store starts there; version 2 is SQLite's 7; a test checks
+that both schemas have the same tables and columns). They are applied at open under an advisory
+lock, each in its own transaction with its row in `schema_migrations`, so that processes
 opening a new database together migrate it once: the others wait for the lock (bounded), then
 find nothing to do. A migration is only ever appended, never changed.
 """
@@ -140,6 +141,43 @@ MIGRATIONS: tuple[str, ...] = (
         FOREIGN KEY (app, version) REFERENCES releases (app, version) ON DELETE CASCADE
     );
     CREATE INDEX release_offers_by_release ON release_offers (app, version);
+    """,
+    # 2: staged rollouts (the SQLite schema's version 7)
+    """
+    CREATE TABLE rollouts (
+        rollout_id    TEXT PRIMARY KEY,
+        app           TEXT NOT NULL,
+        version       TEXT NOT NULL,
+        state         TEXT NOT NULL
+            CHECK (state IN ('running', 'completed', 'stopped', 'aborted')),
+        reason        TEXT,
+        batch_size    INTEGER NOT NULL CHECK (batch_size >= 1),
+        max_failures  INTEGER NOT NULL CHECK (max_failures >= 0),
+        timeout_s     DOUBLE PRECISION NOT NULL,
+        force         INTEGER NOT NULL,
+        created_at    DOUBLE PRECISION NOT NULL,
+        finished_at   DOUBLE PRECISION,
+        actor         TEXT NOT NULL,
+        total         INTEGER NOT NULL,
+        batch         INTEGER NOT NULL DEFAULT -1
+    );
+    CREATE INDEX rollouts_by_time ON rollouts (created_at, rollout_id);
+    CREATE INDEX rollouts_by_state ON rollouts (state);
+    CREATE TABLE rollout_devices (
+        rollout_id   TEXT NOT NULL REFERENCES rollouts (rollout_id) ON DELETE CASCADE,
+        position     INTEGER NOT NULL,
+        customer_id  TEXT NOT NULL,
+        device_id    TEXT NOT NULL,
+        batch        INTEGER NOT NULL,
+        result       TEXT NOT NULL
+            CHECK (result IN ('waiting', 'updating', 'committed', 'failed', 'skipped')),
+        reason       TEXT,
+        command_id   TEXT,
+        PRIMARY KEY (rollout_id, position)
+    );
+    CREATE INDEX rollout_devices_by_result ON rollout_devices (rollout_id, result, batch);
+    CREATE INDEX rollout_devices_updating ON rollout_devices (rollout_id)
+        WHERE result = 'updating';
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
