@@ -279,6 +279,17 @@ class RolloutSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class BrokerAuthSettings:
+    allowed_addresses: str = setting(
+        "127.0.0.1,::1",
+        "comma-separated addresses an external broker's auth callbacks are answered from",
+    )
+    secret: str = setting(
+        "", "when set, the auth callbacks also need it (?secret= or Authorization: Bearer)"
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     store: StoreSettings = field(default_factory=StoreSettings)
     http: HTTPSettings = field(default_factory=HTTPSettings)
@@ -292,6 +303,7 @@ class Settings:
     tls: TLSSettings = field(default_factory=TLSSettings)
     releases: ReleaseSettings = field(default_factory=ReleaseSettings)
     rollouts: RolloutSettings = field(default_factory=RolloutSettings)
+    broker_auth: BrokerAuthSettings = field(default_factory=BrokerAuthSettings)
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

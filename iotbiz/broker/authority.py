@@ -221,6 +221,14 @@ class Authority:
             )
         return Refusal.UNAVAILABLE
 
+    def principal_of(self, username: str) -> Principal | None:
+        """The principal of a name verified by `authenticate` and not forgotten since (an
+        external broker's later checks carry no password), or None."""
+        if username == self.service_username:
+            return Principal(username, Role.SERVICE)
+        cached = self._verified.get(username)
+        return cached[1] if cached is not None else None
+
     def forget(self, username: str) -> None:
         """Drop cached credentials of `username` (after a revoke, reset, ...)."""
         self._epoch += 1

@@ -22,6 +22,7 @@ from iotbiz.registrar import (
     admin_devices,
     admin_input,
     admin_rollouts,
+    broker_auth,
     device_api,
     fleet_feed,
     openapi,
@@ -139,6 +140,7 @@ def create_app(
         presence.on_recorded.append(feed.note)
     if authority is not None:
         app[releases_api.AUTHORITY] = authority  # release downloads check device logins
+        broker_auth.add_routes(app, authority, settings.broker_auth)  # an external broker's
     if dispatcher is not None:
         app[DISPATCHER] = dispatcher
         metrics.add_collector(CommandCollector(dispatcher))
