@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from iotbiz import __version__, cli_remote
+from iotbiz import __version__, cli_remote, cli_rollouts
 from iotbiz.errors import ConfigError, IotbizError, StoreNotFound
 from iotbiz.models import Customer, Device, iso_time
 from iotbiz.names import DeviceName, is_account_name, is_customer_id, parse_device_name
@@ -589,6 +589,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     tls_init.set_defaults(local=_tls_init)
 
     cli_remote.add_parsers(commands, store_opts)
+    cli_rollouts.add_parsers(commands, store_opts)
     return parser
 
 

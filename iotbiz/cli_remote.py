@@ -96,11 +96,17 @@ def admin_token(args: argparse.Namespace, settings: Settings) -> str:
 # -- iotbiz cmd -----------------------------------------------------------------------------------
 
 
-def add_parsers(commands: Any, store_opts: argparse.ArgumentParser) -> None:
+def remote_options() -> argparse.ArgumentParser:
+    """--url, --token, --json: the options of every command that talks to the admin API."""
     remote = argparse.ArgumentParser(add_help=False)
     remote.add_argument("--url", default=DEFAULT_URL, help=f"the platform (default {DEFAULT_URL})")
     remote.add_argument("--token", help="admin token (default: IOTBIZ_ADMIN_TOKEN or admin.token)")
     remote.add_argument("--json", action="store_true", help="print JSON for scripts")
+    return remote
+
+
+def add_parsers(commands: Any, store_opts: argparse.ArgumentParser) -> None:
+    remote = remote_options()
     cmd = commands.add_parser(
         "cmd",
         parents=[store_opts, remote],
@@ -199,7 +205,7 @@ def _wait_for(
                 break
         return [command]
     by_id = {c["id"]: c for c in commands}
-    progress = _Progress(len(by_id))
+    progress = Progress(len(by_id))
     try:
         while time.monotonic() < deadline:
             cursor = None
@@ -225,13 +231,14 @@ def _wait_for(
     return [by_id[c["id"]] for c in commands]
 
 
-class _Progress:
+class Progress:
     """`[#####.....] 12/50 answered` on stderr, redrawn in place; only on a terminal."""
 
     WIDTH = 30
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, what: str = "answered") -> None:
         self._total = total
+        self._what = what
         self._on = sys.stderr.isatty()
 
     def show(self, done: int) -> None:
@@ -239,7 +246,7 @@ class _Progress:
             return
         filled = self.WIDTH * done // max(1, self._total)
         bar = "#" * filled + "." * (self.WIDTH - filled)
-        sys.stderr.write(f"\r[{bar}] {done}/{self._total} answered")
+        sys.stderr.write(f"\r[{bar}] {done}/{self._total} {self._what}")
         sys.stderr.flush()
 
     def close(self) -> None:
