@@ -62,7 +62,8 @@ async def test_customers(any_store: DeviceStore) -> None:
     assert (customer.customer_id, customer.device_limit) == ("abc123", 7)
 
 
-async def test_revoke_and_reset(store: Store) -> None:
+async def test_revoke_and_reset(any_store: DeviceStore) -> None:
+    store = any_store
     await store.add_customer("abc123", 3, actor="test")
     with pytest.raises(NotFoundError):
         await store.revoke_device(NAME, actor="test")

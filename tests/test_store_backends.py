@@ -11,8 +11,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from iotbiz.errors import RegistrationRefused, StoreError
-from iotbiz.models import DeviceState
+from iotbiz.errors import ConflictError, NotFoundError, RegistrationRefused, StoreError
+from iotbiz.models import Account, DeviceState
 from iotbiz.names import DeviceName
 from iotbiz.store import Store
 from iotbiz.store.interface import DeviceStore
@@ -211,8 +211,6 @@ async def test_a_customer_twice_is_a_conflict_and_rolls_back(postgres_url: str) 
     store = await PostgresStore.open(postgres_url)
     try:
         await store.add_customer("abc123", 3, actor="test")
-        from iotbiz.errors import ConflictError
-
         with pytest.raises(ConflictError, match="customer abc123 exists already"):
             await store.add_customer("abc123", 5, actor="test")
         conn = await asyncpg.connect(postgres_url, timeout=10)
@@ -253,3 +251,87 @@ async def test_both_schemas_have_the_same_tables_and_columns(
     for row in rows:
         postgres_columns.setdefault(row["table_name"], []).append(row["column_name"])
     assert postgres_columns == sqlite_columns
+
+
+async def test_accounts_and_the_audit_log(any_store: DeviceStore, clock: FakeClock) -> None:
+    store = any_store
+    assert await store.latest_change() == 0
+    account = await store.add_account("ops", HASH, superuser=True, actor="admin")
+    assert account.superuser
+    with pytest.raises(ConflictError, match="account ops exists already"):
+        await store.add_account("ops", HASH, superuser=False, actor="admin")
+    await store.add_account("bob", OTHER_HASH, superuser=False, actor="admin")
+    assert [a.name for a in await store.list_accounts()] == ["bob", "ops"]
+    assert await store.get_account("bob") == Account("bob", False, clock.now, OTHER_HASH)
+    assert await store.get_account("nobody") is None
+    await store.remove_account("bob", actor="admin")
+    with pytest.raises(NotFoundError, match="no account bob"):
+        await store.remove_account("bob", actor="admin")
+    await store.audit_refusals([("device.refused", "abc123/x", "1.2.3.4", {"why": "limit"})])
+    newest = await store.latest_change()
+    entries = await store.audit_entries()
+    assert [(e.action, e.subject) for e in entries] == [
+        ("device.refused", "abc123/x"),
+        ("account.remove", "bob"),
+        ("account.add", "bob"),
+        ("account.add", "ops"),
+    ]
+    assert entries[0].entry_id == newest
+    assert entries[0].detail == {"why": "limit"}
+    assert entries[-1].detail == {"superuser": True}
+    [older] = await store.audit_entries(limit=1, before=entries[1].entry_id)
+    assert older == entries[2]
+    assert [e.action for e in await store.audit_entries(subject="bob")] == [
+        "account.remove",
+        "account.add",
+    ]
+    since = await store.changes_since(entries[2].entry_id)
+    assert [e.action for e in since] == ["account.remove", "device.refused"]
+    assert await store.changes_since(newest) == []
+
+
+async def test_mark_all_offline(any_store: DeviceStore) -> None:
+    store = any_store
+    await store.add_customer("abc123", 2, actor="test")
+    await store.register_device(NAME, HASH, ttl_s=60, actor="test")
+    await store.mark_all_offline()  # nothing online: nothing happens, nothing fails
+    device = await store.get_device(NAME)
+    assert device is not None
+    assert not device.online
+
+
+async def test_revoke_and_reset_fail_open_commands_on_postgresql(postgres_url: str) -> None:
+    # (the PostgreSQL store cannot create commands yet: they are written here directly)
+    store = await PostgresStore.open(postgres_url)
+    conn = await asyncpg.connect(postgres_url, timeout=10)
+    try:
+        await store.add_customer("abc123", 3, actor="test")
+        other = DeviceName("abc123", "dev-2")
+        for name in (NAME, other):
+            await store.register_device(name, HASH, ttl_s=60, actor="test")
+            assert await store.activate_device(name, HASH, actor="test")
+        for command_id, name, state in (
+            ("c1", NAME, "queued"),
+            ("c2", NAME, "done"),
+            ("c3", other, "sent"),
+        ):
+            await conn.execute(
+                "INSERT INTO commands (command_id, customer_id, device_id, batch_id, action,"
+                " state, created_at, expires_at, actor) VALUES ($1, $2, $3, 'b', 'reboot', $4,"
+                " 0, 1e12, 'test')",
+                command_id,
+                name.customer_id,
+                name.device_id,
+                state,
+            )
+        await store.revoke_device(NAME, actor="test")
+        await store.reset_device(other, actor="test")
+        rows = await conn.fetch("SELECT command_id, state, error FROM commands ORDER BY 1")
+        assert [tuple(r) for r in rows] == [
+            ("c1", "failed", "device revoked"),
+            ("c2", "done", None),
+            ("c3", "failed", "device reset"),
+        ]
+    finally:
+        await conn.close()
+        await store.close()

@@ -8,7 +8,7 @@ from typing import Any
 
 from iotbiz.errors import ConflictError, NotFoundError
 from iotbiz.models import Account, AuditEntry
-from iotbiz.store.core import StoreCore, audit, scalar
+from iotbiz.store.core import Row, StoreCore, audit, scalar
 
 
 class AccountOperations(StoreCore):
@@ -40,7 +40,7 @@ class AccountOperations(StoreCore):
                 (name,),
             ).fetchone()
         )
-        return None if row is None else _row_to_account(row)
+        return None if row is None else row_to_account(row)
 
     async def list_accounts(self) -> list[Account]:
         rows = await self._call(
@@ -48,7 +48,7 @@ class AccountOperations(StoreCore):
                 "SELECT name, superuser, created_at, password_hash FROM accounts ORDER BY name"
             ).fetchall()
         )
-        return [_row_to_account(r) for r in rows]
+        return [row_to_account(r) for r in rows]
 
     async def remove_account(self, name: str, *, actor: str) -> None:
         now = self._clock()
@@ -89,7 +89,7 @@ class AccountOperations(StoreCore):
                 (entry_id, limit),
             ).fetchall()
         )
-        return [AuditEntry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
+        return [row_to_audit_entry(r) for r in rows]
 
     async def audit_entries(
         self, *, subject: str | None = None, limit: int = 100, before: int | None = None
@@ -109,8 +109,13 @@ class AccountOperations(StoreCore):
         sql += " ORDER BY entry_id DESC LIMIT ?"
         params.append(limit)
         rows = await self._call(lambda conn: conn.execute(sql, params).fetchall())
-        return [AuditEntry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
+        return [row_to_audit_entry(r) for r in rows]
 
 
-def _row_to_account(row: sqlite3.Row) -> Account:
+def row_to_account(row: Row) -> Account:
+    """Shared by both backends, as is `row_to_audit_entry`."""
     return Account(row[0], bool(row[1]), row[2], row[3].encode())
+
+
+def row_to_audit_entry(row: Row) -> AuditEntry:
+    return AuditEntry(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]))

@@ -33,10 +33,10 @@ T = TypeVar("T")
 
 
 class Row(Protocol):
-    """A result row indexed by column name: sqlite3.Row and asyncpg.Record both are, so the
-    row -> dataclass conversions are shared by both backends."""
+    """A result row indexed by column name or position: sqlite3.Row and asyncpg.Record both
+    are, so the row -> dataclass conversions are shared by both backends."""
 
-    def __getitem__(self, key: str, /) -> Any: ...
+    def __getitem__(self, key: str | int, /) -> Any: ...
 
 
 Work = Callable[[sqlite3.Connection], T]

@@ -1,14 +1,15 @@
 """The store's interface, as a Protocol both backends satisfy (checked by mypy below).
 
-It grows with the PostgreSQL store: so far the connection's and the customers' and devices'
-operations (see iotbiz/store/postgres/devices.py for what is still missing there).
+It grows with the PostgreSQL store: so far the connection's, the customers', the devices', the
+accounts' and the audit log's operations (iotbiz/store/postgres/devices.py says what is still
+missing there).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from iotbiz.models import Customer, Device
+from iotbiz.models import Account, AuditEntry, Customer, Device
 from iotbiz.names import DeviceName
 
 
@@ -34,6 +35,21 @@ class DeviceStore(Protocol):
     async def activate_device(
         self, name: DeviceName, password_hash: bytes, *, actor: str
     ) -> bool: ...
+    async def revoke_device(self, name: DeviceName, *, actor: str) -> Device: ...
+    async def reset_device(self, name: DeviceName, *, actor: str) -> Device: ...
+    async def mark_all_offline(self) -> None: ...
+    async def add_account(
+        self, name: str, password_hash: bytes, *, superuser: bool, actor: str
+    ) -> Account: ...
+    async def get_account(self, name: str) -> Account | None: ...
+    async def list_accounts(self) -> list[Account]: ...
+    async def remove_account(self, name: str, *, actor: str) -> None: ...
+    async def audit_refusals(self, entries: list[tuple[str, str, str, dict[str, Any]]]) -> None: ...
+    async def latest_change(self) -> int: ...
+    async def changes_since(self, entry_id: int, *, limit: int = 1000) -> list[AuditEntry]: ...
+    async def audit_entries(
+        self, *, subject: str | None = None, limit: int = 100, before: int | None = None
+    ) -> list[AuditEntry]: ...
 
 
 if TYPE_CHECKING:

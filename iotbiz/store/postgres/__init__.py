@@ -1,15 +1,17 @@
 """The store on PostgreSQL (through asyncpg): the same interface as `iotbiz.store.Store`.
 
-NOT COMPLETE: only the operations of `core` and `devices` exist so far (see `devices`); the
-platform and the CLI refuse a PostgreSQL store until every operation does. Each concern is one
-mixin over `PostgresCore`, as on SQLite: an operation is one `_read` or one `_write` (a
-transaction on one pooled connection), every driver error comes out as a StoreError naming the
-store (its URL without the password). Row -> dataclass conversions are shared with the SQLite
-modules (asyncpg.Record and sqlite3.Row both index by column name).
+NOT COMPLETE: only the operations of `core`, `devices` (see its docstring) and `accounts`
+exist so far; `fleet`, `commands`, `history`, `releases` and `rollouts` do not. Nothing in the
+platform or the CLI opens it yet (the setting `store.url` comes with the last operation). Each
+concern is one mixin over `PostgresCore`, as on SQLite: an operation is one `_read` or one
+`_write` (a transaction on one pooled connection); every driver error comes out as a StoreError
+naming the store (its URL without the password). Row -> dataclass conversions are shared with
+the SQLite modules (asyncpg.Record and sqlite3.Row both index by column name).
 """
 
 from __future__ import annotations
 
+from iotbiz.store.postgres.accounts import PostgresAccountOperations
 from iotbiz.store.postgres.core import PostgresCore, redact
 from iotbiz.store.postgres.devices import PostgresDeviceOperations
 from iotbiz.store.postgres.schema import MIGRATIONS, SCHEMA_VERSION
@@ -17,5 +19,5 @@ from iotbiz.store.postgres.schema import MIGRATIONS, SCHEMA_VERSION
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "PostgresStore", "redact"]
 
 
-class PostgresStore(PostgresDeviceOperations, PostgresCore):
+class PostgresStore(PostgresDeviceOperations, PostgresAccountOperations, PostgresCore):
     """Async access to a PostgreSQL store. Open with `await PostgresStore.open(url)`."""

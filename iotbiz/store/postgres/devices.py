@@ -1,8 +1,8 @@
 """Customers and devices on PostgreSQL: the operations of `iotbiz.store.devices` that exist so far.
 
 Done: add_customer, set_device_limit, get_customer, list_customers, get_device, list_devices,
-check_registration, register_device, activate_device. Not yet: revoke_device, reset_device
-(they close open commands: wait for the commands mixin), record_presence, mark_all_offline.
+check_registration, register_device, activate_device, revoke_device, reset_device,
+mark_all_offline. Not yet: record_presence (it writes telemetry history: with that mixin).
 
 The device limit is race-free across processes: a registration locks its customer's row
 (SELECT ... FOR UPDATE) before counting, so concurrent registrations of one customer, from any
@@ -166,6 +166,75 @@ class PostgresDeviceOperations(PostgresCore):
             return True
 
         return await self._write(activate)
+
+    async def revoke_device(self, name: DeviceName, *, actor: str) -> Device:
+        """Revoke a device: its credentials stop working and it can never register again."""
+        now = self._clock()
+
+        async def revoke(conn: asyncpg.Connection) -> Device | None:
+            status = await conn.execute(
+                """
+                UPDATE devices SET state = 'revoked', revoked_at = $1, password_hash = NULL,
+                    pending_expires_at = NULL, online = 0
+                WHERE customer_id = $2 AND device_id = $3 AND state != 'revoked'
+                """,
+                now,
+                name.customer_id,
+                name.device_id,
+            )
+            if status == "UPDATE 0":
+                device = await _device(conn, name)
+                if device is None:
+                    raise NotFoundError(f"no device {name}")
+                return device  # revoked already: nothing changes, nothing to audit
+            await close_open_commands(conn, name, now, "device revoked")
+            await audit(conn, now, actor, "device.revoke", str(name), {})
+            return await _device(conn, name)
+
+        device = await self._write(revoke)
+        assert device is not None  # noqa: S101 - updated in this transaction
+        return device
+
+    async def reset_device(self, name: DeviceName, *, actor: str) -> Device:
+        """Forget a device so that its id may register again; returns it as it was."""
+        now = self._clock()
+
+        async def reset(conn: asyncpg.Connection) -> Device:
+            device = await _device(conn, name)
+            if device is None:
+                raise NotFoundError(f"no device {name}")
+            # its tags, samples and events go with it (ON DELETE CASCADE); commands stay, failed
+            await close_open_commands(conn, name, now, "device reset")
+            await conn.execute(
+                "DELETE FROM devices WHERE customer_id = $1 AND device_id = $2",
+                name.customer_id,
+                name.device_id,
+            )
+            await audit(conn, now, actor, "device.reset", str(name), {"state": device.state.value})
+            return device
+
+        return await self._write(reset)
+
+    async def mark_all_offline(self) -> None:
+        """At platform start: nothing is connected yet, whatever a killed process left behind."""
+        await self._write(
+            lambda conn: conn.execute("UPDATE devices SET online = 0 WHERE online = 1")
+        )
+
+
+async def close_open_commands(
+    conn: asyncpg.Connection, name: DeviceName, now: float, error: str
+) -> None:
+    """Fail the open commands of a device that was revoked or reset (in the caller's
+    transaction): nothing will ever answer them."""
+    await conn.execute(
+        "UPDATE commands SET state = 'failed', done_at = $1, error = $2"
+        " WHERE customer_id = $3 AND device_id = $4 AND state IN ('queued', 'sent')",
+        now,
+        error,
+        name.customer_id,
+        name.device_id,
+    )
 
 
 async def _device(conn: asyncpg.Connection, name: DeviceName) -> Device | None:
