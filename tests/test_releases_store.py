@@ -6,13 +6,19 @@ import pytest
 
 from iotbiz.errors import ConflictError, NotFoundError
 from iotbiz.names import DeviceName
-from iotbiz.store import Store
+from iotbiz.store.interface import DeviceStore
 from tests.store_helpers import active_devices
 
 SHA = "ab" * 32
 
 
-async def test_add_list_get_remove(store: Store) -> None:
+@pytest.fixture
+def store(any_store: DeviceStore) -> DeviceStore:
+    """Every test here runs on both backends."""
+    return any_store
+
+
+async def test_add_list_get_remove(store: DeviceStore) -> None:
     web1 = await store.add_release("web", "1.0", sha256=SHA, size=10, signature=None, actor="t")
     await store.add_release("web", "1.1", sha256=SHA, size=11, signature="c2ln", actor="t")
     await store.add_release("api", "2", sha256=SHA, size=12, signature=None, actor="t")
@@ -36,7 +42,7 @@ async def test_add_list_get_remove(store: Store) -> None:
     assert actions == ["release.remove", "release.add"]
 
 
-async def test_offers_and_the_download_check(store: Store) -> None:
+async def test_offers_and_the_download_check(store: DeviceStore) -> None:
     one, two = await active_devices(store, "abc123", 2)
     await store.add_release("web", "1.0", sha256=SHA, size=10, signature=None, actor="t")
     assert await store.offered_release(one, "web", "1.0") == (True, None)
@@ -69,7 +75,7 @@ async def test_offers_and_the_download_check(store: Store) -> None:
     assert await store.offered_release(one, "web", "1.0") == (False, None)
 
 
-async def test_offers_go_with_a_reset_device(store: Store) -> None:
+async def test_offers_go_with_a_reset_device(store: DeviceStore) -> None:
     [one] = await active_devices(store, "abc123", 1)
     await store.add_release("web", "1.0", sha256=SHA, size=10, signature=None, actor="t")
     await store.offer_release([one], "web", "1.0")

@@ -1,16 +1,18 @@
 """The store's interface, as a Protocol both backends satisfy (checked by mypy below).
 
-It grows with the PostgreSQL store: so far the connection's, the customers', the devices', the
-accounts' and the audit log's operations (iotbiz/store/postgres/devices.py says what is still
-missing there).
+It grows with the PostgreSQL store: so far the connection's, the customers', the devices',
+the accounts', the audit log's and the releases' operations (iotbiz/store/postgres/devices.py
+says what is still missing there).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from iotbiz.models import Account, AuditEntry, Customer, Device
 from iotbiz.names import DeviceName
+from iotbiz.store.releases import Release
 
 
 class DeviceStore(Protocol):
@@ -50,6 +52,29 @@ class DeviceStore(Protocol):
     async def audit_entries(
         self, *, subject: str | None = None, limit: int = 100, before: int | None = None
     ) -> list[AuditEntry]: ...
+    async def add_release(
+        self,
+        app: str,
+        version: str,
+        *,
+        sha256: str,
+        size: int,
+        signature: str | None,
+        actor: str,
+    ) -> Release: ...
+    async def get_release(self, app: str, version: str) -> Release | None: ...
+    async def list_releases(self, *, app: str | None = None) -> list[Release]: ...
+    async def remove_release(self, app: str, version: str, *, actor: str) -> Release: ...
+    async def offer_release(
+        self, names: Sequence[DeviceName], app: str, version: str
+    ) -> list[DeviceName]: ...
+    async def withdraw_offers(
+        self, names: Sequence[DeviceName], app: str, version: str
+    ) -> None: ...
+    async def offered_release(
+        self, name: DeviceName, app: str, version: str
+    ) -> tuple[bool, Release | None]: ...
+    async def release_offers(self, app: str, version: str) -> list[DeviceName]: ...
 
 
 if TYPE_CHECKING:

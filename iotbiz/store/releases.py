@@ -81,7 +81,7 @@ class ReleaseOperations(StoreCore):
     async def get_release(self, app: str, version: str) -> Release | None:
         sql = f"SELECT {RELEASE_COLUMNS} FROM releases WHERE app = ? AND version = ?"  # noqa: S608
         row = await self._call(lambda conn: conn.execute(sql, (app, version)).fetchone())
-        return None if row is None else _row_to_release(row)
+        return None if row is None else row_to_release(row)
 
     async def list_releases(self, *, app: str | None = None) -> list[Release]:
         """By app, then oldest first."""
@@ -92,7 +92,7 @@ class ReleaseOperations(StoreCore):
             params = (app,)
         sql += " ORDER BY app, created_at, version"
         rows = await self._call(lambda conn: conn.execute(sql, params).fetchall())
-        return [_row_to_release(row) for row in rows]
+        return [row_to_release(row) for row in rows]
 
     async def remove_release(self, app: str, version: str, *, actor: str) -> Release:
         """Remove it (and its offers); the release as it was. NotFoundError if there is none."""
@@ -106,7 +106,7 @@ class ReleaseOperations(StoreCore):
             if row is None:
                 raise NotFoundError(f"no release {app} {version}")
             audit(conn, now, actor, "release.remove", f"{app}/{version}", {})
-            return _row_to_release(row)
+            return row_to_release(row)
 
         return await self._write(remove)
 
@@ -173,7 +173,7 @@ class ReleaseOperations(StoreCore):
         active = bool(row[0])
         if row[1] is None:
             return active, None
-        return active, _row_to_release(tuple(row)[1:])
+        return active, row_to_release(tuple(row)[1:])
 
     async def release_offers(self, app: str, version: str) -> list[DeviceName]:
         """The devices a release is offered to."""
@@ -187,7 +187,7 @@ class ReleaseOperations(StoreCore):
         return [DeviceName(row[0], row[1]) for row in rows]
 
 
-def _row_to_release(row: Sequence[object]) -> Release:
+def row_to_release(row: Sequence[object]) -> Release:
     app, version, sha256, size, signature, created_at, actor = row
     return Release(
         app=str(app),
