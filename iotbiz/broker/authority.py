@@ -141,7 +141,7 @@ class Authority:
             return Refusal.UNAVAILABLE
         if principal is None:
             return self._refuse(username, "bad credentials or not active")
-        if not _client_id_allowed(principal, client_id):
+        if not client_id_allowed(principal, client_id):
             return self._refuse(username, f"client id {client_id!r} not allowed")
         return principal
 
@@ -312,7 +312,7 @@ def device_principal(name: DeviceName) -> Principal:
     )
 
 
-def _client_id_allowed(principal: Principal, client_id: str) -> bool:
+def client_id_allowed(principal: Principal, client_id: str) -> bool:
     if principal.role is Role.SUPERUSER:
         return True
     if principal.role is Role.DEVICE:

@@ -14,8 +14,14 @@ as text) at `/api/v1/broker-auth/rabbitmq/{user,vhost,resource,topic}`:
     leaves a `.` as it is, so a topic holding a `.` cannot be told apart from one with a `/`
     there; device ids never hold a `.` (iotbiz.names), so no device topic does, and a routing
     key with one too many words maps back to no topic anyone may use: denied.
-Only verified users get past `user`: the other callbacks answer for names in the cache, so a
-revoke (which makes `Authority` forget the name) denies the next check at once.
+EMQX 5 HTTP authentication at `/api/v1/broker-auth/emqx/authn` and authorization at `/authz`
+(JSON bodies of strings, configured in EMQX as {"username": "${username}", "password":
+"${password}", "clientid": "${clientid}"} and {"username": "${username}", "clientid":
+"${clientid}", "topic": "${topic}", "action": "${action}"}; answers {"result": "allow" | "deny"},
+authn with "is_superuser"). EMQX can send a header, so the secret goes as a Bearer token.
+
+Only verified users get past `user` (or `authn`): the other callbacks answer for names in the
+cache, so a revoke (which makes `Authority` forget the name) denies the next check at once.
 
 The callbacks answer only the broker: the request's address must be in
 `broker_auth.allowed_addresses` (loopback by default) and, when `broker_auth.secret` is set, carry
@@ -26,12 +32,19 @@ Anyone else gets 403 {"error": ...}; a body without the fields a callback needs 
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 
-from iotbiz.broker.authority import Authority, Principal, Refusal, Role
+from iotbiz.broker.authority import (
+    Authority,
+    Principal,
+    Refusal,
+    Role,
+    client_id_allowed,
+)
 from iotbiz.errors import BadRequest, Forbidden
 from iotbiz.registrar.keys import REFUSALS
 from iotbiz.registrar.releases_api import AUTHORITY
@@ -58,6 +71,8 @@ def add_routes(app: web.Application, authority: Authority, settings: BrokerAuthS
     app.router.add_post(f"{rabbit}/vhost", rabbitmq_vhost)
     app.router.add_post(f"{rabbit}/resource", rabbitmq_resource)
     app.router.add_post(f"{rabbit}/topic", rabbitmq_topic)
+    app.router.add_post(f"{PREFIX}/emqx/authn", emqx_authn)
+    app.router.add_post(f"{PREFIX}/emqx/authz", emqx_authz)
 
 
 def _allow() -> web.Response:
@@ -68,24 +83,45 @@ def _deny() -> web.Response:
     return web.Response(text="deny")
 
 
-async def _form(request: web.Request, *required: str) -> Mapping[str, str]:
-    """The broker's form, after checking who sent it; 400 without a required field."""
+def _check_sender(request: web.Request) -> None:
     settings = request.app[BROKER_AUTH]
     allowed = {a.strip() for a in settings.allowed_addresses.split(",") if a.strip()}
     if request.remote not in allowed:
         raise Forbidden("broker callbacks answer only the broker's address")
     if settings.secret and not _has_secret(request, settings.secret):
         raise Forbidden("broker callbacks need the broker's secret")
+
+
+async def _form(request: web.Request, *required: str) -> Mapping[str, str]:
+    """The broker's form, after checking who sent it; 400 without a required field."""
+    _check_sender(request)
     if request.content_type != "application/x-www-form-urlencoded":
         raise BadRequest("expected a form-encoded body")
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise BadRequest(f"body over {MAX_BODY_BYTES} bytes")
     form = await request.post()
-    fields = {key: value for key, value in form.items() if isinstance(value, str)}
+    return _required({k: v for k, v in form.items() if isinstance(v, str)}, required)
+
+
+def _required(fields: Mapping[str, str], required: tuple[str, ...]) -> Mapping[str, str]:
     missing = [name for name in required if name not in fields]
     if missing:
         raise BadRequest(f"missing field(s): {', '.join(missing)}")
     return fields
+
+
+async def _json(request: web.Request, *required: str) -> Mapping[str, str]:
+    """EMQX's JSON object of strings, after checking who sent it."""
+    _check_sender(request)
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise BadRequest(f"body over {MAX_BODY_BYTES} bytes")
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("expected a JSON object of strings") from None
+    if not isinstance(body, dict) or not all(isinstance(v, str) for v in body.values()):
+        raise BadRequest("expected a JSON object of strings")
+    return _required(body, required)
 
 
 def _has_secret(request: web.Request, secret: str) -> bool:
@@ -166,3 +202,38 @@ def routing_key_to_topic(routing_key: str) -> str | None:
     if not routing_key or "/" in routing_key:
         return None
     return "/".join("+" if word == "*" else word for word in routing_key.split("."))
+
+
+# -- EMQX 5 ------------------------------------------------------------------------------------
+
+
+def _emqx(result: bool, **extra: bool) -> web.Response:
+    return web.json_response({"result": "allow" if result else "deny", **extra})
+
+
+async def emqx_authn(request: web.Request) -> web.Response:
+    """EMQX's HTTP authentication: {"username", "password", "clientid"} ->
+    {"result": "allow" | "deny", "is_superuser": ...}."""
+    body = await _json(request, "username", "password", "clientid")
+    result = await request.app[AUTHORITY].authenticate(
+        body["username"], body["password"], body["clientid"]
+    )
+    if isinstance(result, Refusal):
+        request.app[REFUSALS].note("mqtt_login", body["username"], None, result.value)
+        return _emqx(False, is_superuser=False)
+    return _emqx(True, is_superuser=result.role is Role.SUPERUSER)
+
+
+async def emqx_authz(request: web.Request) -> web.Response:
+    """EMQX's HTTP authorization: {"username", "clientid", "topic", "action": "publish" |
+    "subscribe"} -> {"result": "allow" | "deny"}, for a name `Authority` verified."""
+    body = await _json(request, "username", "clientid", "topic", "action")
+    authority = request.app[AUTHORITY]
+    principal = authority.principal_of(body["username"])
+    if principal is None or not client_id_allowed(principal, body["clientid"]):
+        return _emqx(False)
+    if body["action"] == "publish":
+        return _emqx(authority.may_publish(principal, body["topic"]))
+    if body["action"] == "subscribe":
+        return _emqx(authority.may_subscribe(principal, body["topic"]))
+    return _emqx(False)

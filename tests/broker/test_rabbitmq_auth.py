@@ -1,4 +1,4 @@
-"""RabbitMQ's HTTP auth backend asks the platform, which answers from the embedded broker's rules.
+"""RabbitMQ's (and EMQX's) HTTP auth asks the platform, which answers from the embedded rules.
 
 Direct HTTP calls of each callback (good and bad inputs, exact bodies), then a real paho device on
 a real private RabbitMQ node (tests/services/rabbitmq.py) whose auth backend is this platform.
@@ -217,6 +217,51 @@ async def started(settings: Settings) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{running.http_port}"
     finally:
         await running.stop()
+
+
+# -- EMQX 5 (direct calls: no EMQX on the test machines) ------------------------------------
+
+
+async def test_emqx_callbacks(platform: Platform, enroll: Enroll) -> None:
+    password = await enroll("aa:bb:cc:dd:ee:01")
+    emqx = "/api/v1/broker-auth/emqx"
+    login = {"username": DEVICE, "password": password, "clientid": DEVICE}
+    own, other = f"devices/{DEVICE}", f"devices/{OTHER}"
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{platform.http_port}") as session:
+
+        async def ask(path: str, body: Any) -> tuple[int, Any]:
+            async with session.post(f"{emqx}/{path}", json=body) as response:
+                return response.status, await response.json()
+
+        def authz(topic: str, action: str, clientid: str = DEVICE) -> dict[str, str]:
+            return {"username": DEVICE, "clientid": clientid, "topic": topic, "action": action}
+
+        deny, allow = {"result": "deny"}, {"result": "allow"}
+        assert await ask("authz", authz(f"{own}/status", "publish")) == (200, deny)  # no login
+        assert await ask("authn", {**login, "password": "wrong"}) == (
+            200,
+            {"result": "deny", "is_superuser": False},
+        )
+        assert await ask("authn", {**login, "clientid": OTHER}) == (
+            200,
+            {"result": "deny", "is_superuser": False},
+        )
+        assert await ask("authn", login) == (200, {"result": "allow", "is_superuser": False})
+        assert await ask("authz", authz(f"{own}/status", "publish")) == (200, allow)
+        assert await ask("authz", authz(f"{own}/cmd", "subscribe")) == (200, allow)
+        assert await ask("authz", authz(f"{own}/cmd", "publish")) == (200, deny)
+        assert await ask("authz", authz(f"{other}/status", "publish")) == (200, deny)
+        assert await ask("authz", authz(f"{other}/cmd", "subscribe")) == (200, deny)
+        assert await ask("authz", authz("devices/#", "subscribe")) == (200, deny)
+        assert await ask("authz", authz(f"{own}/status", "publish", OTHER)) == (200, deny)
+        assert await ask("authz", authz(f"{own}/status", "all")) == (200, deny)
+        bad = {"error": "expected a JSON object of strings"}
+        assert await ask("authn", ["x"]) == (400, bad)
+        assert await ask("authn", {**login, "password": 1}) == (400, bad)
+        missing = {"error": "missing field(s): clientid"}
+        assert await ask("authn", {"username": DEVICE, "password": password}) == (400, missing)
+        missing = {"error": "missing field(s): topic, action"}
+        assert await ask("authz", {"username": DEVICE, "clientid": DEVICE}) == (400, missing)
 
 
 # -- a real paho device on the real RabbitMQ -------------------------------------------------
