@@ -335,3 +335,11 @@ async def test_revoke_and_reset_fail_open_commands_on_postgresql(postgres_url: s
     finally:
         await conn.close()
         await store.close()
+
+
+async def test_names_sort_by_their_bytes_whatever_the_locale(any_store: DeviceStore) -> None:
+    # The PostgreSQL test databases collate as ICU en-US, which would sort a, a_1, a-2, B.
+    store = any_store
+    for customer_id in ("a_1", "B", "a-2", "a"):
+        await store.add_customer(customer_id, 1, actor="test")
+    assert [c.customer_id for c in await store.list_customers()] == ["B", "a", "a-2", "a_1"]

@@ -8,7 +8,9 @@ user `postgres` and the folder is given to it. Every wait is bounded.
 
 The server only accepts password logins (scram-sha-256) of one superuser, so that tests can
 check that the password never shows in the store's messages. `create_database()` makes an empty
-database (CREATE DATABASE copies the template: milliseconds) and returns its URL.
+database (CREATE DATABASE copies the template: milliseconds) and returns its URL. Its collation
+is ICU's en-US, as a production database's often is, so that the store's ordering is tested
+against a locale that does not sort by bytes as SQLite does.
 
 When the server cannot start (PostgreSQL missing: run scripts/services-setup; a port never
 free; a broken installation) `start()` raises ServiceUnavailable with the reason and the
@@ -195,7 +197,11 @@ class PostgresServer:
         name = f"test_{next(self._databases)}"
         conn = await asyncpg.connect(self.url(), timeout=10)
         try:
-            await conn.execute(f'CREATE DATABASE "{name}"', timeout=30)
+            await conn.execute(
+                f'CREATE DATABASE "{name}" TEMPLATE template0'
+                " LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C'",
+                timeout=30,
+            )
         finally:
             await conn.close(timeout=10)
         return self.url(name)

@@ -6,6 +6,10 @@ that both schemas have the same tables and columns). They are applied at open un
 lock, each in its own transaction with its row in `schema_migrations`, so that processes
 opening a new database together migrate it once: the others wait for the lock (bounded), then
 find nothing to do. A migration is only ever appended, never changed.
+
+Names and keys are TEXT COLLATE "C": ordered by their bytes, as SQLite orders them, whatever the
+database's locale (with en_US, "a-2" would sort before "a_1"; the lists and the keyset paging
+must agree with the SQLite store).
 """
 
 from __future__ import annotations
@@ -26,13 +30,13 @@ LOCK_TIMEOUT_S = 30.0
 MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE customers (
-        customer_id   TEXT PRIMARY KEY,
+        customer_id   TEXT COLLATE "C" PRIMARY KEY,
         device_limit  INTEGER NOT NULL CHECK (device_limit >= 0),
         created_at    DOUBLE PRECISION NOT NULL
     );
     CREATE TABLE devices (
-        customer_id         TEXT NOT NULL REFERENCES customers (customer_id),
-        device_id           TEXT NOT NULL,
+        customer_id         TEXT COLLATE "C" NOT NULL REFERENCES customers (customer_id),
+        device_id           TEXT COLLATE "C" NOT NULL,
         state               TEXT NOT NULL CHECK (state IN ('pending', 'active', 'revoked')),
         password_hash       TEXT,
         pending_expires_at  DOUBLE PRECISION,
@@ -51,20 +55,20 @@ MIGRATIONS: tuple[str, ...] = (
         at        DOUBLE PRECISION NOT NULL,
         actor     TEXT NOT NULL,
         action    TEXT NOT NULL,
-        subject   TEXT NOT NULL,
+        subject   TEXT COLLATE "C" NOT NULL,
         detail    TEXT NOT NULL DEFAULT '{}'
     );
     CREATE INDEX audit_by_subject ON audit_log (subject, entry_id);
     CREATE TABLE accounts (
-        name           TEXT PRIMARY KEY,
+        name           TEXT COLLATE "C" PRIMARY KEY,
         password_hash  TEXT NOT NULL,
         superuser      INTEGER NOT NULL DEFAULT 0,
         created_at     DOUBLE PRECISION NOT NULL
     );
     CREATE TABLE device_tags (
-        customer_id  TEXT NOT NULL,
-        device_id    TEXT NOT NULL,
-        key          TEXT NOT NULL,
+        customer_id  TEXT COLLATE "C" NOT NULL,
+        device_id    TEXT COLLATE "C" NOT NULL,
+        key          TEXT COLLATE "C" NOT NULL,
         value        TEXT NOT NULL,
         PRIMARY KEY (customer_id, device_id, key),
         FOREIGN KEY (customer_id, device_id) REFERENCES devices (customer_id, device_id)
@@ -72,10 +76,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX device_tags_by_value ON device_tags (key, value);
     CREATE TABLE commands (
-        command_id   TEXT PRIMARY KEY,
-        customer_id  TEXT NOT NULL,
-        device_id    TEXT NOT NULL,
-        batch_id     TEXT NOT NULL,
+        command_id   TEXT COLLATE "C" PRIMARY KEY,
+        customer_id  TEXT COLLATE "C" NOT NULL,
+        device_id    TEXT COLLATE "C" NOT NULL,
+        batch_id     TEXT COLLATE "C" NOT NULL,
         action       TEXT NOT NULL,
         args         TEXT NOT NULL DEFAULT '{}',
         state        TEXT NOT NULL
@@ -94,8 +98,8 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX commands_open ON commands (expires_at) WHERE state IN ('queued', 'sent');
     CREATE INDEX commands_by_state ON commands (state);
     CREATE TABLE telemetry_samples (
-        customer_id     TEXT NOT NULL,
-        device_id       TEXT NOT NULL,
+        customer_id     TEXT COLLATE "C" NOT NULL,
+        device_id       TEXT COLLATE "C" NOT NULL,
         at              DOUBLE PRECISION NOT NULL,
         cpu_percent     DOUBLE PRECISION,
         memory_percent  DOUBLE PRECISION,
@@ -110,8 +114,8 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE TABLE device_events (
         event_id     BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        customer_id  TEXT NOT NULL,
-        device_id    TEXT NOT NULL,
+        customer_id  TEXT COLLATE "C" NOT NULL,
+        device_id    TEXT COLLATE "C" NOT NULL,
         at           DOUBLE PRECISION NOT NULL,
         body         TEXT NOT NULL,
         FOREIGN KEY (customer_id, device_id) REFERENCES devices (customer_id, device_id)
@@ -120,8 +124,8 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX device_events_by_device ON device_events (customer_id, device_id, event_id);
     CREATE INDEX device_events_by_customer ON device_events (customer_id, event_id);
     CREATE TABLE releases (
-        app         TEXT NOT NULL,
-        version     TEXT NOT NULL,
+        app         TEXT COLLATE "C" NOT NULL,
+        version     TEXT COLLATE "C" NOT NULL,
         sha256      TEXT NOT NULL,
         size        BIGINT NOT NULL CHECK (size >= 0),
         signature   TEXT,
@@ -130,10 +134,10 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (app, version)
     );
     CREATE TABLE release_offers (
-        customer_id  TEXT NOT NULL,
-        device_id    TEXT NOT NULL,
-        app          TEXT NOT NULL,
-        version      TEXT NOT NULL,
+        customer_id  TEXT COLLATE "C" NOT NULL,
+        device_id    TEXT COLLATE "C" NOT NULL,
+        app          TEXT COLLATE "C" NOT NULL,
+        version      TEXT COLLATE "C" NOT NULL,
         offered_at   DOUBLE PRECISION NOT NULL,
         PRIMARY KEY (customer_id, device_id, app, version),
         FOREIGN KEY (customer_id, device_id) REFERENCES devices (customer_id, device_id)
@@ -145,9 +149,9 @@ MIGRATIONS: tuple[str, ...] = (
     # 2: staged rollouts (the SQLite schema's version 7)
     """
     CREATE TABLE rollouts (
-        rollout_id    TEXT PRIMARY KEY,
-        app           TEXT NOT NULL,
-        version       TEXT NOT NULL,
+        rollout_id    TEXT COLLATE "C" PRIMARY KEY,
+        app           TEXT COLLATE "C" NOT NULL,
+        version       TEXT COLLATE "C" NOT NULL,
         state         TEXT NOT NULL
             CHECK (state IN ('running', 'completed', 'stopped', 'aborted')),
         reason        TEXT,
@@ -164,15 +168,15 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX rollouts_by_time ON rollouts (created_at, rollout_id);
     CREATE INDEX rollouts_by_state ON rollouts (state);
     CREATE TABLE rollout_devices (
-        rollout_id   TEXT NOT NULL REFERENCES rollouts (rollout_id) ON DELETE CASCADE,
+        rollout_id   TEXT COLLATE "C" NOT NULL REFERENCES rollouts (rollout_id) ON DELETE CASCADE,
         position     INTEGER NOT NULL,
-        customer_id  TEXT NOT NULL,
-        device_id    TEXT NOT NULL,
+        customer_id  TEXT COLLATE "C" NOT NULL,
+        device_id    TEXT COLLATE "C" NOT NULL,
         batch        INTEGER NOT NULL,
         result       TEXT NOT NULL
             CHECK (result IN ('waiting', 'updating', 'committed', 'failed', 'skipped')),
         reason       TEXT,
-        command_id   TEXT,
+        command_id   TEXT COLLATE "C",
         PRIMARY KEY (rollout_id, position)
     );
     CREATE INDEX rollout_devices_by_result ON rollout_devices (rollout_id, result, batch);
