@@ -265,3 +265,16 @@ async def test_a_restart_in_the_middle_resumes_without_a_second_update(
         for dev in connected:
             dev.close()
         assert await second.stop() == []
+
+
+async def test_a_device_that_never_answers_fails_as_expired_after_timeout_s(
+    platform: Platform, api: aiohttp.ClientSession
+) -> None:
+    for name in names(2):
+        await device(platform, name, connect=False)
+    body = {"app": "web", "version": "2.0", "customer_id": "abc123", "batch_size": 1}
+    started = await start(api, {**body, "timeout_s": 1, "max_failures": 1})
+    final = await ended(api, started["id"])
+    assert final["state"] == "stopped"
+    assert final["reason"] == "2 failures, more than --max-failures 1"
+    assert [(d["result"], d["reason"]) for d in final["devices"]] == [("failed", "expired")] * 2
