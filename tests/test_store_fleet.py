@@ -8,11 +8,13 @@ from iotbiz.errors import NotFoundError
 from iotbiz.models import DeviceState, PresenceUpdate
 from iotbiz.names import DeviceName
 from iotbiz.store import Store
+from iotbiz.store.interface import DeviceStore
 from tests.conftest import FakeClock
 from tests.store_helpers import HASH, active_devices
 
 
-async def test_keyset_pages_cover_everything_once_with_a_total(store: Store) -> None:
+async def test_keyset_pages_cover_everything_once_with_a_total(any_store: DeviceStore) -> None:
+    store = any_store
     names = await active_devices(store, "abc123", 7) + await active_devices(store, "zed", 3)
     seen: list[DeviceName] = []
     after = None
@@ -27,6 +29,7 @@ async def test_keyset_pages_cover_everything_once_with_a_total(store: Store) -> 
 
 
 async def test_filters_combine(store: Store, clock: FakeClock) -> None:
+    # SQLite only until the PostgreSQL store has record_presence
     names = await active_devices(store, "abc123", 6)
     await active_devices(store, "other", 2)
     await store.register_device(DeviceName("abc123", "pending-1"), HASH, ttl_s=60, actor="test")
@@ -62,7 +65,8 @@ async def test_filters_combine(store: Store, clock: FakeClock) -> None:
         await store.find_devices(limit=0)
 
 
-async def test_tags_set_remove_validate_and_audit(store: Store) -> None:
+async def test_tags_set_remove_validate_and_audit(any_store: DeviceStore) -> None:
+    store = any_store
     [a] = await active_devices(store, "abc123", 1)
     assert await store.set_tags(a, {"site": "berlin", "floor": "2"}, actor="op") == {
         "floor": "2",
@@ -93,7 +97,8 @@ async def test_tags_set_remove_validate_and_audit(store: Store) -> None:
     assert await store.get_tags(a) == {}  # tags go with the device
 
 
-async def test_device_names_for_addressing_commands(store: Store) -> None:
+async def test_device_names_for_addressing_commands(any_store: DeviceStore) -> None:
+    store = any_store
     names = await active_devices(store, "abc123", 4)
     await store.revoke_device(names[3], actor="op")
     await store.set_tags(names[1], {"site": "berlin"}, actor="op")

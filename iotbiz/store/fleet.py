@@ -117,11 +117,7 @@ class FleetOperations(StoreCore):
         """Set (a string) or remove (None) tags of a device, audited as `device.tags`; returns
         all its tags. Raises NotFoundError for an unknown device, ValueError for a key that is
         not 1 to 64 of A-Z a-z 0-9 _ . -, a value over 256 characters or over 64 tags."""
-        for key, value in changes.items():
-            if not isinstance(key, str) or not TAG_KEY.fullmatch(key):
-                raise ValueError(f"tag key {key!r}: 1 to 64 of A-Z a-z 0-9 _ . -")
-            if value is not None and (not isinstance(value, str) or len(value) > MAX_TAG_VALUE):
-                raise ValueError(f"tag {key}: the value must be a string of at most 256 characters")
+        check_tag_changes(changes)
         now = self._clock()
 
         def update(conn: sqlite3.Connection) -> dict[str, str]:
@@ -150,6 +146,16 @@ class FleetOperations(StoreCore):
             return tags
 
         return await self._write(update)
+
+
+def check_tag_changes(changes: Mapping[str, str | None]) -> None:
+    """ValueError for a key that is not 1 to 64 of A-Z a-z 0-9 _ . -, or a value that is not a
+    string of at most 256 characters (shared by both backends)."""
+    for key, value in changes.items():
+        if not isinstance(key, str) or not TAG_KEY.fullmatch(key):
+            raise ValueError(f"tag key {key!r}: 1 to 64 of A-Z a-z 0-9 _ . -")
+        if value is not None and (not isinstance(value, str) or len(value) > MAX_TAG_VALUE):
+            raise ValueError(f"tag {key}: the value must be a string of at most 256 characters")
 
 
 def _tags(conn: sqlite3.Connection, name: DeviceName) -> dict[str, str]:

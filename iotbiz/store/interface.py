@@ -1,16 +1,16 @@
 """The store's interface, as a Protocol both backends satisfy (checked by mypy below).
 
 It grows with the PostgreSQL store: so far the connection's, the customers', the devices',
-the accounts', the audit log's and the releases' operations (iotbiz/store/postgres/devices.py
-says what is still missing there).
+the fleet's, the accounts', the audit log's and the releases' operations
+(iotbiz/store/postgres/devices.py says what is still missing there).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from iotbiz.models import Account, AuditEntry, Customer, Device
+from iotbiz.models import Account, AuditEntry, Customer, Device, DeviceState
 from iotbiz.names import DeviceName
 from iotbiz.store.releases import Release
 
@@ -52,6 +52,29 @@ class DeviceStore(Protocol):
     async def audit_entries(
         self, *, subject: str | None = None, limit: int = 100, before: int | None = None
     ) -> list[AuditEntry]: ...
+    async def find_devices(
+        self,
+        *,
+        customer_id: str | None = None,
+        state: DeviceState | None = None,
+        online: bool | None = None,
+        tags: Mapping[str, str] | None = None,
+        query: str | None = None,
+        limit: int = 100,
+        after: DeviceName | None = None,
+    ) -> tuple[list[Device], int]: ...
+    async def device_names(
+        self,
+        *,
+        customer_id: str,
+        tags: Mapping[str, str] | None = None,
+        state: DeviceState = DeviceState.ACTIVE,
+        limit: int = 10_000,
+    ) -> list[DeviceName]: ...
+    async def get_tags(self, name: DeviceName) -> dict[str, str]: ...
+    async def set_tags(
+        self, name: DeviceName, changes: Mapping[str, str | None], *, actor: str
+    ) -> dict[str, str]: ...
     async def add_release(
         self,
         app: str,

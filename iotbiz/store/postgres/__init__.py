@@ -1,7 +1,7 @@
 """The store on PostgreSQL (through asyncpg): the same interface as `iotbiz.store.Store`.
 
-NOT COMPLETE: only the operations of `core`, `devices` (see its docstring), `accounts` and
-`releases` exist so far; `fleet`, `commands`, `history` and `rollouts` do not. Nothing in the
+NOT COMPLETE: only the operations of `core`, `devices` (see its docstring), `fleet`,
+`accounts` and `releases` exist so far; `commands`, `history` and `rollouts` do not. Nothing in the
 platform or the CLI opens it yet (the setting `store.url` comes with the last operation). Each
 concern is one mixin over `PostgresCore`, as on SQLite: an operation is one `_read` or one
 `_write` (a transaction on one pooled connection); every driver error comes out as a StoreError
@@ -14,6 +14,7 @@ from __future__ import annotations
 from iotbiz.store.postgres.accounts import PostgresAccountOperations
 from iotbiz.store.postgres.core import PostgresCore, redact
 from iotbiz.store.postgres.devices import PostgresDeviceOperations
+from iotbiz.store.postgres.fleet import PostgresFleetOperations
 from iotbiz.store.postgres.releases import PostgresReleaseOperations
 from iotbiz.store.postgres.schema import MIGRATIONS, SCHEMA_VERSION
 
@@ -21,6 +22,10 @@ __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "PostgresStore", "redact"]
 
 
 class PostgresStore(
-    PostgresDeviceOperations, PostgresAccountOperations, PostgresReleaseOperations, PostgresCore
+    PostgresDeviceOperations,
+    PostgresFleetOperations,
+    PostgresAccountOperations,
+    PostgresReleaseOperations,
+    PostgresCore,
 ):
     """Async access to a PostgreSQL store. Open with `await PostgresStore.open(url)`."""
