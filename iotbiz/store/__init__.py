@@ -23,6 +23,10 @@ filtered, paged fleet list; tags), `commands` (the command life cycle, see its d
 `history` (telemetry samples and device events, their retention policy), `accounts` (operator
 accounts, the audit log), `releases` (application releases and their offers to devices),
 `rollouts` (staged rollouts of a release, batch by batch).
+
+`postgres`: the same store on PostgreSQL (asyncpg), in progress: part of the operations so far
+(its docstring says which), so nothing opens it yet; `interface.DeviceStore` is the part of the
+interface both backends have, checked by mypy.
 """
 
 from __future__ import annotations
