@@ -136,7 +136,7 @@ async def test_more_failures_than_allowed_stop_it_and_cancel_queued_commands(
         await answer(online, "rolled_back", "health check failed")
         final = await ended(api, started["id"])
         assert final["state"] == "stopped"
-        assert final["reason"] == "1 failures, more than --max-failures 0"
+        assert final["reason"] == "1 failure, more than --max-failures 0"
         results = [(d["result"], d["reason"]) for d in final["devices"]]
         assert results == [
             ("failed", "rolled_back: health check failed"),

@@ -213,12 +213,12 @@ class RolloutOperations(StoreCore):
         """Rollouts the engine looks after: running ones, and ended ones with devices whose
         delivered command has no result yet (oldest first)."""
         sql = (
-            "SELECT rollout_id FROM rollouts WHERE state = 'running' UNION"
-            " SELECT DISTINCT rollout_id FROM rollout_devices WHERE result = 'updating'"
-            " LIMIT ?"
+            "SELECT rollout_id FROM rollouts WHERE state = 'running' OR rollout_id IN"
+            " (SELECT rollout_id FROM rollout_devices WHERE result = 'updating')"
+            " ORDER BY created_at, rollout_id LIMIT ?"
         )
         rows = await self._call(lambda conn: conn.execute(sql, (limit,)).fetchall())
-        return sorted(row[0] for row in rows)
+        return [row[0] for row in rows]
 
     async def batch_names(self, rollout_id: str, batch: int) -> list[DeviceName]:
         """The devices of a batch still waiting (to offer them the release)."""
@@ -314,7 +314,8 @@ class RolloutOperations(StoreCore):
             counts = _counts(conn, rollout_id)
             failed = counts.get("failed", 0)
             if failed > rollout.max_failures:
-                reason = f"{failed} failures, more than --max-failures {rollout.max_failures}"
+                failures = "1 failure" if failed == 1 else f"{failed} failures"
+                reason = f"{failures}, more than --max-failures {rollout.max_failures}"
                 _end(conn, rollout, "stopped", reason, rollout.actor, now)
                 return None
             if counts.get("updating", 0):

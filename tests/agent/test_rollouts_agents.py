@@ -100,7 +100,7 @@ async def test_a_rollout_to_agents_completes_then_a_bad_one_stops(
             api, {"app": "web", "version": "2.0", "devices": devices, "batch_size": 1}
         )
         assert bad["state"] == "stopped", bad
-        assert bad["reason"] == "1 failures, more than --max-failures 0"
+        assert bad["reason"] == "1 failure, more than --max-failures 0"
         results = [(d["result"], d["reason"]) for d in bad["devices"]]
         assert results == [
             ("failed", "rolled_back: crashed on start: exit 3"),
