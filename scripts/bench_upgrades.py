@@ -422,6 +422,9 @@ class UpdatingFleet(Fleet):
                     raise MqttError(f"{credentials.name}: SUBACK refused")
                 device.say_online()
                 self.devices.append(device)
+                # no telemetry; PINGREQ within the keep-alive (cancelled at the end)
+                stop_at = time.monotonic() + 24 * 3600
+                self.tasks.append(asyncio.create_task(device.run(0.0, stop_at, 60)))
                 return
             except MqttError as exc:
                 self.refusals[str(exc).split(": ", 1)[-1].split(" (")[0]] += 1
@@ -511,6 +514,9 @@ async def part_rollout(
             "load_average_after": load(),
         }
     finally:
+        for task in fleet.tasks:
+            task.cancel()
+        await asyncio.gather(*fleet.tasks, return_exceptions=True)
         await disconnect_all([d.client for d in fleet.devices])
 
 
