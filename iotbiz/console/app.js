@@ -1,5 +1,6 @@
 // The IoTBiz console: a one-page app over the admin API, with hash routes
-//   #/ or #/fleet, #/devices/{customer_id}/{device_id}, #/customers, #/audit
+//   #/ or #/fleet, #/devices/{customer_id}/{device_id}, #/customers, #/rollouts,
+//   #/rollouts/{rollout_id}, #/audit
 // and the login screen while there is no session.
 
 import * as api from "./api.js";
@@ -8,6 +9,7 @@ import { customersPage } from "./customers.js";
 import { devicePage } from "./device.js";
 import { clear, h, refreshRelativeTimes } from "./dom.js";
 import { fleetPage } from "./fleet.js";
+import { rolloutPage, rolloutsPage } from "./rollouts.js";
 import { onStatus, startLive, stopLive, whenStreamRefused } from "./live.js";
 import { hideError, mountChrome, showError } from "./ui.js";
 
@@ -24,6 +26,13 @@ const ROUTES = [
     page: () => devicePage,
   },
   { pattern: /^\/customers$/, nav: "customers", title: () => "Customers", page: () => customersPage },
+  { pattern: /^\/rollouts$/, nav: "rollouts", title: () => "Rollouts", page: () => rolloutsPage },
+  {
+    pattern: /^\/rollouts\/(r-[0-9a-f]+)$/,
+    nav: "rollouts",
+    title: (params) => params[0],
+    page: () => rolloutPage,
+  },
   { pattern: /^\/audit$/, nav: "audit", title: () => "Audit log", page: () => auditPage },
 ];
 
@@ -161,7 +170,7 @@ function showShell() {
           h("img", { src: "/console/logo.svg", alt: "", class: "logo" }),
           h("span", { class: "brand-name" }, "IoTBiz"),
         ),
-        h("nav", { class: "nav" }, link("fleet", "Fleet"), link("customers", "Customers"), link("audit", "Audit")),
+        h("nav", { class: "nav" }, link("fleet", "Fleet"), link("customers", "Customers"), link("rollouts", "Rollouts"), link("audit", "Audit")),
         h("div", { class: "topbar-right" }, liveBadge, logoutButton),
       ),
     ),
