@@ -158,3 +158,35 @@ def test_the_start_form_shows_the_api_error_then_starts_one_that_its_page_follow
     expect(page.get_by_test_id("rollout-figures")).to_have_attribute("data-state", "aborted")
     expect(page.get_by_test_id("rollout-abort")).to_have_count(0)
     assert page.evaluate("window.notReloaded") is True
+
+
+def test_the_start_form_by_customer_id(
+    console: Page, console_platform: PlatformProcess, release: None
+) -> None:
+    enrolled(console_platform, "roll-c1")
+    status, fleet = admin(console_platform, "GET", f"/devices?customer={CUSTOMER}&limit=1000")
+    assert status == 200, fleet
+    active = sorted(d["name"] for d in fleet["devices"] if d["state"] == "active")
+    page = console
+    page.goto("/#/rollouts")
+    page.get_by_test_id("rollout-new-app").fill(APP)
+    page.get_by_test_id("rollout-new-version").fill(VERSION)
+    page.get_by_test_id("rollout-new-devices").fill(f"{CUSTOMER}/roll-c1")
+    page.get_by_test_id("rollout-new-customer").fill(CUSTOMER)
+    page.get_by_test_id("rollout-start").click()
+    expect(page.get_by_test_id("error-text")).to_have_text(
+        "Starting the rollout failed: give exactly one of devices, customer_id"
+    )
+
+    page.get_by_test_id("rollout-new-devices").fill("")
+    page.get_by_test_id("rollout-start").click()
+    expect(page.get_by_test_id("rollout-figures")).to_have_attribute("data-state", "running")
+    expect(page.get_by_test_id("rollout-total")).to_have_text(str(len(active)))
+    rollout_id = page.get_by_test_id("rollout-id").inner_text()
+    status, rollout = admin(console_platform, "GET", f"/rollouts/{rollout_id}")
+    assert status == 200, rollout
+    assert [d["name"] for d in rollout["devices"]] == active
+    page.get_by_test_id("rollout-abort").click()
+    page.get_by_test_id("confirm-ok").click()
+    expect(page.get_by_test_id("rollout-figures")).to_have_attribute("data-state", "aborted")
+    assert admin(console_platform, "GET", f"/rollouts/{rollout_id}")[1]["state"] == "aborted"
