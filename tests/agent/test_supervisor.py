@@ -206,9 +206,10 @@ async def test_crash_on_start_is_retried_with_growing_backoff(
     starts = events.times_entering("bad", AppState.STARTING)
     gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
     # Delays 0.2, 0.4, 0.8 (the cap), 0.8 ... each times a factor in [0.5, 1], plus the time
-    # the program takes to crash.
+    # the program takes to start and crash (a Python start: up to a second and more on a busy
+    # machine, seen 0.68 s over a 0.4 s delay under a fuzz run and three test runs).
     for gap, delay in zip(gaps, [0.2, 0.4, 0.8, 0.8, 0.8], strict=False):
-        assert 0.5 * delay <= gap <= delay + 0.6, gaps
+        assert 0.5 * delay <= gap <= delay + 1.5, gaps
     assert gaps[0] < gaps[2], gaps
     transitions = events.states("bad")
     assert transitions[:5] == [
