@@ -34,7 +34,7 @@ and `--size-mb` of random bytes (so that gzip does not shrink it).
 
 The load average (`os.getloadavg`) is taken beside every figure: the machine may be shared.
 Exit status 0 when every update committed, every download was whole and the rollout (if run)
-ended `done` with every device committed; 1 otherwise. Every wait is bounded.
+ended `completed` with every device committed; 1 otherwise. Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -449,7 +449,7 @@ async def part_rollout(
     fleet = UpdatingFleet(platform.mqtt_port, arrivals, args.sim_update_s)
     try:
         await fleet.connect(enrolled, args.setup_timeout)
-        online_s = await wait_online(http, len(fleet.devices) + 1, 120)  # + the real agent
+        online_s = await wait_online(http, len(fleet.devices), 120)  # the agent has stopped
         load_before = load()
         body = {
             "app": APP,
@@ -633,7 +633,7 @@ def succeeded(report: dict[str, Any]) -> bool:
     downloads_ok = downloads_ok and report["downloads"]["resume"]["joined_equal"]
     rollout = report.get("rollout")
     rollout_ok = rollout is None or (
-        rollout["state"] == "done" and rollout["committed"] == rollout["devices"]
+        rollout["state"] == "completed" and rollout["committed"] == rollout["devices"]
     )
     return updates_ok and downloads_ok and rollout_ok
 
