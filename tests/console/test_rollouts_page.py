@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import io
 import json
+import queue
 import re
 import tarfile
 import urllib.request
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 from playwright.sync_api import Page, expect
 
 from tests.console.conftest import CUSTOMER, TOKEN, admin
@@ -190,3 +193,44 @@ def test_the_start_form_by_customer_id(
     page.get_by_test_id("confirm-ok").click()
     expect(page.get_by_test_id("rollout-figures")).to_have_attribute("data-state", "aborted")
     assert admin(console_platform, "GET", f"/rollouts/{rollout_id}")[1]["state"] == "aborted"
+
+
+def test_the_page_follows_a_device_committing_while_the_rollout_runs(
+    console: Page, console_platform: PlatformProcess, release: None
+) -> None:
+    """A paho client answers its update `committed`: the open page (polling) shows it committed,
+    the progress 1/2 and the second batch, without a reload."""
+    name = f"{CUSTOMER}/roll-d1"
+    password = enroll_device(console_platform.url, CUSTOMER, "roll-d1")
+    offline = enrolled(console_platform, "roll-d2")
+    commands: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=10)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv311)
+    client.username_pw_set(name, password)
+    client.on_message = lambda _c, _u, message: commands.put(json.loads(message.payload))
+    client.connect("127.0.0.1", console_platform.mqtt_port, keepalive=30)
+    client.loop_start()
+    try:
+        client.subscribe(f"devices/{name}/cmd", qos=1)
+        client.publish(f"devices/{name}/status", json.dumps({"state": "online"}), retain=True)
+        rollout = start(console_platform, [name, *offline])
+        page = console
+        page.goto(f"/#/rollouts/{rollout['id']}")
+        row = page.locator(f'[data-testid="rollout-device"][data-name="{name}"]')
+        expect(row).to_have_attribute("data-result", "updating")
+        page.evaluate("window.notReloaded = true")
+        command = commands.get(timeout=15)
+        assert command["action"] == "update", command
+        reply = {"id": command["id"], "ok": True, "result": {"outcome": "committed", "reason": ""}}
+        client.publish(f"devices/{name}/reply", json.dumps(reply), qos=1).wait_for_publish(10)
+        expect(row).to_have_attribute("data-result", "committed")
+        progress = page.get_by_test_id("rollout-progress")
+        expect(progress).to_have_attribute("data-committed", "1")
+        expect(page.get_by_test_id("rollout-progress-text")).to_have_text("1/2 committed")
+        expect(page.get_by_test_id("rollout-batch")).to_have_text("2/2")
+        second = page.locator(f'[data-testid="rollout-device"][data-name="{offline[0]}"]')
+        expect(second).to_have_attribute("data-result", "updating")
+        assert page.evaluate("window.notReloaded") is True
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert admin(console_platform, "POST", f"/rollouts/{rollout['id']}/abort")[0] == 200
