@@ -71,8 +71,9 @@ class Publisher(Protocol):
     async def publish(self, topic: str, payload: bytes) -> None: ...
 
 
-class _Outage:
-    """Backoff and once-per-outage logging for one task's store failures."""
+class StoreOutage:
+    """Backoff and once-per-outage logging for one task's store failures (the dispatcher's
+    tasks and the rollout engine)."""
 
     def __init__(self, what: str, retry_s: tuple[float, float]) -> None:
         self._what = what
@@ -115,9 +116,9 @@ class Dispatcher:
         self._waiters: dict[str, list[asyncio.Future[Command]]] = {}
         self._waiting = 0
         self.on_final: list[Callable[[Command], None]] = []  # a command finished (the rollouts)
-        self._dispatch_outage = _Outage("command dispatch", retry_s)
-        self._reply_outage = _Outage("command replies", retry_s)
-        self._expiry_outage = _Outage("command expiry", retry_s)
+        self._dispatch_outage = StoreOutage("command dispatch", retry_s)
+        self._reply_outage = StoreOutage("command replies", retry_s)
+        self._expiry_outage = StoreOutage("command expiry", retry_s)
         self._publish_failing = False
         self._scan_wanted = True  # a send happened: look for queued commands of online devices
         self._scanned_at = 0.0

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from iotbiz import releases
+from iotbiz.dispatch import StoreOutage
 from iotbiz.errors import ConflictError, NotFoundError, StoreError
 from iotbiz.models import Command
 from iotbiz.settings import RolloutSettings
@@ -53,7 +54,7 @@ class RolloutEngine:
         self._wakeup = asyncio.Event()
         self.ticks = 0
         self.batches_started = 0
-        self.store_failures = 0
+        self._outage = StoreOutage("rollouts", (RETRY_START_S, RETRY_CAP_S))
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -63,12 +64,15 @@ class RolloutEngine:
         if command.action == "update":
             self._wakeup.set()
 
+    @property
+    def store_failures(self) -> int:
+        return self._outage.failures
+
     async def run(self) -> None:
         """Look after the running rollouts until cancelled."""
-        delay_s = 0.0
         while True:
-            if delay_s:
-                await asyncio.sleep(delay_s)
+            if self._outage.delay_s:
+                await asyncio.sleep(self._outage.delay_s)
             else:
                 try:
                     async with asyncio.timeout(self._settings.poll_s):
@@ -79,14 +83,9 @@ class RolloutEngine:
             try:
                 more = await self.tick()
             except StoreError as exc:
-                self.store_failures += 1
-                if not delay_s:
-                    log.warning("rollouts: the store failed, retrying until it works: %s", exc)
-                delay_s = min(max(delay_s * 2, RETRY_START_S), RETRY_CAP_S)
+                self._outage.failed(exc)
                 continue
-            if delay_s:
-                log.info("rollouts: the store works again")
-            delay_s = 0.0
+            self._outage.recovered()
             if more:
                 self._wakeup.set()
 
