@@ -39,6 +39,8 @@ def read_admin_token(settings: Settings) -> str | None:
     for an unusable token."""
     if settings.admin.token:
         return _checked(settings.admin.token, "admin.token")
+    if settings.store.url:
+        return None
     path = token_path(settings)
     try:
         text = path.read_text(encoding="ascii")
@@ -56,6 +58,11 @@ def load_or_create_admin_token(settings: Settings) -> str:
     existing = read_admin_token(settings)
     if existing is not None:
         return existing
+    if settings.store.url:
+        raise ConfigError(
+            "admin.token: required with a PostgreSQL store (store.url): every platform process"
+            " must use the same token, and there is no store folder to generate it into"
+        )
     path = token_path(settings)
     token = secrets.token_urlsafe(32)
     if _create_exclusively(path, token):

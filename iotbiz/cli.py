@@ -1,9 +1,10 @@
 """The operator CLI, `iotbiz`: serve the platform, manage customers and devices.
 
 `account add|list|remove` manage operator MQTT accounts; `release add|list|remove` application
-releases for upgrades (`release keygen`: their signing key pair). Store commands work on the SQLite
-file named by `--db` or by the settings (`--config`,
-`IOTBIZ_CONFIG`, `IOTBIZ_STORE_PATH`); a running platform may use the same file at the same time.
+releases for upgrades (`release keygen`: their signing key pair). Store commands work on the store
+the settings name (`--config`, `IOTBIZ_CONFIG`, `IOTBIZ_STORE_PATH`, `IOTBIZ_STORE_URL`): the
+PostgreSQL database of `store.url` when it is set, else the SQLite file of `--db` or `store.path`;
+a running platform may use the same store at the same time.
 Tables for people, `--json` for scripts; exit code 0 on success, 1 on failure, 2 on bad usage.
 
 Which commands create the store when it does not exist: `serve`, `customer add` and `account add`
@@ -33,14 +34,23 @@ from iotbiz.names import DeviceName, is_account_name, is_customer_id, parse_devi
 from iotbiz.settings import Settings, load_settings
 
 if TYPE_CHECKING:
-    from iotbiz.store import Store
+    from iotbiz.store.interface import DeviceStore
 
 # What `pip install iotbiz` leaves out (the agent does not need it): the [platform] extra.
 PLATFORM_PACKAGES = frozenset(
-    {"aiohttp", "aiosqlite", "amqtt", "bcrypt", "cryptography", "prometheus_client", "uvloop"}
+    {
+        "aiohttp",
+        "aiosqlite",
+        "amqtt",
+        "asyncpg",
+        "bcrypt",
+        "cryptography",
+        "prometheus_client",
+        "uvloop",
+    }
 )
 
-Command = Callable[[argparse.Namespace, "Store"], Awaitable[None]]
+Command = Callable[[argparse.Namespace, "DeviceStore"], Awaitable[None]]
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "iotbiz") -> int:
@@ -132,15 +142,14 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 async def _with_store(settings: Settings, run: Command, args: argparse.Namespace) -> None:
-    from iotbiz.store import Store
+    from iotbiz.store.opening import open_store
 
-    path = settings.store.path
     try:
-        store = await Store.open(path, create=args.creates_store)
+        store = await open_store(settings.store, create=args.creates_store)
     except StoreNotFound as exc:
         raise StoreNotFound(
-            f"no store at {path} (created by `iotbiz serve` or `iotbiz customer add`;"
-            " check --db or --config)"
+            f"no store at {settings.store.path} (created by `iotbiz serve` or `iotbiz customer"
+            " add`; check --db or --config)"
         ) from exc
     try:
         await run(args, store)
@@ -158,12 +167,12 @@ def _actor() -> str:
 # -- commands -------------------------------------------------------------------------------------
 
 
-async def _customer_add(args: argparse.Namespace, store: Store) -> None:
+async def _customer_add(args: argparse.Namespace, store: DeviceStore) -> None:
     customer = await store.add_customer(args.customer_id, args.limit, actor=_actor())
     _emit(args, customer.to_json(), f"customer {customer.customer_id} added, limit {args.limit}")
 
 
-async def _customer_list(args: argparse.Namespace, store: Store) -> None:
+async def _customer_list(args: argparse.Namespace, store: DeviceStore) -> None:
     customers = await store.list_customers()
     if args.json:
         _print_json([c.to_json() for c in customers])
@@ -185,14 +194,14 @@ def _customer_row(c: Customer) -> list[str]:
     ]
 
 
-async def _customer_set_limit(args: argparse.Namespace, store: Store) -> None:
+async def _customer_set_limit(args: argparse.Namespace, store: DeviceStore) -> None:
     await store.set_device_limit(args.customer_id, args.limit, actor=_actor())
     customer = await store.get_customer(args.customer_id)
     assert customer is not None  # noqa: S101 - updated just now
     _emit(args, customer.to_json(), f"customer {args.customer_id}: limit {args.limit}")
 
 
-async def _device_list(args: argparse.Namespace, store: Store) -> None:
+async def _device_list(args: argparse.Namespace, store: DeviceStore) -> None:
     tags = dict(args.tag) if args.tag else None
     devices: list[Device] = []
     after = None
@@ -240,7 +249,7 @@ def _object(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-async def _device_show(args: argparse.Namespace, store: Store) -> None:
+async def _device_show(args: argparse.Namespace, store: DeviceStore) -> None:
     device = await store.get_device(args.name)
     if device is None:
         raise IotbizError(f"no device {args.name}")
@@ -253,12 +262,12 @@ async def _device_show(args: argparse.Namespace, store: Store) -> None:
         print(f"{key + ':':<20}{'-' if value is None else value}")
 
 
-async def _device_revoke(args: argparse.Namespace, store: Store) -> None:
+async def _device_revoke(args: argparse.Namespace, store: DeviceStore) -> None:
     device = await store.revoke_device(args.name, actor=_actor())
     _emit(args, device.to_json(), f"device {device.name} revoked")
 
 
-async def _device_reset(args: argparse.Namespace, store: Store) -> None:
+async def _device_reset(args: argparse.Namespace, store: DeviceStore) -> None:
     device = await store.reset_device(args.name, actor=_actor())
     _emit(
         args,
@@ -267,7 +276,7 @@ async def _device_reset(args: argparse.Namespace, store: Store) -> None:
     )
 
 
-async def _device_tag(args: argparse.Namespace, store: Store) -> None:
+async def _device_tag(args: argparse.Namespace, store: DeviceStore) -> None:
     changes: dict[str, str | None] = {key: (value or None) for key, value in args.changes}
     try:
         tags = await store.set_tags(args.name, changes, actor=_actor())
@@ -277,7 +286,7 @@ async def _device_tag(args: argparse.Namespace, store: Store) -> None:
     _emit(args, {"name": str(args.name), "tags": tags}, f"{args.name}: {text}")
 
 
-async def _audit(args: argparse.Namespace, store: Store) -> None:
+async def _audit(args: argparse.Namespace, store: DeviceStore) -> None:
     entries = await store.audit_entries(subject=args.subject, limit=args.limit, before=args.before)
     if args.json:
         _print_json([e.to_json() for e in entries])
@@ -297,7 +306,7 @@ async def _audit(args: argparse.Namespace, store: Store) -> None:
     )
 
 
-async def _account_add(args: argparse.Namespace, store: Store) -> None:
+async def _account_add(args: argparse.Namespace, store: DeviceStore) -> None:
     from iotbiz.passwords import PasswordHasher, generate_password
     from iotbiz.platform import SERVICE_USERNAME
 
@@ -321,7 +330,7 @@ async def _account_add(args: argparse.Namespace, store: Store) -> None:
     )
 
 
-async def _account_list(args: argparse.Namespace, store: Store) -> None:
+async def _account_list(args: argparse.Namespace, store: DeviceStore) -> None:
     accounts = await store.list_accounts()
     if args.json:
         _print_json([a.to_json() for a in accounts])
@@ -335,17 +344,17 @@ async def _account_list(args: argparse.Namespace, store: Store) -> None:
     )
 
 
-async def _account_remove(args: argparse.Namespace, store: Store) -> None:
+async def _account_remove(args: argparse.Namespace, store: DeviceStore) -> None:
     await store.remove_account(args.name, actor=_actor())
     _emit(args, {"name": args.name, "removed": True}, f"account {args.name} removed")
 
 
-async def _release_add(args: argparse.Namespace, store: Store) -> None:
+async def _release_add(args: argparse.Namespace, store: DeviceStore) -> None:
     from iotbiz import releases
 
     settings: Settings = args.settings
     release = await releases.add_release(
-        store, settings.releases, args.app, args.version, args.file, actor=_actor()
+        store, settings, args.app, args.version, args.file, actor=_actor()
     )
     signed = "signed" if release.signature else "unsigned"
     _emit(
@@ -356,7 +365,7 @@ async def _release_add(args: argparse.Namespace, store: Store) -> None:
     )
 
 
-async def _release_list(args: argparse.Namespace, store: Store) -> None:
+async def _release_list(args: argparse.Namespace, store: DeviceStore) -> None:
     found = await store.list_releases(app=args.app)
     if args.json:
         _print_json([r.to_json() for r in found])
@@ -377,10 +386,12 @@ async def _release_list(args: argparse.Namespace, store: Store) -> None:
     )
 
 
-async def _release_remove(args: argparse.Namespace, store: Store) -> None:
+async def _release_remove(args: argparse.Namespace, store: DeviceStore) -> None:
     from iotbiz import releases
 
-    release = await releases.remove_release(store, args.app, args.version, actor=_actor())
+    release = await releases.remove_release(
+        store, args.settings, args.app, args.version, actor=_actor()
+    )
     _emit(
         args,
         {"app": release.app, "version": release.version, "removed": True},

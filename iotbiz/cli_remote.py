@@ -84,6 +84,11 @@ def admin_token(args: argparse.Namespace, settings: Settings) -> str:
     if args.token:
         return str(args.token)
     token = read_admin_token(settings)
+    if token is None and settings.store.url:
+        raise ConfigError(
+            "no admin token: give --token, set IOTBIZ_ADMIN_TOKEN, or set admin.token in the"
+            " --config file (a platform on a PostgreSQL store has no admin.token file)"
+        )
     if token is None:
         raise ConfigError(
             "no admin token: give --token, set IOTBIZ_ADMIN_TOKEN, or point --db/--config at "

@@ -1,13 +1,13 @@
-"""Application releases on the platform: artifacts beside the store, their sha256, size and
-Ed25519 signature, and the `update` command's arguments filled in from them.
+"""Application releases on the platform: artifacts in the releases folder, their sha256, size
+and Ed25519 signature, and the `update` command's arguments filled in from them.
 
-An artifact (a .tar.gz) is kept at `releases/APP/VERSION/artifact.tar.gz` in the store file's
-folder. Adding one copies it there while hashing it (in a thread: nothing blocks the event loop),
-refusing it beyond `releases.max_bytes`, then signs the raw 32-byte sha256 digest with the
-Ed25519 key of `releases.signing_key_file` (when set), moves the file into place (fsynced) and
-records the release in the store; the release is offered to no device yet. `iotbiz release
-keygen` writes a key pair (`release-signing.key` 0600, `release-signing.pub` for the agents'
-`release_public_key`).
+An artifact (a .tar.gz) is kept at `APP/VERSION/artifact.tar.gz` in the releases folder
+(`releases.folder`, else `releases` in the store file's folder). Adding one copies it there while
+hashing it (in a thread: nothing blocks the event loop), refusing it beyond `releases.max_bytes`,
+then signs the raw 32-byte sha256 digest with the Ed25519 key of `releases.signing_key_file`
+(when set), moves the file into place (fsynced) and records the release in the store; the
+release is offered to no device yet. `iotbiz release keygen` writes a key pair
+(`release-signing.key` 0600, `release-signing.pub` for the agents' `release_public_key`).
 
 The version's content must never change: remove a release and add it again with the same
 version, and devices that kept a partial download of the old one fail its sha256 check.
@@ -33,8 +33,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from iotbiz.errors import ConfigError, ConflictError, IotbizError
 from iotbiz.names import DeviceName
-from iotbiz.settings import ReleaseSettings
-from iotbiz.store import Release, Store
+from iotbiz.settings import Settings
+from iotbiz.store import Release
+from iotbiz.store.interface import DeviceStore
 
 APP_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}", re.ASCII)
 VERSION = re.compile(r"[A-Za-z0-9_.+-]{1,64}", re.ASCII)
@@ -66,12 +67,15 @@ def check_name(app: str, version: str) -> None:
         raise ReleaseError(f"version {version!r} is not valid: {VERSION_RULE}")
 
 
-def releases_folder(store: Store) -> Path:
-    return store.path.parent / FOLDER
+def releases_folder(settings: Settings) -> Path:
+    """`releases.folder`, else `releases` beside the SQLite store file."""
+    if settings.releases.folder:
+        return Path(settings.releases.folder)
+    return settings.store.path.parent / FOLDER
 
 
-def artifact_path(store: Store, app: str, version: str) -> Path:
-    return releases_folder(store) / app / version / ARTIFACT
+def artifact_path(settings: Settings, app: str, version: str) -> Path:
+    return releases_folder(settings) / app / version / ARTIFACT
 
 
 # -- adding and removing ----------------------------------------------------------------------
@@ -152,8 +156,8 @@ def _fsync_folder(folder: Path) -> None:
 
 
 async def add_release(
-    store: Store,
-    settings: ReleaseSettings,
+    store: DeviceStore,
+    settings: Settings,
     app: str,
     version: str,
     source: Path | AsyncIterable[bytes],
@@ -167,10 +171,12 @@ async def add_release(
     if await store.get_release(app, version) is not None:
         raise ConflictError(f"release {app} {version} exists already")
     key = None
-    if settings.signing_key_file:
-        key = await asyncio.to_thread(load_signing_key, Path(settings.signing_key_file))
-    target = artifact_path(store, app, version)
-    spool = await asyncio.to_thread(_open_spool, target.parent.parent, version, settings.max_bytes)
+    if settings.releases.signing_key_file:
+        key = await asyncio.to_thread(load_signing_key, Path(settings.releases.signing_key_file))
+    target = artifact_path(settings, app, version)
+    spool = await asyncio.to_thread(
+        _open_spool, target.parent.parent, version, settings.releases.max_bytes
+    )
     try:
         if isinstance(source, Path):
             await asyncio.to_thread(spool.copy_from, source)
@@ -193,11 +199,13 @@ async def add_release(
         raise
 
 
-async def remove_release(store: Store, app: str, version: str, *, actor: str) -> Release:
+async def remove_release(
+    store: DeviceStore, settings: Settings, app: str, version: str, *, actor: str
+) -> Release:
     """Forget the release (and its offers), then delete its artifact. NotFoundError if none."""
     check_name(app, version)
     release = await store.remove_release(app, version, actor=actor)
-    await asyncio.to_thread(_remove_files, artifact_path(store, app, version).parent)
+    await asyncio.to_thread(_remove_files, artifact_path(settings, app, version).parent)
     return release
 
 
@@ -259,7 +267,7 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
 
 
 async def prepare_update(
-    store: Store, names: list[DeviceName], args: dict[str, Any]
+    store: DeviceStore, names: list[DeviceName], args: dict[str, Any]
 ) -> tuple[dict[str, Any], Callable[[], Any]]:
     """The `update` command's args filled in from its release (url, sha256, size, signature,
     force), with the release offered to `names`; and a coroutine function that withdraws the

@@ -35,6 +35,11 @@ def setting(default: Any, help: str, *, min: float | None = None, max: float | N
 @dataclass(frozen=True, slots=True)
 class StoreSettings:
     path: Path = setting(Path("iotbiz.db"), "SQLite file of the store (created if missing)")
+    url: str = setting(
+        "",
+        "PostgreSQL store instead of the SQLite file: postgresql://USER:PASSWORD@HOST:PORT/DB"
+        " (several platform processes may share it; empty: the SQLite file at path)",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +232,8 @@ class HistorySettings:
 class AdminSettings:
     token: str = setting(
         "",
-        "admin API bearer token (empty: generated into admin.token beside the store file)",
+        "admin API bearer token (empty: generated into admin.token beside the store file;"
+        " required with a PostgreSQL store.url)",
     )
     public_metrics: bool = setting(False, "serve /metrics without the admin token")
 
@@ -262,6 +268,11 @@ class ReleaseSettings:
     )
     max_bytes: int = setting(
         512 * 1024 * 1024, "largest release artifact accepted (bytes)", min=1, max=2**40
+    )
+    folder: str = setting(
+        "",
+        "folder of the release artifacts (empty: `releases` beside the store file); several"
+        " platform processes on one PostgreSQL store need it on storage they all share",
     )
 
 
@@ -307,6 +318,7 @@ class Settings:
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 def sections() -> dict[str, type[Any]]:
@@ -343,6 +355,8 @@ def load_settings(
     settings = Settings(**built)
     if settings.log.level.upper() not in LOG_LEVELS:
         raise ConfigError(f"log.level: must be one of {', '.join(LOG_LEVELS)}")
+    if settings.store.url and not settings.store.url.startswith(POSTGRES_SCHEMES):
+        raise ConfigError("store.url: must start with postgresql:// (or be empty: SQLite)")
     if bool(settings.tls.cert_file) != bool(settings.tls.key_file):
         raise ConfigError("tls.cert_file and tls.key_file: set both (TLS on) or neither")
     return settings

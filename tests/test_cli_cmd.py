@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -144,3 +147,22 @@ def test_names_stay_text_other_values_are_json() -> None:
         "force": True,
         "label": "web",
     }
+
+
+def test_on_postgresql_the_token_comes_from_the_config(tmp_path: Path) -> None:
+    """A platform on a PostgreSQL store has no admin.token file: the CLI says where the token
+    must come from (nothing is contacted: it stops before any request)."""
+    config = tmp_path / "platform.toml"
+    config.write_text('[store]\nurl = "postgresql://iotbiz@127.0.0.1:1/iotbiz"\n')
+    (tmp_path / "admin.token").write_text("a-sqlite-platforms-token\n")  # not this platform's
+    done = subprocess.run(
+        [sys.executable, "-m", "iotbiz", "cmd", "abc123/dev-1", "ping", "--config", str(config),
+         "--url", "http://127.0.0.1:9"],
+        capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path,
+        env={**os.environ, "IOTBIZ_ADMIN_TOKEN": ""},
+    )  # fmt: skip
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == (
+        "iotbiz: no admin token: give --token, set IOTBIZ_ADMIN_TOKEN, or set admin.token in the"
+        " --config file (a platform on a PostgreSQL store has no admin.token file)\n"
+    )

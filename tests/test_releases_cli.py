@@ -3,6 +3,7 @@ stored beside the store with their sha256 and size, signed with the configured k
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import io
@@ -16,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from tests.processes import run_cli
+from tests.services.postgres import PostgresServer
 
 
 def make_artifact(path: Path, files: dict[str, bytes]) -> bytes:
@@ -145,3 +147,29 @@ def test_keygen_and_signed_releases(tmp_path: Path) -> None:
     )  # fmt: skip
     assert bad.returncode == 1
     assert "is not a PEM private key" in bad.stderr
+
+
+def test_on_postgresql_the_artifacts_go_to_releases_folder(
+    tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    url = asyncio.run(postgres_server.create_database())
+    try:
+        folder = tmp_path / "shared" / "releases"
+        config = tmp_path / "platform.toml"
+        config.write_text(f'[store]\nurl = "{url}"\n[releases]\nfolder = "{folder}"\n')
+        data = make_artifact(tmp_path / "web.tar.gz", {"run.sh": b"echo hi\n"})
+        added = run_cli(
+            "release", "add", "--app", "web", "--version", "2.0", str(tmp_path / "web.tar.gz"),
+            "--config", str(config), "--json",
+        )  # fmt: skip
+        assert added.returncode == 0, added.stderr
+        assert json.loads(added.stdout)["sha256"] == hashlib.sha256(data).hexdigest()
+        assert (folder / "web" / "2.0" / "artifact.tar.gz").read_bytes() == data
+        listed = run_cli("release", "list", "--config", str(config), "--json")
+        assert [(r["app"], r["version"]) for r in json.loads(listed.stdout)] == [("web", "2.0")]
+        removed = run_cli("release", "remove", "web", "2.0", "--config", str(config))
+        assert (removed.returncode, removed.stdout) == (0, "release web 2.0 removed\n")
+        assert not (folder / "web" / "2.0").exists()
+        assert not (tmp_path / "releases").exists()  # nothing beside the (unused) store path
+    finally:
+        asyncio.run(postgres_server.drop_database(url))

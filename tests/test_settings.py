@@ -68,6 +68,10 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
         ("[registrar]\npending_ttl_s = 'x'\n", "registrar.pending_ttl_s: expected a number"),
         ("[store]\npath = 5\n", "store.path: expected a path, got 5"),
         ("[log]\nlevel = 'LOUD'\n", "log.level: must be one of"),
+        (
+            "[store]\nurl = 'mysql://x/y'\n",
+            "store.url: must start with postgresql:// (or be empty: SQLite)",
+        ),
         ("[http\n", "config file "),
     ],
 )

@@ -109,7 +109,7 @@ async def download(request: web.Request) -> web.StreamResponse:
         raise DeviceUnauthorized
     if release is None:
         raise NotFoundError(f"release {app_name} {version} is not offered to {name}")
-    path = releases.artifact_path(store, app_name, version)
+    path = releases.artifact_path(request.app[SETTINGS], app_name, version)
     try:
         size = (await asyncio.to_thread(path.stat)).st_size
     except OSError as exc:
@@ -220,7 +220,7 @@ async def add_release(request: web.Request) -> web.Response:
         raise BadRequest(str(exc)) from exc
     try:
         release = await releases.add_release(
-            request.app[STORE], settings.releases, app_name, version, chunks, actor=actor(request)
+            request.app[STORE], settings, app_name, version, chunks, actor=actor(request)
         )
     except releases.TooLarge as exc:
         raise PayloadTooLarge(str(exc)) from exc
@@ -305,7 +305,7 @@ async def remove_release(request: web.Request) -> web.Response:
     Query(request, ())
     app_name, version = _release_path(request)
     release = await releases.remove_release(
-        request.app[STORE], app_name, version, actor=actor(request)
+        request.app[STORE], request.app[SETTINGS], app_name, version, actor=actor(request)
     )
     return web.json_response(release.to_json())
 

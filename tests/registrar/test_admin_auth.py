@@ -131,6 +131,30 @@ def test_an_existing_file_is_read_and_the_setting_wins(
     assert read_admin_token(with_setting) == TOKEN
 
 
+def test_on_postgresql_the_setting_is_the_token_and_is_required(
+    make_settings: Callable[..., Settings], db_path: Path
+) -> None:
+    """Several processes share a PostgreSQL store and there is no store folder: no file is
+    read or written, the setting is required."""
+    path = db_path.parent / "admin.token"
+    path.write_text("from-the-file-0123456789\n")  # a SQLite platform's file: not this one's
+    on_postgres = make_settings(store={"url": "postgresql://u@127.0.0.1:1/db"})
+    assert read_admin_token(on_postgres) is None
+    with pytest.raises(ConfigError) as refused:
+        load_or_create_admin_token(on_postgres)
+    assert str(refused.value) == (
+        "admin.token: required with a PostgreSQL store (store.url): every platform process"
+        " must use the same token, and there is no store folder to generate it into"
+    )
+    path.unlink()
+    with_token = make_settings(
+        store={"url": "postgresql://u@127.0.0.1:1/db"}, admin={"token": TOKEN}
+    )
+    assert load_or_create_admin_token(with_token) == TOKEN
+    assert read_admin_token(with_token) == TOKEN
+    assert not path.exists()
+
+
 @pytest.mark.parametrize("content", ["", "\n", "has space", "x" * 600, "tab\there"])
 def test_an_unusable_token_is_a_config_error(
     make_settings: Callable[..., Settings], db_path: Path, content: str
