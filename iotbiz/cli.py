@@ -138,6 +138,10 @@ def _settings(args: argparse.Namespace) -> Settings:
             overrides.setdefault("tls", {})["key_file"] = str(args.tls_key)
         if args.log_level is not None:
             overrides["log"] = {"level": args.log_level}
+        if args.broker is not None:
+            overrides["broker"] = {"mode": args.broker}
+        if args.broker_url is not None:
+            overrides.setdefault("broker", {})["url"] = args.broker_url
     return load_settings(args.config, overrides=overrides)
 
 
@@ -514,6 +518,17 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
     serve_cmd.add_argument("--tls-key", type=Path, help="PEM key of --tls-cert (tls.key_file)")
     serve_cmd.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve_cmd.add_argument(
+        "--broker",
+        metavar="{embedded,external}",
+        help="embedded: run the platform's own MQTT broker (default); external: none, use the"
+        " broker at --broker-url (broker.mode)",
+    )
+    serve_cmd.add_argument(
+        "--broker-url",
+        metavar="URL",
+        help="the external broker, mqtt://HOST:PORT or mqtts://HOST:PORT (broker.url)",
+    )
 
     customer = commands.add_parser("customer", help="customers and their device limits")
     customer_cmds = customer.add_subparsers(dest="action", metavar="ACTION", required=True)

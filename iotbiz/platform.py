@@ -3,6 +3,16 @@
 Start order: store -> broker (devices can connect) -> registrar with its service MQTT client ->
 HTTP. Stop order is the reverse, so nothing is used after it is closed.
 
+External-broker mode (`broker.mode = "external"`, `--broker external`): no embedded broker. The
+service client connects to `broker.url` as `SERVICE_USERNAME` with `broker.service_password`
+(the same in every platform process, since the broker's auth callbacks may reach any of them)
+and follows telemetry too; presence comes from the devices' `status` messages (retained, and
+the agent's will), as there are no broker connect/disconnect events. The broker asks the
+registrar's `/api/v1/broker-auth/...` callbacks, so the service client can log in only once HTTP
+listens: the registrar does not wait for it at start, and /healthz answers 503 until it is
+connected. Revoked names are disconnected through RabbitMQ's management API when
+`broker.management_url` is set (`iotbiz.broker.management`).
+
 Every long-lived task (the presence writer, the store change follower, the registrar's service
 client, the command dispatcher's three tasks, the retention pass) is owned here, started by
 `Platform._spawn`:
@@ -33,17 +43,18 @@ from aiohttp import web
 
 from iotbiz.broker.authority import Authority
 from iotbiz.broker.embedded import EmbeddedBroker
+from iotbiz.broker.management import external_kick
 from iotbiz.dispatch import Dispatcher
-from iotbiz.errors import ConfigError, PlatformFailed
+from iotbiz.errors import BrokerUnavailable, ConfigError, PlatformFailed
 from iotbiz.file_limits import fit_to_file_limit, raise_file_limit
 from iotbiz.passwords import PasswordHasher
 from iotbiz.presence import PresenceRecorder
 from iotbiz.registrar import create_app, http_server
-from iotbiz.registrar.keys import HEALTH_CHECKS, ROLLOUTS, SERVICE_CLIENT
-from iotbiz.registrar.service_client import ServiceLink
+from iotbiz.registrar.keys import HEALTH_CHECKS, ROLLOUTS, SERVICE_CLIENT, HealthCheck
+from iotbiz.registrar.service_client import ServiceClient, ServiceLink
 from iotbiz.retention import Retention
 from iotbiz.rollouts import RolloutEngine
-from iotbiz.settings import Settings
+from iotbiz.settings import BrokerEndpoint, Settings, broker_endpoint
 from iotbiz.store import Store
 from iotbiz.tls import ServerTLS
 
@@ -67,6 +78,7 @@ class Platform:
         self._dispatcher: Dispatcher | None = None
         self.authority: Authority | None = None
         self.broker: EmbeddedBroker | None = None
+        self.external: BrokerEndpoint | None = None  # set in external-broker mode
         self._runner: web.AppRunner | None = None
         self.tls: ServerTLS | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -96,6 +108,9 @@ class Platform:
 
     @property
     def mqtt_port(self) -> int:
+        """The embedded broker's real port; in external mode, the external broker's."""
+        if self.external is not None:
+            return self.external.port
         if self.broker is None:
             raise RuntimeError("platform not started")
         return self.broker.port
@@ -109,6 +124,12 @@ class Platform:
 
     async def _start(self) -> None:
         settings = self.settings = fit_to_file_limit(self.settings)
+        external = settings.broker.mode == "external"
+        if external and not settings.broker.service_password:
+            raise ConfigError(
+                "broker.service_password: required with broker.mode = external (the same in"
+                " every platform process; e.g. IOTBIZ_BROKER_SERVICE_PASSWORD)"
+            )
         if settings.tls.cert_file:  # first: a bad key or certificate stops nothing half-started
             self.tls = ServerTLS(settings.tls.cert_file, settings.tls.key_file)
         store = self._store = await Store.open(settings.store.path)
@@ -123,28 +144,45 @@ class Platform:
         dispatcher = self._dispatcher = Dispatcher(store, settings.commands)
         presence.on_online.append(dispatcher.device_online)
         presence.on_reply.append(dispatcher.reply_received)
-        service_password = secrets.token_urlsafe(32)
+        if external:
+            service_password = settings.broker.service_password
+        else:
+            service_password = secrets.token_urlsafe(32)
         self.authority = Authority(
             store, hasher, service_username=SERVICE_USERNAME, service_password=service_password
         )
-        self.broker = EmbeddedBroker(
-            settings.mqtt,
-            self.authority,
-            presence,
-            tls_context=self.tls.context if self.tls is not None else None,
-        )
-        await self.broker.start()
-        self._spawn(presence.run(), "presence")
-        self._spawn(self.authority.follow_changes(self.broker.kick), "store-changes")
-
-        service = ServiceLink(
-            _connect_host(settings.mqtt.host),
-            self.broker.port,
-            SERVICE_USERNAME,
-            service_password,
-            follow_telemetry=False,  # the embedded broker hands telemetry to presence
-            tls_context=None if self.broker.plain else _own_listener_context(),
-        )
+        if external:
+            endpoint = self.external = broker_endpoint(settings.broker.url)
+            self._spawn(presence.run(), "presence")
+            kick = external_kick(settings.broker)
+            self._spawn(self.authority.follow_changes(kick), "store-changes")
+            service = ServiceLink(
+                endpoint.host,
+                endpoint.port,
+                SERVICE_USERNAME,
+                service_password,
+                follow_telemetry=True,  # nobody else hands telemetry to presence
+                tls_context=ssl.create_default_context() if endpoint.tls else None,
+            )
+            log.info("external MQTT broker at %s (no embedded broker)", settings.broker.url)
+        else:
+            self.broker = EmbeddedBroker(
+                settings.mqtt,
+                self.authority,
+                presence,
+                tls_context=self.tls.context if self.tls is not None else None,
+            )
+            await self.broker.start()
+            self._spawn(presence.run(), "presence")
+            self._spawn(self.authority.follow_changes(self.broker.kick), "store-changes")
+            service = ServiceLink(
+                _connect_host(settings.mqtt.host),
+                self.broker.port,
+                SERVICE_USERNAME,
+                service_password,
+                follow_telemetry=False,  # the embedded broker hands telemetry to presence
+                tls_context=None if self.broker.plain else _own_listener_context(),
+            )
         app = create_app(
             settings,
             store,
@@ -155,8 +193,14 @@ class Platform:
             broker=self.broker,
             dispatcher=dispatcher,
             spawn=self._spawn,
+            # the external broker asks this registrar about the service client's login: it
+            # cannot connect before HTTP listens
+            wait_for_service=not external,
         )
-        app[HEALTH_CHECKS].append(self.broker.health)
+        if self.broker is not None:
+            app[HEALTH_CHECKS].append(self.broker.health)
+        else:
+            app[HEALTH_CHECKS].append(_external_health(app[SERVICE_CLIENT], settings.broker.url))
         rollouts = app[ROLLOUTS] = RolloutEngine(
             store, settings.rollouts, commands_queued=dispatcher.commands_queued
         )
@@ -262,6 +306,17 @@ class Platform:
 async def _bounded(action: Awaitable[None], timeout_s: float) -> None:
     async with asyncio.timeout(timeout_s):
         await action
+
+
+def _external_health(client: ServiceClient, url: str) -> HealthCheck:
+    """/healthz's broker part in external mode: the service client is connected to it."""
+
+    async def check() -> tuple[str, str]:
+        if not client.connected.is_set():
+            raise BrokerUnavailable(f"not connected to the external MQTT broker {url}")
+        return "broker", "connected"
+
+    return check
 
 
 def _connect_host(listen_host: str) -> str:

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from iotbiz.errors import ConfigError
 
@@ -300,11 +301,104 @@ class BrokerAuthSettings:
     )
 
 
+BROKER_MODES = ("embedded", "external")
+BROKER_URL_SCHEMES = {"mqtt": 1883, "mqtts": 8883}  # scheme -> its default port
+MANAGEMENT_URL_SCHEMES = ("http", "https")
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    mode: str = setting(
+        "embedded",
+        "embedded: the platform runs its own MQTT broker; external: none, devices and the"
+        " platform use the broker at url (RabbitMQ, EMQX), which asks /api/v1/broker-auth/...",
+    )
+    url: str = setting(
+        "mqtt://127.0.0.1:1883",
+        "the external broker, mqtt://HOST:PORT or mqtts://HOST:PORT (external mode only)",
+    )
+    service_password: str = setting(
+        "",
+        "password of the platform's service account on the external broker; required in"
+        " external mode, the same in every platform process (embedded: random at each start)",
+    )
+    management_url: str = setting(
+        "",
+        "RabbitMQ management API, e.g. http://127.0.0.1:15672: a revoked device is disconnected"
+        " through it (empty: it stays connected until it reconnects, every check denied)",
+    )
+    management_user: str = setting(
+        "", "user of the management API (a RabbitMQ user tagged administrator)"
+    )
+    management_password: str = setting("", "password of management_user")
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerEndpoint:
+    """Where the external broker listens, from `broker.url`."""
+
+    host: str
+    port: int
+    tls: bool  # mqtts://
+
+
+def broker_endpoint(url: str) -> BrokerEndpoint:
+    """The host and port of `broker.url`; ConfigError, one line, for a URL that is not
+    mqtt[s]://HOST[:PORT] (the port defaults to 1883, or 8883 for mqtts)."""
+    parts = urlsplit(url)
+    if parts.scheme not in BROKER_URL_SCHEMES or not url.startswith(f"{parts.scheme}://"):
+        raise ConfigError(f"broker.url: must start with mqtt:// or mqtts://, got {url!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(
+            f"broker.url: no user or password in the URL (see broker.service_password), got {url!r}"
+        )
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"broker.url: must be mqtt[s]://HOST:PORT only, got {url!r}")
+    if not parts.hostname:
+        raise ConfigError(f"broker.url: no host in {url!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0  # not a number, or out of range
+    else:
+        if port is None:
+            port = BROKER_URL_SCHEMES[parts.scheme]
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"broker.url: the port must be a number from 1 to 65535, got {url!r}")
+    return BrokerEndpoint(parts.hostname, port, tls=parts.scheme == "mqtts")
+
+
+def _check_broker(broker: BrokerSettings) -> None:
+    if broker.mode not in BROKER_MODES:
+        raise ConfigError(f"broker.mode: must be embedded or external, got {broker.mode!r}")
+    broker_endpoint(broker.url)
+    if broker.management_url:
+        parts = urlsplit(broker.management_url)
+        if parts.scheme not in MANAGEMENT_URL_SCHEMES or not parts.hostname:
+            raise ConfigError(
+                "broker.management_url: must be http://HOST:PORT or https://HOST:PORT,"
+                f" got {broker.management_url!r}"
+            )
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError:
+            raise ConfigError(
+                f"broker.management_url: the port must be a number from 1 to 65535,"
+                f" got {broker.management_url!r}"
+            ) from None
+        if not broker.management_user or not broker.management_password:
+            raise ConfigError(
+                "broker.management_user and broker.management_password: required with"
+                " broker.management_url"
+            )
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     store: StoreSettings = field(default_factory=StoreSettings)
     http: HTTPSettings = field(default_factory=HTTPSettings)
     mqtt: MQTTSettings = field(default_factory=MQTTSettings)
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
     registrar: RegistrarSettings = field(default_factory=RegistrarSettings)
     log: LogSettings = field(default_factory=LogSettings)
     commands: CommandSettings = field(default_factory=CommandSettings)
@@ -359,6 +453,7 @@ def load_settings(
         raise ConfigError("store.url: must start with postgresql:// (or be empty: SQLite)")
     if bool(settings.tls.cert_file) != bool(settings.tls.key_file):
         raise ConfigError("tls.cert_file and tls.key_file: set both (TLS on) or neither")
+    _check_broker(settings.broker)
     return settings
 
 
@@ -379,10 +474,13 @@ def _from_environ(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
         if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG or name.startswith(ENV_RESERVED):
             continue
         rest = name[len(ENV_PREFIX) :].lower()
-        section, _, key = rest.partition("_")
-        if section not in known or not key:
+        # the longest section name that fits: IOTBIZ_BROKER_AUTH_SECRET is broker_auth.secret,
+        # not broker.auth_secret
+        matching = [s for s in known if rest.startswith(f"{s}_") and len(rest) > len(s) + 1]
+        if not matching:
             raise ConfigError(f"unknown setting in environment: {name}")
-        found.setdefault(section, {})[key] = value
+        section = max(matching, key=len)
+        found.setdefault(section, {})[rest[len(section) + 1 :]] = value
     return found
 
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from iotbiz import cli
 from iotbiz.errors import ConfigError
 from iotbiz.settings import (
+    BrokerEndpoint,
     Settings,
+    broker_endpoint,
     describe,
     describe_agent,
     load_agent_settings,
@@ -185,3 +189,126 @@ def test_bad_agent_configs_name_the_key(tmp_path: Path, text: str, message: str)
 def test_the_agent_needs_a_customer(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^customer_id: required"):
         load_agent_settings(None, environ={})
+
+
+# -- [broker]: embedded or external broker ---------------------------------------------------------
+
+
+def test_broker_defaults() -> None:
+    broker = load_settings(None, environ={}).broker
+    assert (broker.mode, broker.url, broker.service_password) == (
+        "embedded",
+        "mqtt://127.0.0.1:1883",
+        "",
+    )
+    assert (broker.management_url, broker.management_user, broker.management_password) == (
+        "",
+        "",
+        "",
+    )
+    assert broker_endpoint(broker.url) == BrokerEndpoint("127.0.0.1", 1883, tls=False)
+
+
+def test_broker_precedence_toml_environment_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = write(
+        tmp_path,
+        "[broker]\nmode = 'external'\nurl = 'mqtt://rabbit:1883'\nservice_password = 'toml'\n",
+    )
+    broker = load_settings(config, environ={}).broker
+    assert (broker.mode, broker.url, broker.service_password) == (
+        "external",
+        "mqtt://rabbit:1883",
+        "toml",
+    )
+    environ = {
+        "IOTBIZ_BROKER_URL": "mqtts://rabbit.example",
+        "IOTBIZ_BROKER_SERVICE_PASSWORD": "env",
+        "IOTBIZ_BROKER_AUTH_SECRET": "s3cret",  # broker_auth.secret, not broker.auth_secret
+    }
+    settings = load_settings(config, environ=environ)
+    assert (settings.broker.url, settings.broker.service_password) == (
+        "mqtts://rabbit.example",
+        "env",
+    )
+    assert settings.broker_auth.secret == "s3cret"
+    assert broker_endpoint(settings.broker.url) == BrokerEndpoint("rabbit.example", 8883, tls=True)
+    # the serve flags win over both
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    args = cli._parser("iotbiz").parse_args(
+        ["serve", "--config", str(config), "--broker", "embedded", "--broker-url", "mqtt://[::1]:7"]
+    )
+    settings = cli._settings(args)
+    assert (settings.broker.mode, settings.broker.url) == ("embedded", "mqtt://[::1]:7")
+    assert broker_endpoint(settings.broker.url) == BrokerEndpoint("::1", 7, tls=False)
+    assert settings.broker.service_password == "env"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"mode": "extrenal"},
+            "broker.mode: must be embedded or external, got 'extrenal'",
+        ),
+        (
+            {"url": "http://rabbit:1883"},
+            "broker.url: must start with mqtt:// or mqtts://, got 'http://rabbit:1883'",
+        ),
+        (
+            {"url": "rabbit:1883"},
+            "broker.url: must start with mqtt:// or mqtts://, got 'rabbit:1883'",
+        ),
+        ({"url": "mqtt://:1883"}, "broker.url: no host in 'mqtt://:1883'"),
+        (
+            {"url": "mqtt://rabbit:0"},
+            "broker.url: the port must be a number from 1 to 65535, got 'mqtt://rabbit:0'",
+        ),
+        (
+            {"url": "mqtt://rabbit:70000"},
+            "broker.url: the port must be a number from 1 to 65535, got 'mqtt://rabbit:70000'",
+        ),
+        (
+            {"url": "mqtt://rabbit:mqtt"},
+            "broker.url: the port must be a number from 1 to 65535, got 'mqtt://rabbit:mqtt'",
+        ),
+        (
+            {"url": "mqtt://rabbit:1883/vhost"},
+            "broker.url: must be mqtt[s]://HOST:PORT only, got 'mqtt://rabbit:1883/vhost'",
+        ),
+        (
+            {"url": "mqtt://me:pw@rabbit:1883"},
+            "broker.url: no user or password in the URL (see broker.service_password),"
+            " got 'mqtt://me:pw@rabbit:1883'",
+        ),
+        (
+            {"management_url": "rabbit:15672"},
+            "broker.management_url: must be http://HOST:PORT or https://HOST:PORT,"
+            " got 'rabbit:15672'",
+        ),
+        (
+            {"management_url": "http://rabbit:99999", "management_user": "a"},
+            "broker.management_url: the port must be a number from 1 to 65535,"
+            " got 'http://rabbit:99999'",
+        ),
+        (
+            {"management_url": "http://rabbit:15672", "management_user": "admin"},
+            "broker.management_user and broker.management_password: required with"
+            " broker.management_url",
+        ),
+        ({"mode": 1}, "broker.mode: expected a string, got 1"),
+    ],
+)
+def test_bad_broker_settings_are_one_line_errors(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(None, environ={}, overrides={"broker": values})
+    assert str(raised.value) == message
+
+
+def test_bad_broker_flag_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["serve", "--broker", "rabbitmq"], prog="python -m iotbiz.broker") == 1
+    assert capsys.readouterr().err == (
+        "python -m iotbiz.broker: broker.mode: must be embedded or external, got 'rabbitmq'\n"
+    )

@@ -17,6 +17,11 @@ backs off and retries), counted in `busy_refusals` and logged at most once per
 `BUSY_LOG_PERIOD_S`. A cold reconnect storm meets the same bound: a device beyond it is refused
 with 3 and comes back later, instead of every login queueing for bcrypt.
 
+An external broker's checks after the login (RabbitMQ's vhost/resource/topic, EMQX's authz)
+carry no password; `principal_of` answers them for names verified here or, since the login may
+have reached another platform process, for active devices and accounts read from the store
+(cached beside the credentials, forgotten with them).
+
 Failed logins are not cached: a negative entry would lock out a device that connects right after
 it is activated (the change feed arrives up to a poll later), and a flood with a new password per
 attempt would bypass it anyway; the share is the bound.
@@ -112,6 +117,7 @@ class Authority:
         self.service_username = service_username
         self._service_digest = _digest(service_password)
         self._verified: dict[str, tuple[bytes, Principal]] = {}
+        self._known: dict[str, Principal] = {}  # principals read from the store, no password
         self._epoch = 0  # bumped whenever the cache forgets something
         self.denied_publishes = 0
         self.refused_logins = 0  # refused as DENIED
@@ -221,18 +227,48 @@ class Authority:
             )
         return Refusal.UNAVAILABLE
 
-    def principal_of(self, username: str) -> Principal | None:
-        """The principal of a name verified by `authenticate` and not forgotten since (an
-        external broker's later checks carry no password), or None."""
+    async def principal_of(self, username: str) -> Principal | None:
+        """The principal behind an external broker's later checks (vhost, resource, topic,
+        authz), which carry no password: the broker asks them only after a login it allowed.
+        That login may have been verified by another platform process (several behind one
+        load balancer), so a name this process has not verified is looked up in the store: an
+        ACTIVE device, an operator account. Found names are cached and forgotten with the
+        credential cache (a revoke forgets both). None (deny) for anyone else, and when the
+        store fails (logged)."""
         if username == self.service_username:
             return Principal(username, Role.SERVICE)
         cached = self._verified.get(username)
-        return cached[1] if cached is not None else None
+        if cached is not None:
+            return cached[1]
+        known = self._known.get(username)
+        if known is not None:
+            return known
+        epoch = self._epoch
+        try:
+            principal = await self._principal_from_store(username)
+        except IotbizError as exc:
+            log.warning("check of %s denied: store failure: %s", username, exc)
+            return None
+        if principal is not None and epoch == self._epoch:
+            self._known[username] = principal  # not when something was forgotten meanwhile
+        return principal
+
+    async def _principal_from_store(self, username: str) -> Principal | None:
+        name = parse_device_name(username)
+        if name is not None and str(name) == username:
+            device = await self._store.get_device(name)
+            active = device is not None and device.state is DeviceState.ACTIVE
+            return device_principal(name) if active else None
+        account = await self._store.get_account(username)
+        if account is None:
+            return None
+        return Principal(username, Role.SUPERUSER if account.superuser else Role.SERVICE)
 
     def forget(self, username: str) -> None:
-        """Drop cached credentials of `username` (after a revoke, reset, ...)."""
+        """Drop cached credentials and principal of `username` (after a revoke, reset, ...)."""
         self._epoch += 1
         self._verified.pop(username, None)
+        self._known.pop(username, None)
 
     async def follow_changes(self, kick: Kick, *, poll_s: float = CHANGE_POLL_S) -> None:
         """Follow the store's change feed for ever: forget and disconnect revoked names (and

@@ -98,11 +98,14 @@ def create_app(
     broker: EmbeddedBroker | None = None,
     dispatcher: CommandDispatcher | None = None,
     spawn: Spawn = _create_task,
+    wait_for_service: bool = True,
 ) -> web.Application:
     """The registrar as an aiohttp application; the caller owns `store` (and `hasher`, when it
     passes one). With `service` and `presence`, the app runs the platform's service MQTT client,
     which records every device's presence, as a task started with `spawn` (the platform passes
-    its own, which notices the task's death). `authority` and `broker` feed /metrics; the admin
+    its own, which notices the task's death); the app's start waits (a bounded time) for it to
+    connect unless `wait_for_service` is False (an external broker that asks this very app
+    about the service client's login). `authority` and `broker` feed /metrics; the admin
     API sends commands through `dispatcher` (without one, sending answers 503); the web console
     (`/`) follows what `presence` writes through the admin API's event stream.
 
@@ -153,7 +156,8 @@ def create_app(
         app[HASHER] = hasher
     if service is not None and presence is not None:
         app[SERVICE_CLIENT] = ServiceClient(service, presence)
-        app.cleanup_ctx.append(functools.partial(_service_client, spawn=spawn))
+        wait_s = SERVICE_CONNECT_TIMEOUT_S if wait_for_service else 0.0
+        app.cleanup_ctx.append(functools.partial(_service_client, spawn=spawn, wait_s=wait_s))
     device_body = expect_handler(device_api.MAX_BODY_BYTES)
     app.router.add_post("/api/v1/register", device_api.register, expect_handler=device_body)
     app.router.add_post("/api/v1/activate", device_api.activate, expect_handler=device_body)
@@ -233,14 +237,17 @@ async def _password_hasher(app: web.Application) -> AsyncIterator[None]:
     hasher.close()
 
 
-async def _service_client(app: web.Application, *, spawn: Spawn) -> AsyncIterator[None]:
+async def _service_client(
+    app: web.Application, *, spawn: Spawn, wait_s: float
+) -> AsyncIterator[None]:
     client = app[SERVICE_CLIENT]
     task = spawn(client.run(), "service-client")
-    try:
-        async with asyncio.timeout(SERVICE_CONNECT_TIMEOUT_S):
-            await client.connected.wait()
-    except TimeoutError:
-        log.warning("service client not connected after %s s; going on", SERVICE_CONNECT_TIMEOUT_S)
+    if wait_s > 0:
+        try:
+            async with asyncio.timeout(wait_s):
+                await client.connected.wait()
+        except TimeoutError:
+            log.warning("service client not connected after %s s; going on", wait_s)
     yield
     task.cancel()
     await asyncio.wait([task])  # how it ended is for its owner (the spawner) to report

@@ -5,7 +5,7 @@ as text) at `/api/v1/broker-auth/rabbitmq/{user,vhost,resource,topic}`:
   - user: `username`, `password`, `client_id` -> `Authority.authenticate` (the same bcrypt share,
     credential cache and refusal counting as the embedded broker's CONNECT); `allow` or
     `allow administrator` for a superuser account;
-  - vhost: any vhost for a user `Authority` has verified (and not forgotten since);
+  - vhost: any vhost for a user `Authority.principal_of` knows (see below);
   - resource: what RabbitMQ's MQTT plugin needs for that user's session: read and write on the
     `amq.topic` exchange, and configure/read/write on the session's own queues
     `mqtt-subscription-{client_id}qos{0,1}` (a client id the user may use); nothing else;
@@ -20,8 +20,10 @@ EMQX 5 HTTP authentication at `/api/v1/broker-auth/emqx/authn` and authorization
 "${clientid}", "topic": "${topic}", "action": "${action}"}; answers {"result": "allow" | "deny"},
 authn with "is_superuser"). EMQX can send a header, so the secret goes as a Bearer token.
 
-Only verified users get past `user` (or `authn`): the other callbacks answer for names in the
-cache, so a revoke (which makes `Authority` forget the name) denies the next check at once.
+Only verified users get past `user` (or `authn`). The other callbacks carry no password; they
+answer for the names `Authority.principal_of` knows: verified by this process, or, when the login
+went to another platform process behind the same load balancer, an ACTIVE device or an account in
+the store. A revoke makes every process forget the name, so it denies the next check at once.
 
 The callbacks answer only the broker: the request's address must be in
 `broker_auth.allowed_addresses` (loopback by default) and, when `broker_auth.secret` is set, carry
@@ -145,13 +147,13 @@ async def rabbitmq_user(request: web.Request) -> web.Response:
 
 async def rabbitmq_vhost(request: web.Request) -> web.Response:
     form = await _form(request, "username", "vhost")
-    principal = request.app[AUTHORITY].principal_of(form["username"])
+    principal = await request.app[AUTHORITY].principal_of(form["username"])
     return _allow() if principal is not None else _deny()
 
 
 async def rabbitmq_resource(request: web.Request) -> web.Response:
     form = await _form(request, "username", "resource", "name", "permission")
-    principal = request.app[AUTHORITY].principal_of(form["username"])
+    principal = await request.app[AUTHORITY].principal_of(form["username"])
     if principal is None:
         return _deny()
     if principal.role is Role.SUPERUSER:
@@ -181,7 +183,7 @@ def _own_queue(principal: Principal, name: str, client_id: str | None) -> bool:
 async def rabbitmq_topic(request: web.Request) -> web.Response:
     form = await _form(request, "username", "name", "permission", "routing_key")
     authority = request.app[AUTHORITY]
-    principal = authority.principal_of(form["username"])
+    principal = await authority.principal_of(form["username"])
     if principal is None or form["name"] != EXCHANGE:
         return _deny()
     topic = routing_key_to_topic(form["routing_key"])
@@ -229,7 +231,7 @@ async def emqx_authz(request: web.Request) -> web.Response:
     "subscribe"} -> {"result": "allow" | "deny"}, for a name `Authority` verified."""
     body = await _json(request, "username", "clientid", "topic", "action")
     authority = request.app[AUTHORITY]
-    principal = authority.principal_of(body["username"])
+    principal = await authority.principal_of(body["username"])
     if principal is None or not client_id_allowed(principal, body["clientid"]):
         return _emqx(False)
     if body["action"] == "publish":

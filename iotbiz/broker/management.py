@@ -1,0 +1,148 @@
+"""Disconnecting a revoked name from an external broker: the `Kick` of external-broker mode.
+
+With an embedded broker the platform drops a revoked device's session itself. An external broker
+holds the connection; the platform's auth callbacks deny the name's every later check at once
+(`Authority` forgets it), but a connection that is already open stays open until the broker asks
+again. RabbitMQ's management HTTP API can close it (3.10 has both endpoints):
+
+    GET    /api/connections/username/{username}   the user's open connections, on every node
+    DELETE /api/connections/{name}                close one (header X-Reason: shown in its log)
+
+`ManagementKick` lists the name's connections and closes each. Every platform process follows
+the store's change feed and kicks, so a connection another process closed first answers 404:
+that is success. Each request is bounded (`TIMEOUT_S`); a failure (the API down, refused
+credentials, an unexpected status) is logged once per outage, at WARNING, and again when the
+API works again, never raised: the task that follows the change feed must go on.
+
+Retained messages cannot be removed through the management API (RabbitMQ keeps them per node, in
+its own store), so `drop_retained` is not honoured here: a revoked device's last retained
+`status` stays on the broker. Only subscribers allowed `devices/#` (the platform and operator
+accounts) can see it.
+
+Without `broker.management_url`, `log_only_kick` stands in: the device stays connected until it
+reconnects (and is refused then); it says so once, at DEBUG.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from urllib.parse import quote
+
+import aiohttp
+
+from iotbiz.broker.authority import Kick
+from iotbiz.settings import BrokerSettings
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_S = 10.0  # each request to the management API, connecting included
+REASON = "IoTBiz: credentials revoked"
+
+
+class ManagementKick:
+    """Close every connection of a name through RabbitMQ's management HTTP API."""
+
+    def __init__(self, url: str, user: str, password: str, *, timeout_s: float = TIMEOUT_S) -> None:
+        self._url = url.rstrip("/")
+        login = base64.b64encode(f"{user}:{password}".encode()).decode()
+        self._headers = {"Authorization": f"Basic {login}"}
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._failing = False  # one warning per outage
+        self.closed_connections = 0
+        self.failures = 0
+
+    async def __call__(self, username: str, *, drop_retained: bool) -> None:
+        """Close `username`'s connections; log (once per outage) and return on failure."""
+        try:
+            closed = await self._close_all(username)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            self.failures += 1
+            message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if not self._failing:
+                self._failing = True
+                log.warning(
+                    "cannot disconnect %s through the broker's management API %s (%s); it stays"
+                    " connected until it reconnects (every check is denied). Logged once until"
+                    " the API answers again",
+                    username,
+                    self._url,
+                    message,
+                )
+            else:
+                log.debug("cannot disconnect %s through the management API: %s", username, message)
+            return
+        if self._failing:
+            self._failing = False
+            log.warning("the broker's management API %s answers again", self._url)
+        self.closed_connections += closed
+        log.info("disconnected %s from the external broker (%d connections)", username, closed)
+
+    async def _close_all(self, username: str) -> int:
+        async with aiohttp.ClientSession(
+            headers=self._headers, timeout=self._timeout, raise_for_status=False
+        ) as session:
+            listed = f"{self._url}/api/connections/username/{quote(username, safe='')}"
+            async with session.get(listed) as response:
+                if response.status != 200:
+                    raise aiohttp.ClientResponseError(
+                        response.request_info,
+                        (),
+                        status=response.status,
+                        message=f"GET {listed}: {response.status} {response.reason}",
+                    )
+                connections = await response.json()
+            names = _connection_names(connections)
+            closed = 0
+            for name in names:
+                url = f"{self._url}/api/connections/{quote(name, safe='')}"
+                async with session.delete(url, headers={"X-Reason": REASON}) as response:
+                    if response.status == 404:
+                        continue  # closed meanwhile (another platform process, or the device)
+                    if response.status not in (200, 204):
+                        raise aiohttp.ClientResponseError(
+                            response.request_info,
+                            (),
+                            status=response.status,
+                            message=f"DELETE {url}: {response.status} {response.reason}",
+                        )
+                    closed += 1
+            return closed
+
+
+def _connection_names(connections: object) -> list[str]:
+    if not isinstance(connections, list):
+        raise ValueError("the connection list is not a JSON array")
+    names = []
+    for connection in connections:
+        name = connection.get("name") if isinstance(connection, dict) else None
+        if not isinstance(name, str):
+            raise ValueError("a connection without a name")
+        names.append(name)
+    return names
+
+
+def log_only_kick() -> Kick:
+    """The kick without a management API: nothing to do but say so, once."""
+    said = False
+
+    async def kick(username: str, *, drop_retained: bool) -> None:
+        nonlocal said
+        if not said:
+            said = True
+            log.debug(
+                "revoked %s: no broker.management_url, so its open connection (if any) stays"
+                " until it reconnects; every later check is denied (said once)",
+                username,
+            )
+
+    return kick
+
+
+def external_kick(settings: BrokerSettings) -> Kick:
+    """The kick for external-broker mode: the management API's when it is configured."""
+    if not settings.management_url:
+        return log_only_kick()
+    return ManagementKick(
+        settings.management_url, settings.management_user, settings.management_password
+    )
