@@ -23,6 +23,7 @@ from typing import Any, Protocol, Self, TypeVar
 import aiosqlite
 
 from iotbiz.errors import StoreError, StoreNotFound
+from iotbiz.store.leader import FileLeaderLock, LeaderLock
 from iotbiz.store.schema import migrate
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,10 @@ class StoreCore:
     async def ping(self) -> None:
         """Raise StoreError unless the store answers a query."""
         await self._call(lambda conn: scalar(conn, "SELECT 1"))
+
+    def leader_lock(self) -> LeaderLock:
+        """The platform's leader lock for this store file (iotbiz.store.leader)."""
+        return FileLeaderLock(self.path)
 
 
 # -- in aiosqlite's thread ----------------------------------------------------------------------

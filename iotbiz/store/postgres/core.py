@@ -13,6 +13,7 @@ import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type hints
 
 from iotbiz.errors import StoreError
 from iotbiz.store.core import Clock
+from iotbiz.store.leader import LeaderLock
 from iotbiz.store.postgres.schema import migrate
 
 T = TypeVar("T")
@@ -38,9 +39,10 @@ def redact(url: str) -> str:
 
 
 class PostgresCore:
-    def __init__(self, pool: asyncpg.Pool, name: str, clock: Clock) -> None:
+    def __init__(self, pool: asyncpg.Pool, url: str, clock: Clock) -> None:
         self._pool = pool
-        self.name = name
+        self._url = url
+        self.name = redact(url)
         self._clock = clock
         self._closed = False
 
@@ -59,7 +61,7 @@ class PostgresCore:
             )
         except (*DRIVER_ERRORS, ValueError) as exc:  # ValueError: a malformed URL
             raise StoreError(f"cannot open store {name}: {_message(exc, url)}") from None
-        store = cls(pool, name, clock)
+        store = cls(pool, url, clock)
         try:
             await store._call(migrate)
         except StoreError:
@@ -109,6 +111,12 @@ class PostgresCore:
 
     async def ping(self) -> None:
         await self._call(lambda conn: conn.fetchval("SELECT 1"))
+
+    def leader_lock(self) -> LeaderLock:
+        """The platform's leader lock on this database (iotbiz.store.leader)."""
+        from iotbiz.store.postgres.leader import PostgresLeaderLock
+
+        return PostgresLeaderLock(self._url)
 
 
 def _message(exc: BaseException, url: str) -> str:
