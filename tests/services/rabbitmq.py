@@ -1,11 +1,11 @@
-"""A private RabbitMQ node for tests: its own folder, node name, epmd and loopback ports.
+"""Private RabbitMQ for tests: one node, or a cluster of nodes, on loopback only.
 
 Debian's `/usr/sbin/rabbitmq-*` wrappers `su` to the rabbitmq user and write to /var/lib and
-/var/log; the node here runs `/usr/lib/rabbitmq/bin/rabbitmq-server` directly as the current
+/var/log; a node here runs `/usr/lib/rabbitmq/bin/rabbitmq-server` directly as the current
 user (root included: RabbitMQ only warns) with every path in the node's folder: mnesia, logs,
 config, enabled plugins, pid file and the Erlang cookie (HOME). Its own `epmd -port P` runs in
 the foreground as a child of the test, so that nothing outlives the session (the node would
-otherwise start a daemon epmd of its own).
+otherwise start a daemon epmd of its own). Erlang distribution listens on 127.0.0.1 only.
 
 Plugins: rabbitmq_mqtt, rabbitmq_auth_backend_http (auth_backends = http, then internal for the
 management user only) and rabbitmq_management. The HTTP backend asks `auth_url` (chosen before
@@ -13,11 +13,23 @@ the node starts: its config is read once), so the test serves the registrar on `
 
 Ready means the MQTT port accepts connections (the listener opens last); the wait is bounded
 and a node that cannot start fails the test with its log, never skips it.
+
+A cluster (`rabbitmq_cluster`): nodes rabbit-1@localhost ... rabbit-N@localhost, each in its
+own sub-folder with its own AMQP, MQTT, management and distribution ports, all sharing one
+epmd (a node finds its peers' distribution ports there), one Erlang cookie (one HOME) and one
+`auth_url`. They form the cluster as they boot: `cluster_formation.classic_config` lists every
+node, and RabbitMQ 3.10 takes a `global` lock over that list, so that exactly one blank node
+creates the cluster and the others join it. All N therefore start at once, which is faster
+than booting them one by one and `rabbitmqctl join_cluster` (see BOOT in the cluster's
+docstring). Ready means every node's MQTT port is open and node 1's management API lists
+all N nodes as running: one cluster, not N clusters of one.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -25,18 +37,24 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 START_TIMEOUT_S = 90.0  # about 15-20 s on a busy 2-core machine
+CLUSTER_START_TIMEOUT_S = 240.0  # N nodes booting at once on the same 2 cores
 STOP_TIMEOUT_S = 30.0
 AUTH_PREFIX = "/api/v1/broker-auth/rabbitmq"
+MANAGEMENT_USER = "iotbiz-test-admin"
 # Without it RabbitMQ's MQTT plugin reads a username `a:b` as vhost `a`, user `b`, and a device
 # id in MAC form holds colons; 3.10 has no rabbitmq.conf key for it, only this.
 ADVANCED = "[{rabbitmq_mqtt, [{ignore_colons_in_username, true}]}].\n"
+PLUGINS = "[rabbitmq_mqtt,rabbitmq_auth_backend_http,rabbitmq_management]."
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +86,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _config(node: RabbitNode) -> str:
+def _config(node: RabbitNode, extra: Sequence[str] = ()) -> str:
     auth = f"http://127.0.0.1:{node.auth_port}{AUTH_PREFIX}"
     return "\n".join(
         [
@@ -90,18 +108,83 @@ def _config(node: RabbitNode) -> str:
             "loopback_users = none",
             "log.console = false",
             "log.file.level = info",
+            *extra,
             "",
         ]
     )
 
 
-def _wait_port(port: int, procs: list[subprocess.Popen[bytes]], node: RabbitNode) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
+def _epmd_binary() -> str:
+    if not SERVER.exists():
+        raise AssertionError(f"{SERVER} missing: run scripts/services-setup")
+    found = shutil.which("epmd") or next(Path("/usr/lib/erlang").glob("erts-*/bin/epmd"), None)
+    if found is None:
+        raise AssertionError("epmd missing: run scripts/services-setup")
+    return str(found)
+
+
+def _write_cookie(home: Path) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    cookie = home / ".erlang.cookie"
+    cookie.write_text(secrets.token_hex(20))
+    cookie.chmod(0o400)
+
+
+def _base_env(home: Path, epmd_port: int) -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "LANG": "C.UTF-8",
+        "ERL_EPMD_PORT": str(epmd_port),
+        "ERL_EPMD_ADDRESS": "127.0.0.1",
+    }
+
+
+def _prepare(
+    node: RabbitNode, base_env: dict[str, str], extra_config: Sequence[str] = ()
+) -> dict[str, str]:
+    """Write the node's config files into its folder; the server's environment."""
+    folder = node.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "rabbitmq.conf").write_text(_config(node, extra_config))
+    (folder / "advanced.config").write_text(ADVANCED)
+    (folder / "enabled_plugins").write_text(PLUGINS)
+    return {
+        **base_env,
+        "RABBITMQ_NODENAME": node.node_name,
+        "RABBITMQ_MNESIA_BASE": str(folder / "mnesia"),
+        "RABBITMQ_LOG_BASE": str(folder / "log"),
+        "RABBITMQ_CONFIG_FILE": str(folder / "rabbitmq.conf"),
+        "RABBITMQ_ADVANCED_CONFIG_FILE": str(folder / "advanced.config"),
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(folder / "enabled_plugins"),
+        "RABBITMQ_PLUGINS_EXPAND_DIR": str(folder / "plugins-expand"),
+        "RABBITMQ_PID_FILE": str(folder / "rabbitmq.pid"),
+        "RABBITMQ_DIST_PORT": str(free_port()),
+        "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+    }
+
+
+def _spawn(
+    args: list[str], env: dict[str, str], cwd: Path, out: IO[bytes]
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        args, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def _wait_port(
+    port: int,
+    procs: Sequence[subprocess.Popen[bytes]],
+    node: RabbitNode,
+    timeout: float = START_TIMEOUT_S,
+) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for proc in procs:
             if proc.poll() is not None:
+                program = proc.args[0] if isinstance(proc.args, list) else proc.args
                 raise AssertionError(
-                    f"RabbitMQ node {node.node_name}: {proc.args[0]} exited ({proc.returncode})"
+                    f"RabbitMQ node {node.node_name}: {program!s} exited ({proc.returncode})"
                     f" before its MQTT port opened:\n{node.log()}"
                 )
         try:
@@ -111,14 +194,15 @@ def _wait_port(port: int, procs: list[subprocess.Popen[bytes]], node: RabbitNode
             time.sleep(0.2)
     raise AssertionError(
         f"RabbitMQ node {node.node_name} not listening on MQTT {port} after"
-        f" {START_TIMEOUT_S} s:\n{node.log()}"
+        f" {timeout} s:\n{node.log()}"
     )
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM (a clean shutdown, a few seconds), SIGKILL of its process group if it hangs."""
+def _stop(proc: subprocess.Popen[bytes], sig: signal.Signals = signal.SIGTERM) -> None:
+    """SIGTERM (a clean shutdown, a few seconds), SIGKILL of its process group if it hangs;
+    `sig=SIGKILL` kills the group at once (a crash)."""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, sig)
         try:
             proc.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -132,11 +216,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 def rabbitmq_node(folder: Path) -> Iterator[RabbitNode]:
     """Start a private node in `folder` (created), yield it once its MQTT port is open, stop it
     (and its epmd) on the way out."""
-    if not SERVER.exists():
-        raise AssertionError(f"{SERVER} missing: run scripts/services-setup")
-    epmd_bin = shutil.which("epmd") or next(Path("/usr/lib/erlang").glob("erts-*/bin/epmd"), None)
-    if epmd_bin is None:
-        raise AssertionError("epmd missing: run scripts/services-setup")
+    epmd_bin = _epmd_binary()
     folder.mkdir(parents=True, exist_ok=True)
     node = RabbitNode(
         folder=folder,
@@ -145,57 +225,180 @@ def rabbitmq_node(folder: Path) -> Iterator[RabbitNode]:
         mqtt_port=free_port(),
         management_port=free_port(),
         auth_port=free_port(),
-        management_user="iotbiz-test-admin",
+        management_user=MANAGEMENT_USER,
         management_password=secrets.token_urlsafe(16),
     )
-    epmd_port, dist_port = free_port(), free_port()
+    epmd_port = free_port()
     home = folder / "home"
-    home.mkdir(exist_ok=True)
-    cookie = home / ".erlang.cookie"
-    cookie.write_text(secrets.token_hex(20))
-    cookie.chmod(0o400)
-    (folder / "rabbitmq.conf").write_text(_config(node))
-    (folder / "advanced.config").write_text(ADVANCED)
-    plugins = "[rabbitmq_mqtt,rabbitmq_auth_backend_http,rabbitmq_management]."
-    (folder / "enabled_plugins").write_text(plugins)
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(home),
-        "LANG": "C.UTF-8",
-        "RABBITMQ_NODENAME": node.node_name,
-        "RABBITMQ_MNESIA_BASE": str(folder / "mnesia"),
-        "RABBITMQ_LOG_BASE": str(folder / "log"),
-        "RABBITMQ_CONFIG_FILE": str(folder / "rabbitmq.conf"),
-        "RABBITMQ_ADVANCED_CONFIG_FILE": str(folder / "advanced.config"),
-        "RABBITMQ_ENABLED_PLUGINS_FILE": str(folder / "enabled_plugins"),
-        "RABBITMQ_PLUGINS_EXPAND_DIR": str(folder / "plugins-expand"),
-        "RABBITMQ_PID_FILE": str(folder / "rabbitmq.pid"),
-        "RABBITMQ_DIST_PORT": str(dist_port),
-        "ERL_EPMD_PORT": str(epmd_port),
-        "ERL_EPMD_ADDRESS": "127.0.0.1",
-    }
+    _write_cookie(home)
+    base_env = _base_env(home, epmd_port)
+    env = _prepare(node, base_env)
     procs: list[subprocess.Popen[bytes]] = []
     with (folder / "stdout.log").open("wb") as out:
         try:
-            epmd = subprocess.Popen(
-                [str(epmd_bin), "-port", str(epmd_port)],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            procs.append(epmd)
-            server = subprocess.Popen(
-                [str(SERVER)],
-                env=env,
-                cwd=folder,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            procs.append(server)
+            procs.append(_spawn([epmd_bin, "-port", str(epmd_port)], base_env, folder, out))
+            procs.append(_spawn([str(SERVER)], env, folder, out))
             _wait_port(node.mqtt_port, procs, node)
             yield node
         finally:
             for proc in reversed(procs):
                 _stop(proc)
+
+
+class RabbitCluster:
+    """A running cluster of private nodes; `nodes[0]` is rabbit-1@localhost. Nodes are
+    numbered from 1 as their names are: `stop_node(3)` stops rabbit-3.
+
+    BOOT: `start_s` is how long the cluster took to be ready (all nodes started at once).
+    """
+
+    def __init__(
+        self,
+        nodes: Sequence[RabbitNode],
+        envs: Sequence[dict[str, str]],
+        epmd: subprocess.Popen[bytes],
+    ) -> None:
+        self.nodes = tuple(nodes)
+        self.auth_port = nodes[0].auth_port
+        self.start_s = 0.0
+        self._envs = tuple(envs)
+        self._epmd = epmd
+        self._servers: list[subprocess.Popen[bytes] | None] = [None] * len(nodes)
+
+    def node(self, number: int) -> RabbitNode:
+        return self.nodes[number - 1]
+
+    def is_running(self, number: int) -> bool:
+        server = self._servers[number - 1]
+        return server is not None and server.poll() is None
+
+    def _start(self, number: int) -> None:
+        node = self.node(number)
+        with (node.folder / "stdout.log").open("ab") as out:
+            self._servers[number - 1] = _spawn(
+                [str(SERVER)], self._envs[number - 1], node.folder, out
+            )
+
+    def _wait_ready(self, numbers: Sequence[int], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for number in numbers:
+            server = self._servers[number - 1]
+            assert server is not None
+            _wait_port(
+                self.node(number).mqtt_port,
+                [self._epmd, server],
+                self.node(number),
+                max(deadline - time.monotonic(), 1.0),
+            )
+        running = range(1, len(self.nodes) + 1)
+        self.wait_members({self.node(n).node_name for n in running if self.is_running(n)}, deadline)
+
+    def start_all(self) -> None:
+        started = time.monotonic()
+        for number in range(1, len(self.nodes) + 1):
+            self._start(number)
+        self._wait_ready(range(1, len(self.nodes) + 1), CLUSTER_START_TIMEOUT_S)
+        self.start_s = time.monotonic() - started
+
+    def stop_node(self, number: int, *, crash: bool = False) -> None:
+        """Stop one node while the others run: SIGTERM, a clean stop as for maintenance (the
+        node closes its clients' connections and tells its peers), or with `crash` SIGKILL of
+        its process group (the kernel closes its sockets: peers and clients see them reset)."""
+        server = self._servers[number - 1]
+        if server is None:
+            raise AssertionError(f"node {number} is not running")
+        _stop(server, signal.SIGKILL if crash else signal.SIGTERM)
+        self._servers[number - 1] = None
+
+    def start_node(self, number: int) -> float:
+        """Start a stopped node again on its own data (it rejoins the cluster); the seconds
+        until every running node is in the cluster again."""
+        if self.is_running(number):
+            raise AssertionError(f"node {number} is already running")
+        started = time.monotonic()
+        self._start(number)
+        self._wait_ready([number], START_TIMEOUT_S)
+        return time.monotonic() - started
+
+    def running_members(self, via: int = 1) -> set[str]:
+        """The node names that node `via`'s management API lists as running."""
+        node = self.node(via)
+        secret = f"{node.management_user}:{node.management_password}".encode()
+        request = urllib.request.Request(  # noqa: S310 (a loopback http URL built here)
+            f"{node.management_url}/api/nodes?columns=name,running",
+            headers={"Authorization": f"Basic {base64.b64encode(secret).decode()}"},
+        )
+        with urllib.request.urlopen(request, timeout=5.0) as response:  # noqa: S310
+            listed = json.load(response)
+        return {str(item["name"]) for item in listed if item.get("running")}
+
+    def wait_members(self, names: set[str], deadline: float) -> None:
+        """Wait until a running node lists exactly `names` as the running members."""
+        via = next(n for n in range(1, len(self.nodes) + 1) if self.is_running(n))
+        seen: set[str] | str = "nothing"
+        while time.monotonic() < deadline:
+            try:
+                seen = self.running_members(via)
+            except (OSError, urllib.error.URLError, ValueError) as exc:
+                seen = f"{type(exc).__name__}: {exc}"
+            if seen == names:
+                return
+            time.sleep(0.5)
+        raise AssertionError(
+            f"RabbitMQ cluster: node {via} lists {seen} as running, expected {sorted(names)}:\n"
+            f"{self.log()}"
+        )
+
+    def log(self) -> str:
+        return "\n".join(f"=== {node.node_name}\n{node.log()}" for node in self.nodes)
+
+    def close(self) -> None:
+        for number in range(len(self.nodes), 0, -1):
+            server = self._servers[number - 1]
+            if server is not None:
+                _stop(server)
+                self._servers[number - 1] = None
+        _stop(self._epmd)
+
+
+@contextmanager
+def rabbitmq_cluster(folder: Path, nodes: int = 3) -> Iterator[RabbitCluster]:
+    """Start `nodes` private nodes in sub-folders of `folder` (created) as one cluster, yield
+    it once every node is up and in it, stop them all (and the epmd) on the way out."""
+    epmd_bin = _epmd_binary()
+    folder.mkdir(parents=True, exist_ok=True)
+    home = folder / "home"
+    _write_cookie(home)
+    epmd_port, auth_port = free_port(), free_port()
+    password = secrets.token_urlsafe(16)
+    members = [
+        RabbitNode(
+            folder=folder / f"rabbit-{number}",
+            node_name=f"rabbit-{number}@localhost",
+            amqp_port=free_port(),
+            mqtt_port=free_port(),
+            management_port=free_port(),
+            auth_port=auth_port,
+            management_user=MANAGEMENT_USER,
+            management_password=password,
+        )
+        for number in range(1, nodes + 1)
+    ]
+    formation = [
+        "cluster_formation.peer_discovery_backend = classic_config",
+        *(
+            f"cluster_formation.classic_config.nodes.{number} = {node.node_name}"
+            for number, node in enumerate(members, start=1)
+        ),
+    ]
+    base_env = _base_env(home, epmd_port)
+    envs = [_prepare(node, base_env, formation) for node in members]
+    with (folder / "epmd.log").open("wb") as out:
+        epmd = _spawn([epmd_bin, "-port", str(epmd_port)], base_env, folder, out)
+    cluster = RabbitCluster(members, envs, epmd)
+    try:
+        cluster.start_all()
+        yield cluster
+    finally:
+        cluster.close()
+    shutil.rmtree(folder)  # mnesia, logs: tens of MB a run
