@@ -1,8 +1,9 @@
-"""The store's interface, as a Protocol both backends satisfy (checked by mypy below).
+"""The store's interface, as Protocols both backends satisfy (checked by mypy below).
 
-It grows with the PostgreSQL store: so far the connection's, the customers', the devices',
-the fleet's, the accounts', the audit log's and the releases' operations
-(iotbiz/store/postgres/devices.py says what is still missing there).
+It grows with the PostgreSQL store: so far `DeviceStore` (the connection's, the customers',
+the devices', the fleet's, the accounts', the audit log's and the releases' operations;
+iotbiz/store/postgres/devices.py says what is still missing there) and `RolloutOperations`
+(all of the staged rollouts' operations).
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from iotbiz.models import Account, AuditEntry, Customer, Device, DeviceState
+from iotbiz.models import Account, AuditEntry, Command, Customer, Device, DeviceState
 from iotbiz.names import DeviceName
 from iotbiz.store.leader import LeaderLock
 from iotbiz.store.releases import Release
+from iotbiz.store.rollouts import Rollout, RolloutDevice
 
 
 class DeviceStore(Protocol):
@@ -102,9 +104,45 @@ class DeviceStore(Protocol):
     async def release_offers(self, app: str, version: str) -> list[DeviceName]: ...
 
 
+class RolloutOperations(Protocol):
+    """Staged rollouts (iotbiz.store.rollouts has their life cycle)."""
+
+    async def create_rollout(
+        self,
+        names: Sequence[DeviceName],
+        *,
+        app: str,
+        version: str,
+        batch_size: int,
+        max_failures: int,
+        timeout_s: float,
+        force: bool,
+        actor: str,
+    ) -> Rollout: ...
+    async def get_rollout(self, rollout_id: str) -> Rollout | None: ...
+    async def list_rollouts(
+        self, *, limit: int = 100, before: str | None = None
+    ) -> list[Rollout]: ...
+    async def rollout_devices(self, rollout_id: str) -> list[RolloutDevice]: ...
+    async def rollouts_to_follow(self, *, limit: int) -> list[str]: ...
+    async def batch_names(self, rollout_id: str, batch: int) -> list[DeviceName]: ...
+    async def start_rollout_batch(
+        self, rollout_id: str, batch: int, args: dict[str, Any], *, expires_at: float
+    ) -> list[Command]: ...
+    async def settle_rollout(self, rollout_id: str) -> int | None: ...
+    async def end_rollout(
+        self, rollout_id: str, state: str, reason: str | None, actor: str
+    ) -> Rollout: ...
+
+
 if TYPE_CHECKING:
     from iotbiz.store import Store
     from iotbiz.store.postgres import PostgresStore
 
     def _both_satisfy(sqlite: Store, postgres: PostgresStore) -> tuple[DeviceStore, DeviceStore]:
+        return sqlite, postgres
+
+    def _both_have_rollouts(
+        sqlite: Store, postgres: PostgresStore
+    ) -> tuple[RolloutOperations, RolloutOperations]:
         return sqlite, postgres

@@ -204,10 +204,7 @@ class RolloutOperations(StoreCore):
             " FROM rollout_devices WHERE rollout_id = ? ORDER BY position"
         )
         rows = await self._call(lambda conn: conn.execute(sql, (rollout_id,)).fetchall())
-        return [
-            RolloutDevice(DeviceName(row[0], row[1]), row[2], row[3], row[4], row[5])
-            for row in rows
-        ]
+        return [row_to_rollout_device(row) for row in rows]
 
     async def rollouts_to_follow(self, *, limit: int) -> list[str]:
         """Rollouts the engine looks after: running ones, and ended ones with devices whose
@@ -364,13 +361,8 @@ def device_result(state: str | None, result: Any, error: str | None) -> tuple[st
     return "failed", f"failed: {error or 'no error given'}"
 
 
-def _get(conn: sqlite3.Connection, rollout_id: str) -> Rollout | None:
-    sql = f"SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE rollout_id = ?"  # noqa: S608
-    row = conn.execute(sql, (rollout_id,)).fetchone()
-    return None if row is None else _with_counts(conn, row)
-
-
-def _with_counts(conn: sqlite3.Connection, row: sqlite3.Row) -> Rollout:
+def row_to_rollout(row: Sequence[Any], counts: dict[str, int]) -> Rollout:
+    """A rollouts row (its ROLLOUT_COLUMNS, in order) and its devices' counts by result."""
     return Rollout(
         rollout_id=row[0],
         app=row[1],
@@ -386,8 +378,23 @@ def _with_counts(conn: sqlite3.Connection, row: sqlite3.Row) -> Rollout:
         actor=row[11],
         total=row[12],
         batch=row[13],
-        counts=_counts(conn, row[0]),
+        counts=counts,
     )
+
+
+def row_to_rollout_device(row: Sequence[Any]) -> RolloutDevice:
+    """customer_id, device_id, batch, result, reason, command_id."""
+    return RolloutDevice(DeviceName(row[0], row[1]), row[2], row[3], row[4], row[5])
+
+
+def _get(conn: sqlite3.Connection, rollout_id: str) -> Rollout | None:
+    sql = f"SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE rollout_id = ?"  # noqa: S608
+    row = conn.execute(sql, (rollout_id,)).fetchone()
+    return None if row is None else _with_counts(conn, row)
+
+
+def _with_counts(conn: sqlite3.Connection, row: sqlite3.Row) -> Rollout:
+    return row_to_rollout(row, _counts(conn, row[0]))
 
 
 def _counts(conn: sqlite3.Connection, rollout_id: str) -> dict[str, int]:

@@ -1,7 +1,7 @@
 """The store on PostgreSQL (through asyncpg): the same interface as `iotbiz.store.Store`.
 
 NOT COMPLETE: only the operations of `core`, `devices` (see its docstring), `fleet`,
-`accounts` and `releases` exist so far; `commands`, `history` and `rollouts` do not. Nothing in the
+`accounts`, `releases` and `rollouts` exist so far; `commands` and `history` do not. Nothing in the
 platform or the CLI opens it yet (the setting `store.url` comes with the last operation). Each
 concern is one mixin over `PostgresCore`, as on SQLite: an operation is one `_read` or one
 `_write` (a transaction on one pooled connection); every driver error comes out as a StoreError
@@ -16,6 +16,7 @@ from iotbiz.store.postgres.core import PostgresCore, redact
 from iotbiz.store.postgres.devices import PostgresDeviceOperations
 from iotbiz.store.postgres.fleet import PostgresFleetOperations
 from iotbiz.store.postgres.releases import PostgresReleaseOperations
+from iotbiz.store.postgres.rollouts import PostgresRolloutOperations
 from iotbiz.store.postgres.schema import MIGRATIONS, SCHEMA_VERSION
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "PostgresStore", "redact"]
@@ -26,6 +27,7 @@ class PostgresStore(
     PostgresFleetOperations,
     PostgresAccountOperations,
     PostgresReleaseOperations,
+    PostgresRolloutOperations,
     PostgresCore,
 ):
     """Async access to a PostgreSQL store. Open with `await PostgresStore.open(url)`."""
