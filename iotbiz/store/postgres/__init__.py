@@ -1,8 +1,10 @@
 """The store on PostgreSQL (through asyncpg): the same interface as `iotbiz.store.Store`.
 
 NOT COMPLETE: only the operations of `core`, `devices` (see its docstring), `fleet`,
-`accounts`, `releases` and `rollouts` exist so far; `commands` and `history` do not. Nothing in the
-platform or the CLI opens it yet (the setting `store.url` comes with the last operation). Each
+`accounts`, `releases` and `rollouts` exist so far; `commands` and `history` do not. The CLI's
+store commands open it when `store.url` is set (`iotbiz.store.opening`); the platform does not
+yet (it needs every operation). Several processes may share the database: each module's
+docstring says how its operations stay race-free across them. Each
 concern is one mixin over `PostgresCore`, as on SQLite: an operation is one `_read` or one
 `_write` (a transaction on one pooled connection); every driver error comes out as a StoreError
 naming the store (its URL without the password). Row -> dataclass conversions are shared with
