@@ -18,7 +18,6 @@ from iotbiz.names import DeviceName
 from iotbiz.rollouts import RolloutEngine
 from iotbiz.settings import RolloutSettings
 from iotbiz.store import Rollout, RolloutDevice, Store
-from iotbiz.store.commands import _row_to_command
 from iotbiz.store.interface import DeviceStore
 from iotbiz.store.postgres import PostgresStore
 from tests.conftest import FakeClock
@@ -108,7 +107,24 @@ async def stored(store: Any, command_id: str) -> Command | None:
     row = await store._read(
         lambda conn: conn.fetchrow("SELECT * FROM commands WHERE command_id = $1", command_id)
     )
-    return None if row is None else _row_to_command(row)
+    if row is None:
+        return None
+    return Command(
+        command_id=row["command_id"],
+        customer_id=row["customer_id"],
+        device_id=row["device_id"],
+        action=row["action"],
+        args=json.loads(row["args"]),
+        state=CommandState(row["state"]),
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        sent_at=row["sent_at"],
+        done_at=row["done_at"],
+        result=None if row["result"] is None else json.loads(row["result"]),
+        error=row["error"],
+        actor=row["actor"],
+        batch_id=row["batch_id"],
+    )
 
 
 # -- both backends ------------------------------------------------------------------------------
