@@ -1,12 +1,22 @@
-"""Telemetry samples and device events in the store: writing, reading, retention."""
+"""Telemetry samples and device events in the store: writing, reading, retention; on both
+backends. On PostgreSQL, presence and history from one process and a reset from another
+(separate connection pools on one database) wait for one another instead of failing."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from typing import cast
+
+import asyncpg
+import pytest
+
 from iotbiz.models import PresenceUpdate, TelemetrySample
 from iotbiz.names import DeviceName
-from iotbiz.store import Store
+from iotbiz.store.interface import DeviceStore
+from iotbiz.store.postgres import PostgresStore
 from tests.conftest import FakeClock
-from tests.store_helpers import active_devices
+from tests.store_helpers import AnyStore, active_devices
 
 TELEMETRY = {
     "system": {
@@ -18,6 +28,12 @@ TELEMETRY = {
         "temperature_c": None,
     }
 }
+
+
+@pytest.fixture
+def store(any_store: DeviceStore) -> AnyStore:
+    """Every test here runs on both backends (SQLite, PostgreSQL)."""
+    return cast(AnyStore, any_store)
 
 
 def test_sample_from_telemetry() -> None:
@@ -40,7 +56,7 @@ def test_sample_from_telemetry() -> None:
 
 
 async def test_samples_written_read_in_range_only_for_active_devices(
-    store: Store, clock: FakeClock
+    store: AnyStore, clock: FakeClock
 ) -> None:
     [a, b] = await active_devices(store, "abc123", 2)
     await store.revoke_device(b, actor="op")
@@ -61,7 +77,9 @@ async def test_samples_written_read_in_range_only_for_active_devices(
     assert len(await store.telemetry_samples(a)) == 5
 
 
-async def test_events_newest_first_with_paging_and_filters(store: Store, clock: FakeClock) -> None:
+async def test_events_newest_first_with_paging_and_filters(
+    store: AnyStore, clock: FakeClock
+) -> None:
     [a, b] = await active_devices(store, "abc123", 2)
     [c] = await active_devices(store, "other", 1)
     await store.record_events(
@@ -76,7 +94,7 @@ async def test_events_newest_first_with_paging_and_filters(store: Store, clock: 
     assert everything[0].to_json()["device"] == "abc123/dev-00000"
 
 
-async def test_presence_samples_and_events_in_one_batch(store: Store, clock: FakeClock) -> None:
+async def test_presence_samples_and_events_in_one_batch(store: AnyStore, clock: FakeClock) -> None:
     [a] = await active_devices(store, "abc123", 1)
     await store.record_presence(
         [PresenceUpdate(a, clock.now, online=True)],
@@ -88,7 +106,7 @@ async def test_presence_samples_and_events_in_one_batch(store: Store, clock: Fak
 
 
 async def test_retention_by_age_and_per_device_cap_in_bounded_batches(
-    store: Store, clock: FakeClock
+    store: AnyStore, clock: FakeClock
 ) -> None:
     names = await active_devices(store, "abc123", 5)
     start = clock.now
@@ -112,7 +130,7 @@ async def test_retention_by_age_and_per_device_cap_in_bounded_batches(
     )
 
 
-async def test_old_events_are_pruned_in_batches(store: Store, clock: FakeClock) -> None:
+async def test_old_events_are_pruned_in_batches(store: AnyStore, clock: FakeClock) -> None:
     [a] = await active_devices(store, "abc123", 1)
     await store.record_events([(a, float(i), {"i": i}) for i in range(25)])
     await store.record_events([(a, clock.now, {"new": True})])
@@ -122,10 +140,71 @@ async def test_old_events_are_pruned_in_batches(store: Store, clock: FakeClock) 
     assert [e.body for e in await store.list_events()] == [{"new": True}]
 
 
-async def test_reset_takes_the_history_along(store: Store, clock: FakeClock) -> None:
+async def test_reset_takes_the_history_along(store: AnyStore, clock: FakeClock) -> None:
     [a] = await active_devices(store, "abc123", 1)
     await store.record_samples([(a, TelemetrySample(clock.now))])
     await store.record_events([(a, clock.now, {})])
     await store.reset_device(a, actor="op")
     assert await store.telemetry_samples(a) == []
     assert await store.list_events() == []
+
+
+# -- PostgreSQL only: processes sharing the database ---------------------------------------------
+
+
+async def wait_for_a_lock_wait(conn: asyncpg.Connection, timeout_s: float = 20.0) -> None:
+    """Until another session of this database waits for a row lock (bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        waiting = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid != pg_backend_pid() AND wait_event_type = 'Lock'"
+        )
+        if waiting:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"nobody waited for a lock within {timeout_s} s")
+
+
+@pytest.mark.parametrize("what", ["samples", "presence"])
+async def test_history_of_a_device_reset_meanwhile_by_another_process_is_dropped(
+    postgres_url: str, clock: FakeClock, what: str
+) -> None:
+    """Another process resets the device (its DELETE not yet committed) while this one
+    writes its history: the write waits for the reset, then writes nothing for it, and the
+    rest of the batch is written. (Without the lock it would fail the whole batch on the
+    foreign key once the reset commits.)"""
+    store = await PostgresStore.open(postgres_url, clock=clock)
+    other = await asyncpg.connect(postgres_url, timeout=10)
+    try:
+        [a, b] = await active_devices(store, "abc123", 2)
+        sample = TelemetrySample(clock.now, cpu_percent=1.0, net_rx_bytes=1e30)
+        resetting = other.transaction()
+        await resetting.start()
+        await other.execute("DELETE FROM devices WHERE customer_id = $1 AND device_id = $2", *a)
+        if what == "samples":
+            writing = asyncio.create_task(store.record_samples([(a, sample), (b, sample)]))
+        else:
+            writing = asyncio.create_task(
+                store.record_presence(
+                    [PresenceUpdate(b, clock.now, online=True)],
+                    samples=[(a, sample), (b, sample)],
+                    events=[(a, clock.now, {"n": 1}), (b, clock.now, {"n": 2})],
+                )
+            )
+        await wait_for_a_lock_wait(other)
+        await resetting.commit()
+        await asyncio.wait_for(writing, 20)
+        assert await store.telemetry_samples(a) == []
+        # a counter beyond 64 bits is not kept (None) rather than failing the batch
+        assert await store.telemetry_samples(b) == [
+            TelemetrySample(clock.now, cpu_percent=1.0, net_rx_bytes=None)
+        ]
+        if what == "presence":
+            assert [e.body for e in await store.list_events()] == [{"n": 2}]
+            device = await store.get_device(b)
+            assert device is not None
+            assert device.online
+    finally:
+        await other.close()
+        await store.close()

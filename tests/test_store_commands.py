@@ -1,19 +1,34 @@
 """The store's command life cycle: create, list with paging, due, sent, finished by THAT
-device only, expired, final states never change, revoke/reset fail open commands."""
+device only, expired, final states never change, revoke/reset fail open commands; on both
+backends. On PostgreSQL, several processes (here: separate connection pools on one database)
+never take, finish or expire one command twice."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import cast
+
 import pytest
+import pytest_asyncio
 
 from iotbiz.errors import NotFoundError
-from iotbiz.models import CommandReply, CommandState, PresenceUpdate
+from iotbiz.models import Command, CommandReply, CommandState, PresenceUpdate
 from iotbiz.names import DeviceName
-from iotbiz.store import Store
+from iotbiz.store.interface import DeviceStore
+from iotbiz.store.postgres import PostgresStore
+from iotbiz.store.postgres.commands import DUE_TAKEN_S
 from tests.conftest import FakeClock
-from tests.store_helpers import active_devices
+from tests.store_helpers import AnyStore, active_devices
 
 
-async def test_create_refuses_devices_that_are_not_active(store: Store) -> None:
+@pytest.fixture
+def store(any_store: DeviceStore) -> AnyStore:
+    """Every test here runs on both backends (SQLite, PostgreSQL)."""
+    return cast(AnyStore, any_store)
+
+
+async def test_create_refuses_devices_that_are_not_active(store: AnyStore) -> None:
     [a, b] = await active_devices(store, "abc123", 2)
     await store.revoke_device(b, actor="test")
     ghost = DeviceName("abc123", "ghost")
@@ -26,7 +41,7 @@ async def test_create_refuses_devices_that_are_not_active(store: Store) -> None:
     assert await store.list_commands() == []  # nothing created
 
 
-async def test_create_get_and_audit(store: Store, clock: FakeClock) -> None:
+async def test_create_get_and_audit(store: AnyStore, clock: FakeClock) -> None:
     [a, b] = await active_devices(store, "abc123", 2)
     commands = await store.create_commands(
         [a, b, a],
@@ -48,7 +63,7 @@ async def test_create_get_and_audit(store: Store, clock: FakeClock) -> None:
 
 
 async def test_list_newest_first_with_keyset_paging_and_filters(
-    store: Store, clock: FakeClock
+    store: AnyStore, clock: FakeClock
 ) -> None:
     [a, b] = await active_devices(store, "abc123", 2)
     ids = []
@@ -80,7 +95,7 @@ async def test_list_newest_first_with_keyset_paging_and_filters(
     assert await store.list_commands(before="c-unknown") == []
 
 
-async def test_due_sent_and_dispatchable(store: Store, clock: FakeClock) -> None:
+async def test_due_sent_and_dispatchable(store: AnyStore, clock: FakeClock) -> None:
     [a, b] = await active_devices(store, "abc123", 2)
     [c1] = await store.create_commands(
         [a], "ping", {}, expires_at=clock.now + 60, actor="op", batch_id="b"
@@ -111,7 +126,7 @@ async def test_due_sent_and_dispatchable(store: Store, clock: FakeClock) -> None
 
 
 async def test_a_reply_finishes_only_that_devices_open_command(
-    store: Store, clock: FakeClock
+    store: AnyStore, clock: FakeClock
 ) -> None:
     [a, b] = await active_devices(store, "abc123", 2)
     [ca] = await store.create_commands(
@@ -144,7 +159,7 @@ async def test_a_reply_finishes_only_that_devices_open_command(
     assert (await store.get_command(ca.command_id)).state is CommandState.DONE
 
 
-async def test_expiry_and_late_replies(store: Store, clock: FakeClock) -> None:
+async def test_expiry_and_late_replies(store: AnyStore, clock: FakeClock) -> None:
     [a] = await active_devices(store, "abc123", 1)
     [
         c1,
@@ -181,7 +196,7 @@ async def test_expiry_and_late_replies(store: Store, clock: FakeClock) -> None:
     assert await store.due_commands([a]) == [await store.get_command(c4.command_id)]
 
 
-async def test_expiry_is_bounded(store: Store, clock: FakeClock) -> None:
+async def test_expiry_is_bounded(store: AnyStore, clock: FakeClock) -> None:
     names = await active_devices(store, "abc123", 30)
     await store.create_commands(
         names, "ping", {}, expires_at=clock.now + 1, actor="op", batch_id="b"
@@ -192,7 +207,7 @@ async def test_expiry_is_bounded(store: Store, clock: FakeClock) -> None:
     assert len(await store.expire_commands(limit=12)) == 6
 
 
-async def test_revoke_and_reset_fail_open_commands(store: Store, clock: FakeClock) -> None:
+async def test_revoke_and_reset_fail_open_commands(store: AnyStore, clock: FakeClock) -> None:
     [a, b] = await active_devices(store, "abc123", 2)
     [ca] = await store.create_commands(
         [a], "ping", {}, expires_at=clock.now + 60, actor="op", batch_id="b"
@@ -207,7 +222,9 @@ async def test_revoke_and_reset_fail_open_commands(store: Store, clock: FakeCloc
     assert (got_b.state, got_b.error) == (CommandState.FAILED, "device reset")
 
 
-async def test_prune_commands_deletes_only_old_final_ones(store: Store, clock: FakeClock) -> None:
+async def test_prune_commands_deletes_only_old_final_ones(
+    store: AnyStore, clock: FakeClock
+) -> None:
     [a] = await active_devices(store, "abc123", 1)
     [old] = await store.create_commands(
         [a], "ping", {}, expires_at=clock.now + 1, actor="op", batch_id="b"
@@ -222,7 +239,7 @@ async def test_prune_commands_deletes_only_old_final_ones(store: Store, clock: F
     assert await store.get_command(still_open.command_id) is not None
 
 
-async def test_commands_counted_by_state(store: Store, clock: FakeClock) -> None:
+async def test_commands_counted_by_state(store: AnyStore, clock: FakeClock) -> None:
     assert await store.count_commands() == dict.fromkeys(CommandState, 0)
     [a, b] = await active_devices(store, "abc123", 2)
     [ca, _cb] = await store.create_commands(
@@ -233,3 +250,190 @@ async def test_commands_counted_by_state(store: Store, clock: FakeClock) -> None
     assert counts[CommandState.QUEUED] == 1
     assert counts[CommandState.FAILED] == 1
     assert sum(counts.values()) == 2
+
+
+# -- PostgreSQL only: processes sharing the database ---------------------------------------------
+
+
+@pytest_asyncio.fixture
+async def two_stores(
+    postgres_url: str, clock: FakeClock
+) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
+    """Two stores with their own pools on one database, as two platform processes have."""
+    one, two = await asyncio.gather(
+        PostgresStore.open(postgres_url, clock=clock), PostgresStore.open(postgres_url, clock=clock)
+    )
+    yield one, two
+    await one.close()
+    await two.close()
+
+
+async def queued_for_online_devices(
+    store: PostgresStore, clock: FakeClock, devices: int, per_device: int
+) -> tuple[list[DeviceName], set[str]]:
+    names = await active_devices(store, "abc123", devices)
+    await store.record_presence([PresenceUpdate(n, clock.now, online=True) for n in names])
+    ids: set[str] = set()
+    for i in range(per_device):
+        commands = await store.create_commands(
+            names, "ping", {}, expires_at=clock.now + 100 + i, actor="op", batch_id=f"b-{i}"
+        )
+        ids |= {c.command_id for c in commands}
+    return names, ids
+
+
+async def run_together(*takers: Callable[[], Awaitable[list[str]]]) -> list[list[str]]:
+    return list(await asyncio.gather(*(taker() for taker in takers)))
+
+
+def assert_taken_once(taken: list[list[str]], expected: set[str]) -> None:
+    everything = [command_id for ids in taken for command_id in ids]
+    assert len(everything) == len(set(everything)), "a command was taken twice"
+    assert set(everything) == expected
+
+
+async def test_two_processes_scanning_never_take_the_same_command(
+    two_stores: tuple[PostgresStore, PostgresStore], clock: FakeClock
+) -> None:
+    one, two = two_stores
+    _, ids = await queued_for_online_devices(one, clock, 30, 4)
+
+    def dispatcher(store: PostgresStore) -> Callable[[], Awaitable[list[str]]]:
+        async def run() -> list[str]:
+            taken: list[str] = []
+            while batch := await store.dispatchable_commands(resend_before=clock.now - 30, limit=7):
+                taken += [c.command_id for c in batch]
+                await store.mark_sent([c.command_id for c in batch], clock.now)
+            return taken
+
+        return run
+
+    # three dispatchers per process: their transactions overlap on the server
+    taken = await run_together(*(dispatcher(store) for store in (one, two) * 3))
+    assert_taken_once(taken, ids)
+    assert all(len(t) < len(ids) for t in taken)  # the work was shared
+    # taken and sent: nothing more until resend_before passes, then each once again
+    assert await one.dispatchable_commands(resend_before=clock.now - 30, limit=500) == []
+    clock.advance(31)
+    taken = await run_together(*(dispatcher(store) for store in (one, two) * 3))
+    assert_taken_once(taken, ids)
+
+
+async def test_two_processes_seeing_devices_come_online_never_take_the_same_command(
+    two_stores: tuple[PostgresStore, PostgresStore], clock: FakeClock
+) -> None:
+    one, two = two_stores
+    names, ids = await queued_for_online_devices(one, clock, 30, 3)
+
+    def due(store: PostgresStore, part: list[DeviceName]) -> Callable[[], Awaitable[list[str]]]:
+        async def run() -> list[str]:
+            return [c.command_id for c in await store.due_commands(part)]
+
+        return run
+
+    # every process asks for every device, in overlapping parts
+    parts = [names, names[:15], names[10:], names[::-1]]
+    taken = await run_together(*(due(store, part) for store in (one, two) for part in parts))
+    assert_taken_once(taken, ids)
+    assert await two.due_commands(names) == []
+    clock.advance(DUE_TAKEN_S)  # the next time the devices come online: each once again
+    taken = await run_together(*(due(store, part) for store in (one, two) for part in parts))
+    assert_taken_once(taken, ids)
+
+
+async def test_a_taken_command_whose_publish_failed_is_taken_again_after_resend_after(
+    two_stores: tuple[PostgresStore, PostgresStore], clock: FakeClock
+) -> None:
+    one, two = two_stores
+    await queued_for_online_devices(one, clock, 1, 1)
+    [command] = await one.dispatchable_commands(resend_before=clock.now - 30, limit=10)
+    assert command.state is CommandState.QUEUED  # as it was: the same Command as on SQLite
+    assert await one.get_command(command.command_id) == command
+    # never marked sent (the broker did not take it): no other scan takes it meanwhile
+    assert await two.dispatchable_commands(resend_before=clock.now - 30, limit=10) == []
+    clock.advance(31)
+    [again] = await two.dispatchable_commands(resend_before=clock.now - 30, limit=10)
+    assert again == command
+
+
+async def test_two_processes_applying_the_same_replies_finish_each_command_once(
+    two_stores: tuple[PostgresStore, PostgresStore], clock: FakeClock
+) -> None:
+    one, two = two_stores
+    names = await active_devices(one, "abc123", 40)
+    commands = await one.create_commands(
+        names, "ping", {}, expires_at=clock.now + 60, actor="op", batch_id="b"
+    )
+    replies = [
+        CommandReply(c.device, c.command_id, ok=True, result={"n": i})
+        for i, c in enumerate(commands)
+    ]
+
+    async def apply(store: PostgresStore, order: list[CommandReply]) -> list[Command | None]:
+        return await store.finish_commands(order)
+
+    first, second = await asyncio.gather(apply(one, replies), apply(two, replies[::-1]))
+    second = second[::-1]
+    for command, a, b in zip(commands, first, second, strict=True):
+        assert (a is None) != (b is None), command.command_id
+        finished = a or b
+        assert finished is not None
+        assert (finished.state, finished.result) == (
+            CommandState.DONE,
+            {"n": commands.index(command)},
+        )
+
+
+async def test_two_processes_expiring_expire_each_command_once(
+    two_stores: tuple[PostgresStore, PostgresStore], clock: FakeClock
+) -> None:
+    one, two = two_stores
+    names = await active_devices(one, "abc123", 50)
+    commands = await one.create_commands(
+        names, "ping", {}, expires_at=clock.now + 1, actor="op", batch_id="b"
+    )
+    clock.advance(2)
+
+    def sweeper(store: PostgresStore) -> Callable[[], Awaitable[list[str]]]:
+        async def run() -> list[str]:
+            expired: list[str] = []
+            while batch := await store.expire_commands(limit=6):
+                expired += [c.command_id for c in batch]
+            return expired
+
+        return run
+
+    taken = await run_together(*(sweeper(store) for store in (one, two) * 2))
+    assert_taken_once(taken, {c.command_id for c in commands})
+
+
+async def test_a_nul_from_a_device_fails_nothing_on_postgresql(
+    two_stores: tuple[PostgresStore, PostgresStore], clock: FakeClock
+) -> None:
+    """PostgreSQL text cannot hold NUL: a reply carrying one must not fail its whole batch."""
+    store, _ = two_stores
+    [a] = await active_devices(store, "abc123", 1)
+    [c1, c2] = [
+        (
+            await store.create_commands(
+                [a], "ping", {}, expires_at=clock.now + 60, actor="op", batch_id="b"
+            )
+        )[0]
+        for _ in range(2)
+    ]
+    unknown, failed, done = await store.finish_commands(
+        [
+            CommandReply(a, "c-\x00", ok=True),
+            CommandReply(a, c1.command_id, ok=False, error="bad\x00byte"),
+            CommandReply(a, c2.command_id, ok=True, result={"text": "nul\x00"}),
+        ]
+    )
+    assert unknown is None
+    assert failed is not None
+    assert failed.error == "bad\ufffdbyte"
+    assert done is not None
+    assert done.result == {"text": "nul\x00"}  # JSON escapes it
+    assert await store.get_command("c-\x00") is None
+    assert await store.list_commands(before="c-\x00") == []
+    assert await store.list_commands(batch_id="b\x00") == []
+    await store.mark_sent(["c-\x00"], clock.now)

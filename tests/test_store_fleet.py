@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import pytest
 
 from iotbiz.errors import NotFoundError
 from iotbiz.models import DeviceState, PresenceUpdate
 from iotbiz.names import DeviceName
-from iotbiz.store import Store
 from iotbiz.store.interface import DeviceStore
 from tests.conftest import FakeClock
-from tests.store_helpers import HASH, active_devices
+from tests.store_helpers import HASH, AnyStore, active_devices
 
 
 async def test_keyset_pages_cover_everything_once_with_a_total(any_store: DeviceStore) -> None:
@@ -28,8 +29,8 @@ async def test_keyset_pages_cover_everything_once_with_a_total(any_store: Device
     assert seen == sorted(names)
 
 
-async def test_filters_combine(store: Store, clock: FakeClock) -> None:
-    # SQLite only until the PostgreSQL store has record_presence
+async def test_filters_combine(any_store: DeviceStore, clock: FakeClock) -> None:
+    store = cast(AnyStore, any_store)
     names = await active_devices(store, "abc123", 6)
     await active_devices(store, "other", 2)
     await store.register_device(DeviceName("abc123", "pending-1"), HASH, ttl_s=60, actor="test")

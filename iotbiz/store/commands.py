@@ -24,7 +24,7 @@ from typing import Any
 from iotbiz.errors import NotFoundError
 from iotbiz.models import Command, CommandReply, CommandState
 from iotbiz.names import DeviceName
-from iotbiz.store.core import StoreCore, audit, json_or_none, json_or_null
+from iotbiz.store.core import Row, StoreCore, audit, json_or_none, json_or_null
 
 COMMAND_COLUMNS = (
     "command_id, customer_id, device_id, batch_id, action, args, state, created_at, expires_at,"
@@ -93,7 +93,7 @@ class CommandOperations(StoreCore):
     async def get_command(self, command_id: str) -> Command | None:
         sql = f"SELECT {COMMAND_COLUMNS} FROM commands WHERE command_id = ?"  # noqa: S608
         row = await self._call(lambda conn: conn.execute(sql, (command_id,)).fetchone())
-        return None if row is None else _row_to_command(row)
+        return None if row is None else row_to_command(row)
 
     async def list_commands(
         self,
@@ -130,7 +130,7 @@ class CommandOperations(StoreCore):
             " ORDER BY created_at DESC, command_id DESC LIMIT :limit"
         )
         rows = await self._call(lambda conn: conn.execute(sql, params).fetchall())
-        return [_row_to_command(row) for row in rows]
+        return [row_to_command(row) for row in rows]
 
     async def count_commands(self) -> dict[CommandState, int]:
         """How many commands are kept in each state (every state, 0 included); one pass over
@@ -158,7 +158,7 @@ class CommandOperations(StoreCore):
                     f" AND {_OPEN} AND expires_at > ? ORDER BY created_at",
                     [*(part for name in chunk for part in name), now],
                 ).fetchall()
-                found.extend(_row_to_command(row) for row in rows)
+                found.extend(row_to_command(row) for row in rows)
             return found
 
         return await self._call(due)
@@ -177,7 +177,7 @@ class CommandOperations(StoreCore):
         """  # noqa: S608 - constant pieces
         values = {"now": now, "resend_before": resend_before, "limit": limit}
         rows = await self._call(lambda conn: conn.execute(sql, values).fetchall())
-        return [_row_to_command(row) for row in rows]
+        return [row_to_command(row) for row in rows]
 
     async def mark_sent(self, command_ids: Iterable[str], at: float) -> None:
         """Commands published to their devices: queued -> sent (a sent one gets the new time;
@@ -218,7 +218,7 @@ class CommandOperations(StoreCore):
                         "device_id": reply.name.device_id,
                     },
                 ).fetchone()
-                finished.append(None if row is None else _row_to_command(row))
+                finished.append(None if row is None else row_to_command(row))
             return finished
 
         return await self._write(finish)
@@ -239,7 +239,7 @@ class CommandOperations(StoreCore):
         )
         values = {"now": now, "limit": limit}
         rows = await self._write(lambda conn: conn.execute(sql, values).fetchall())
-        return [_row_to_command(row) for row in rows]
+        return [row_to_command(row) for row in rows]
 
     async def prune_commands(self, *, before: float, limit: int = 1000) -> int:
         """Delete up to `limit` final commands created before `before`; the number deleted."""
@@ -280,7 +280,7 @@ def _active_names(conn: sqlite3.Connection, names: Sequence[DeviceName]) -> set[
     return active
 
 
-def _row_to_command(row: sqlite3.Row) -> Command:
+def row_to_command(row: Row) -> Command:
     return Command(
         command_id=row["command_id"],
         customer_id=row["customer_id"],

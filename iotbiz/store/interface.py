@@ -1,18 +1,31 @@
 """The store's interface, as Protocols both backends satisfy (checked by mypy below).
 
-It grows with the PostgreSQL store: so far `DeviceStore` (the connection's, the customers',
-the devices', the fleet's, the accounts', the audit log's and the releases' operations;
-iotbiz/store/postgres/devices.py says what is still missing there) and `RolloutOperations`
-(all of the staged rollouts' operations).
+It grows with the PostgreSQL store: `DeviceStore` (the connection's, the customers', the
+devices', the fleet's, the accounts', the audit log's and the releases' operations),
+`CommandOperations` (the commands'), `HistoryOperations` (presence, telemetry history and device
+events) and `RolloutOperations` (the staged rollouts'): every operation of the SQLite store.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from iotbiz.models import Account, AuditEntry, Command, Customer, Device, DeviceState
+from iotbiz.models import (
+    Account,
+    AuditEntry,
+    Command,
+    CommandReply,
+    CommandState,
+    Customer,
+    Device,
+    DeviceEvent,
+    DeviceState,
+    PresenceUpdate,
+    TelemetrySample,
+)
 from iotbiz.names import DeviceName
+from iotbiz.store.history import Event, Sample
 from iotbiz.store.leader import LeaderLock
 from iotbiz.store.releases import Release
 from iotbiz.store.rollouts import Rollout, RolloutDevice
@@ -135,6 +148,84 @@ class RolloutOperations(Protocol):
     ) -> Rollout: ...
 
 
+class CommandOperations(Protocol):
+    async def create_commands(
+        self,
+        names: Sequence[DeviceName],
+        action: str,
+        args: dict[str, Any],
+        *,
+        expires_at: float,
+        actor: str,
+        batch_id: str,
+    ) -> list[Command]: ...
+    async def get_command(self, command_id: str) -> Command | None: ...
+    async def list_commands(
+        self,
+        *,
+        name: DeviceName | None = None,
+        state: CommandState | None = None,
+        batch_id: str | None = None,
+        limit: int = 100,
+        before: str | None = None,
+    ) -> list[Command]: ...
+    async def count_commands(self) -> dict[CommandState, int]: ...
+    async def due_commands(self, names: Sequence[DeviceName]) -> list[Command]: ...
+    async def dispatchable_commands(self, *, resend_before: float, limit: int) -> list[Command]: ...
+    async def mark_sent(self, command_ids: Iterable[str], at: float) -> None: ...
+    async def finish_commands(self, replies: Sequence[CommandReply]) -> list[Command | None]: ...
+    async def finish_command(
+        self, name: DeviceName, command_id: str, *, ok: bool, result: Any, error: str | None
+    ) -> Command | None: ...
+    async def expire_commands(self, *, limit: int = 1000) -> list[Command]: ...
+    async def prune_commands(self, *, before: float, limit: int = 1000) -> int: ...
+
+
+class HistoryOperations(Protocol):
+    async def record_presence(
+        self,
+        updates: Iterable[PresenceUpdate],
+        *,
+        samples: Iterable[Sample] = (),
+        events: Iterable[Event] = (),
+    ) -> None: ...
+    async def record_samples(self, samples: Iterable[Sample]) -> None: ...
+    async def record_events(self, events: Iterable[Event]) -> None: ...
+    async def telemetry_samples(
+        self,
+        name: DeviceName,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 1000,
+    ) -> list[TelemetrySample]: ...
+    async def list_events(
+        self,
+        *,
+        name: DeviceName | None = None,
+        customer_id: str | None = None,
+        limit: int = 100,
+        before: int | None = None,
+    ) -> list[DeviceEvent]: ...
+    async def prune_history(
+        self,
+        *,
+        samples_keep_s: float,
+        events_keep_s: float,
+        events_per_device: int,
+        batch: int = 500,
+    ) -> int: ...
+    async def prune_devices_batch(
+        self,
+        *,
+        samples_before: float,
+        events_per_device: int,
+        after: DeviceName | None,
+        devices: int,
+    ) -> tuple[int, DeviceName | None]: ...
+    async def prune_old_events(self, *, before: float, limit: int) -> int: ...
+
+
 if TYPE_CHECKING:
     from iotbiz.store import Store
     from iotbiz.store.postgres import PostgresStore
@@ -145,4 +236,14 @@ if TYPE_CHECKING:
     def _both_have_rollouts(
         sqlite: Store, postgres: PostgresStore
     ) -> tuple[RolloutOperations, RolloutOperations]:
+        return sqlite, postgres
+
+    def _both_have_commands(
+        sqlite: Store, postgres: PostgresStore
+    ) -> tuple[CommandOperations, CommandOperations]:
+        return sqlite, postgres
+
+    def _both_have_history(
+        sqlite: Store, postgres: PostgresStore
+    ) -> tuple[HistoryOperations, HistoryOperations]:
         return sqlite, postgres

@@ -142,3 +142,18 @@ async def audit(
         subject,
         json.dumps(detail, sort_keys=True),
     )
+
+
+async def audit_many(
+    conn: asyncpg.Connection, entries: list[tuple[float, str, str, str, dict[str, Any]]]
+) -> None:
+    """Audit entries (at, actor, action, subject, detail), in this order, in one round trip."""
+    if entries:
+        await conn.executemany(
+            "INSERT INTO audit_log (at, actor, action, subject, detail)"
+            " VALUES ($1, $2, $3, $4, $5)",
+            [
+                (at, actor, action, subject, json.dumps(detail, sort_keys=True))
+                for at, actor, action, subject, detail in entries
+            ],
+        )

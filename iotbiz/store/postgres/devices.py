@@ -1,8 +1,4 @@
-"""Customers and devices on PostgreSQL: the operations of `iotbiz.store.devices` that exist so far.
-
-Done: add_customer, set_device_limit, get_customer, list_customers, get_device, list_devices,
-check_registration, register_device, activate_device, revoke_device, reset_device,
-mark_all_offline. Not yet: record_presence (it writes telemetry history: with that mixin).
+"""Customers, devices and their presence on PostgreSQL (all of `iotbiz.store.devices`).
 
 The device limit is race-free across processes: a registration locks its customer's row
 (SELECT ... FOR UPDATE) before counting, so concurrent registrations of one customer, from any
@@ -11,13 +7,18 @@ number of processes, count and insert one after the other.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type hints
 
 from iotbiz.errors import ConflictError, NotFoundError, RegistrationRefused
-from iotbiz.models import Customer, Device
+from iotbiz.models import Customer, Device, PresenceUpdate
 from iotbiz.names import DeviceName
+from iotbiz.store.core import json_or_null
 from iotbiz.store.devices import refuse_device, refuse_over_limit, row_to_customer, row_to_device
+from iotbiz.store.history import Event, Sample
 from iotbiz.store.postgres.core import PostgresCore, audit
+from iotbiz.store.postgres.history import insert_history
 
 DEVICE_COLUMNS = (
     "customer_id, device_id, state, password_hash, pending_expires_at, created_at, activated_at,"
@@ -35,6 +36,14 @@ _CUSTOMERS = """
 """
 _LIMIT = "SELECT device_limit FROM customers WHERE customer_id = $1"
 _LIMIT_LOCKED = _LIMIT + " FOR UPDATE"
+_PRESENCE = """
+    UPDATE devices SET
+        online = coalesce($1, online),
+        last_seen_at = greatest(coalesce(last_seen_at, 0), $2),
+        last_status = coalesce($3, last_status),
+        last_telemetry = coalesce($4, last_telemetry)
+    WHERE customer_id = $5 AND device_id = $6 AND state = 'active'
+"""
 # Devices that count against a customer's limit: active ones and unexpired pending ones.
 _COUNTED = "(state = 'active' OR (state = 'pending' AND pending_expires_at > $2))"
 
@@ -214,6 +223,49 @@ class PostgresDeviceOperations(PostgresCore):
             return device
 
         return await self._write(reset)
+
+    # -- presence -------------------------------------------------------------------------------
+
+    async def record_presence(
+        self,
+        updates: Iterable[PresenceUpdate],
+        *,
+        samples: Iterable[Sample] = (),
+        events: Iterable[Event] = (),
+    ) -> None:
+        """Write a batch of presence updates, telemetry samples and device events in one
+        transaction (not audited), applied in SQLite's order: the updates that set `online`,
+        then the others, each in the batch's order. The devices' rows are locked first, in
+        name order, so that two processes recording presence of the same devices wait for one
+        another instead of deadlocking."""
+        rows = [
+            (
+                None if update.online is None else int(update.online),
+                update.seen_at,
+                json_or_null(update.status),
+                json_or_null(update.telemetry),
+                update.name.customer_id,
+                update.name.device_id,
+            )
+            for update in updates
+        ]
+        rows = [row for row in rows if row[0] is not None] + [r for r in rows if r[0] is None]
+        names = sorted({(row[4], row[5]) for row in rows})
+        sample_list, event_list = list(samples), list(events)
+
+        async def record(conn: asyncpg.Connection) -> None:
+            if rows:
+                await conn.execute(
+                    "SELECT 1 FROM devices WHERE (customer_id, device_id) IN"
+                    " (SELECT * FROM unnest($1::text[], $2::text[])) AND state = 'active'"
+                    " ORDER BY customer_id, device_id FOR NO KEY UPDATE",
+                    [name[0] for name in names],
+                    [name[1] for name in names],
+                )
+                await conn.executemany(_PRESENCE, rows)
+            await insert_history(conn, sample_list, event_list)
+
+        await self._write(record)
 
     async def mark_all_offline(self) -> None:
         """At platform start: nothing is connected yet, whatever a killed process left behind."""

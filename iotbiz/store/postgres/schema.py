@@ -1,8 +1,9 @@
 """The PostgreSQL store's schema: its own forward migrations, versioned in `schema_migrations`.
 
 MIGRATIONS[n] takes the database from version n to n + 1 (version 1 is the SQLite schema's
-version 6, translated: the PostgreSQL store starts there; version 2 is SQLite's 7; a test checks
-that both schemas have the same tables and columns). They are applied at open under an advisory
+version 6, translated: the PostgreSQL store starts there; version 2 is SQLite's 7; version 3 adds
+this backend's own columns, POSTGRES_ONLY_COLUMNS; a test checks that both schemas have the same
+tables and columns, but for those). They are applied at open under an advisory
 lock, each in its own transaction with its row in `schema_migrations`, so that processes
 opening a new database together migrate it once: the others wait for the lock (bounded), then
 find nothing to do. A migration is only ever appended, never changed.
@@ -183,8 +184,17 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX rollout_devices_updating ON rollout_devices (rollout_id)
         WHERE result = 'updating';
     """,
+    # 3: when a dispatcher (of any process sharing the database) last took a command to publish
+    # it, by a scan or when its device came online (iotbiz/store/postgres/commands.py): this
+    # backend's own columns, never in a Command; SQLite's single writer needs none
+    """
+    ALTER TABLE commands ADD COLUMN scan_taken_at DOUBLE PRECISION,
+        ADD COLUMN due_taken_at DOUBLE PRECISION;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+# columns the SQLite schema does not have (the schemas test allows exactly these)
+POSTGRES_ONLY_COLUMNS = {"commands": ("scan_taken_at", "due_taken_at")}
 
 
 async def migrate(conn: asyncpg.Connection) -> None:
