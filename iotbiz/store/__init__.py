@@ -24,9 +24,10 @@ filtered, paged fleet list; tags), `commands` (the command life cycle, see its d
 accounts, the audit log), `releases` (application releases and their offers to devices),
 `rollouts` (staged rollouts of a release, batch by batch).
 
-`postgres`: the same store on PostgreSQL (asyncpg), in progress: part of the operations so far
-(its docstring says which), so nothing opens it yet; `interface.DeviceStore` is the part of the
-interface both backends have, checked by mypy.
+`postgres`: the same store on PostgreSQL (asyncpg), every operation; the CLI opens it when
+`store.url` is set (`opening`), the platform not yet. `interface` has the operations of both
+backends as Protocols (`DeviceStore`, `CommandOperations`, `HistoryOperations`,
+`RolloutOperations`), checked by mypy.
 """
 
 from __future__ import annotations
