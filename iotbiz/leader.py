@@ -7,10 +7,15 @@ command replies and expiry, retention and rollouts. Which process leads is decid
 store's leader lock (`iotbiz.store.leader`), released by the database server or the kernel when
 its holder dies.
 
-    FOLLOWER -> LEADER     the lock was free: the leader's tasks start
+    FOLLOWER -> LEADER     the lock was free: `on_change(True)` (the platform marks every
+                           device offline and starts following the devices' topics, whose
+                           retained statuses say who is online), then the leader's tasks start
     LEADER -> FOLLOWER     the lock was lost (its session stopped answering): the tasks are
-                           cancelled at once, before the server can hand the lock to another
-    LEADER -> STOPPED      the platform stops: tasks cancelled, then the lock released
+                           cancelled at once, before the server can hand the lock to another,
+                           then `on_change(False)`
+    LEADER -> STOPPED      the platform stops: `run` is cancelled and stops the tasks; the lock
+                           stays held until `release()`, so that the platform's last writes
+                           (presence flushed, devices marked offline) are still the leader's
 
 A follower tries the lock every `poll_s`, so a dead leader's successor takes over within
 `poll_s` of the lock's release (at once on PostgreSQL when the process died; after the TCP
@@ -26,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from iotbiz.errors import StoreError
@@ -47,7 +52,7 @@ class Leader:
         tasks: dict[str, TaskFactory],
         *,
         on_failure: Callable[[str, str], None],
-        on_change: Callable[[bool], None] | None = None,
+        on_change: Callable[[bool], Awaitable[None]] | None = None,
         poll_s: float = POLL_S,
     ) -> None:
         self._lock = lock
@@ -61,14 +66,30 @@ class Leader:
         self._lock_failing = False
 
     async def run(self) -> None:
-        """Try, hold and check the lock until cancelled; then stop leading and release it."""
+        """Try, hold and check the lock until cancelled; then stop the leader's tasks (the lock
+        stays held: see `release`)."""
         try:
             while True:
                 await self._step()
                 await asyncio.sleep(self._poll_s)
         finally:
-            await self._stop_leading()
-            await asyncio.shield(self._lock.release())
+            await self._stop_tasks()
+
+    async def release(self) -> None:
+        """Stop leading and let the lock go (after `run` ended; again: nothing happens)."""
+        await self._stop_tasks()
+        self.leading = False
+        await self._lock.release()
+
+    @property
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The leader's tasks now running (none while following)."""
+        return list(self._running)
+
+    async def step(self) -> None:
+        """One round of `run`: take the lock if free, or check it if held (the platform takes
+        its first round before it says it started, so a process alone leads at once)."""
+        await self._step()
 
     async def _step(self) -> None:
         try:
@@ -78,7 +99,7 @@ class Leader:
                     await self._stop_leading()
             elif await self._lock.try_acquire():
                 log.info("leader: FOLLOWER -> LEADER (%s)", self._lock.name)
-                self._start_leading()
+                await self._start_leading()
             self._lock_failing = False
         except StoreError as exc:
             if not self._lock_failing:
@@ -88,20 +109,25 @@ class Leader:
                 log.error("leader: LEADER -> FOLLOWER (%s)", exc)
                 await self._stop_leading()
 
-    def _start_leading(self) -> None:
+    async def _start_leading(self) -> None:
         self.leading = True
         self.elections += 1
+        if self._on_change is not None:
+            await self._on_change(True)
         for name, factory in self._factories.items():
             task = asyncio.create_task(factory(), name=name)
             task.add_done_callback(self._task_done)
             self._running.append(task)
-        if self._on_change is not None:
-            self._on_change(True)
 
     async def _stop_leading(self) -> None:
         if not self.leading:
             return
         self.leading = False
+        await self._stop_tasks()
+        if self._on_change is not None:
+            await self._on_change(False)
+
+    async def _stop_tasks(self) -> None:
         tasks, self._running = self._running, []
         for task in tasks:
             task.cancel()
@@ -111,12 +137,10 @@ class Leader:
                 names = ", ".join(sorted(t.get_name() for t in pending))
                 log.error("leader: tasks still running %.0f s after cancel: %s",
                           STOP_TIMEOUT_S, names)  # fmt: skip
-        if self._on_change is not None:
-            self._on_change(False)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() and task not in self._running:
-            return  # cancelled by _stop_leading: the normal end
+            return  # cancelled by _stop_tasks: the normal end
         exc = None if task.cancelled() else task.exception()
         if task.cancelled():
             reason = "cancelled"

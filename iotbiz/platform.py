@@ -13,13 +13,19 @@ listens: the registrar does not wait for it at start, and /healthz answers 503 u
 connected. Revoked names are disconnected through RabbitMQ's management API when
 `broker.management_url` is set (`iotbiz.broker.management`).
 
-Every long-lived task (the presence writer, the store change follower, the registrar's service
-client, the command dispatcher's three tasks, the retention pass) is owned here, started by
-`Platform._spawn`:
+Every long-lived task is owned here. The store change follower, the registrar's service
+client and the leader run in every process, started by `Platform._spawn`; the work that must
+run once per fleet (the presence writer, the command dispatcher's three tasks, the retention
+pass and the rollouts) runs only in the process holding the store's leader lock
+(`iotbiz.leader`: one of several processes sharing a PostgreSQL store; alone, at once):
 
     task RUNNING -> STOPPED    cancelled by `stop()`: the normal end
     task RUNNING -> FAILED     raised, returned, or was cancelled by someone else: logged (with
                                the traceback), and `Platform.failed` is set
+
+Becoming the leader marks every device offline and subscribes the service client to the
+devices' topics (their retained statuses say who is online again); only the leader flushes
+presence and marks the devices offline when it stops, then releases the lock.
 
 `serve()` waits for SIGTERM/SIGINT or `failed`, whichever comes first, then stops everything; after
 a failure it raises PlatformFailed, so the process exits 1 and systemd restarts it. `stop()` always
@@ -47,6 +53,7 @@ from iotbiz.broker.management import external_kick
 from iotbiz.dispatch import Dispatcher
 from iotbiz.errors import BrokerUnavailable, ConfigError, PlatformFailed
 from iotbiz.file_limits import fit_to_file_limit, raise_file_limit
+from iotbiz.leader import Leader
 from iotbiz.passwords import PasswordHasher
 from iotbiz.presence import PresenceRecorder
 from iotbiz.registrar import create_app, http_server
@@ -82,6 +89,7 @@ class Platform:
         self._runner: web.AppRunner | None = None
         self.tls: ServerTLS | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.leader: Leader | None = None  # runs presence, dispatch, retention and rollouts
         self._stopping = False
         self.failed = asyncio.Event()  # a long-lived task died: the process must stop, exit 1
         self.failures: list[str] = []  # what died, for the exit message
@@ -133,7 +141,6 @@ class Platform:
         if settings.tls.cert_file:  # first: a bad key or certificate stops nothing half-started
             self.tls = ServerTLS(settings.tls.cert_file, settings.tls.key_file)
         store = self._store = await Store.open(settings.store.path)
-        await store.mark_all_offline()
         registrar = settings.registrar
         hasher = self._hasher = PasswordHasher(
             registrar.bcrypt_cost,
@@ -153,7 +160,6 @@ class Platform:
         )
         if external:
             endpoint = self.external = broker_endpoint(settings.broker.url)
-            self._spawn(presence.run(), "presence")
             kick = external_kick(settings.broker)
             self._spawn(self.authority.follow_changes(kick), "store-changes")
             service = ServiceLink(
@@ -173,7 +179,6 @@ class Platform:
                 tls_context=self.tls.context if self.tls is not None else None,
             )
             await self.broker.start()
-            self._spawn(presence.run(), "presence")
             self._spawn(self.authority.follow_changes(self.broker.kick), "store-changes")
             service = ServiceLink(
                 _connect_host(settings.mqtt.host),
@@ -205,12 +210,31 @@ class Platform:
             store, settings.rollouts, commands_queued=dispatcher.commands_queued
         )
         dispatcher.on_final.append(rollouts.command_finished)
-        dispatcher.bind(app[SERVICE_CLIENT])
-        self._spawn(dispatcher.run(), "dispatch")
-        self._spawn(dispatcher.run_replies(), "command-replies")
-        self._spawn(dispatcher.run_expiry(), "command-expiry")
-        self._spawn(Retention(store, settings.history).run(), "retention")
-        self._spawn(rollouts.run(), "rollouts")  # its own task: the leader's alone, one day
+        service_client = app[SERVICE_CLIENT]
+        dispatcher.bind(service_client)
+        retention = Retention(store, settings.history)
+
+        async def leadership_changed(leading: bool) -> None:
+            if leading:  # presence starts over from the devices' retained statuses
+                await store.mark_all_offline()
+            await service_client.follow(leading)
+
+        self.leader = Leader(
+            store.leader_lock(),
+            {
+                "presence": presence.run,
+                "dispatch": dispatcher.run,
+                "command-replies": dispatcher.run_replies,
+                "command-expiry": dispatcher.run_expiry,
+                "retention": retention.run,
+                "rollouts": rollouts.run,
+            },
+            on_failure=self._leader_task_failed,
+            on_change=leadership_changed,
+        )
+        await service_client.follow(False)  # not connected yet: the leader's to turn on
+        await self.leader.step()  # alone (or first), it leads from here on
+        self._spawn(self.leader.run(), "leader")
         self._runner = http_server.runner(app, settings, handle_signals=False, shutdown_timeout=5.0)
         await self._runner.setup()
         http = settings.http
@@ -240,6 +264,10 @@ class Platform:
         task.add_done_callback(self._task_done)
         self._tasks.append(task)
         return task
+
+    def _leader_task_failed(self, name: str, reason: str) -> None:
+        self.failures.append(f"task {name} died ({reason})")
+        self.failed.set()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() and self._stopping:
@@ -279,12 +307,18 @@ class Platform:
         if self.broker is not None:
             broker, self.broker = self.broker, None
             await step("broker shutdown", lambda: _bounded(broker.stop(), BROKER_STOP_TIMEOUT_S))
+        leader, self.leader = self.leader, None
+        leading = leader is not None and leader.leading
         if self._presence is not None:
             presence, self._presence = self._presence, None
-            await step("presence flush", lambda: presence.flush(final=True))
+            if leading:  # a follower's presence is not the fleet's: it writes none
+                await step("presence flush", lambda: presence.flush(final=True))
         if self._store is not None:
             store, self._store = self._store, None
-            await step("marking devices offline", store.mark_all_offline)
+            if leading:
+                await step("marking devices offline", store.mark_all_offline)
+            if leader is not None:
+                await step("releasing the leader lock", leader.release)
             await step("closing the store", store.close)
         if self._hasher is not None:
             hasher, self._hasher = self._hasher, None

@@ -162,13 +162,16 @@ async def test_the_leader_runs_its_tasks_only_while_it_holds_the_lock(tmp_path: 
         await wait_for(lambda: len(runs) == 2, timeout=5)
         assert sorted(runs) == ["dispatch started", "presence started"]
         assert leader.elections == 1
+        assert not await make_lock(where).try_acquire()
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
         await kill(child)
     assert sorted(runs[2:]) == ["dispatch stopped", "presence stopped"]
     assert failures == []
-    assert await make_lock(where).try_acquire()  # released at the end
+    assert not await make_lock(where).try_acquire()  # held until released: the last writes
+    await leader.release()
+    assert await make_lock(where).try_acquire()
 
 
 async def test_a_leader_task_that_dies_is_a_failure(tmp_path: Path) -> None:
@@ -189,6 +192,7 @@ async def test_a_leader_task_that_dies_is_a_failure(tmp_path: Path) -> None:
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
+        await leader.release()
     assert failures == [("dispatch", "RuntimeError: boom")]
 
 
@@ -205,11 +209,15 @@ async def test_a_leader_that_loses_its_session_stops_its_tasks(
             stopped.set()
 
     changes: list[bool] = []
+
+    async def changed(leading: bool) -> None:
+        changes.append(leading)
+
     leader = Leader(
         PostgresLeaderLock(url),
         {"dispatch": work},
         on_failure=lambda name, reason: pytest.fail(f"{name} failed: {reason}"),
-        on_change=changes.append,
+        on_change=changed,
         poll_s=0.05,
     )
     running = asyncio.create_task(leader.run())
@@ -228,4 +236,5 @@ async def test_a_leader_that_loses_its_session_stops_its_tasks(
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
+        await leader.release()
     assert changes[:3] == [True, False, True]

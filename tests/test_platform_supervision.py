@@ -54,7 +54,8 @@ async def test_stop_after_a_task_died_stops_the_broker_and_closes_the_store(
     store, mqtt_port, http_port = platform.store, platform.mqtt_port, platform.http_port
     try:
         assert not refuses(mqtt_port)
-        [presence] = [task for task in platform._tasks if task.get_name() == "presence"]
+        assert platform.leader is not None
+        [presence] = [task for task in platform.leader.tasks if task.get_name() == "presence"]
         trigger.set()
         await asyncio.wait([presence], timeout=5)
         assert died.is_set()
@@ -95,17 +96,16 @@ async def test_tasks_cancelled_by_stop_are_not_failures(
     platform = Platform(make_settings(http={"host": "127.0.0.1"}))
     await platform.start()
     names = sorted(task.get_name() for task in platform._tasks)
-    assert names == [
+    assert names == ["event-loop-lag", "leader", "refusal-audit", "service-client", "store-changes"]
+    assert platform.leader is not None
+    assert platform.leader.leading  # alone: it leads from the start
+    assert sorted(task.get_name() for task in platform.leader.tasks) == [
         "command-expiry",
         "command-replies",
         "dispatch",
-        "event-loop-lag",
         "presence",
-        "refusal-audit",
         "retention",
         "rollouts",
-        "service-client",
-        "store-changes",
     ]
     assert await platform.stop() == []
     assert not platform.failed.is_set()

@@ -50,9 +50,12 @@ class ServiceLink:
 
 
 class ServiceClient:
-    def __init__(self, link: ServiceLink, presence: PresenceRecorder) -> None:
+    def __init__(
+        self, link: ServiceLink, presence: PresenceRecorder, *, following: bool = True
+    ) -> None:
         self._link = link
         self._presence = presence
+        self._following = following
         self.connected = asyncio.Event()
         self._client: aiomqtt.Client | None = None
         self.published = 0
@@ -80,8 +83,9 @@ class ServiceClient:
                     # aiomqtt's own threshold (10) logged a warning for nearly every command
                     # of a bulk send
                     client.pending_calls_threshold = PENDING_CALLS_WARNING
-                    await client.subscribe(self._subscriptions)
                     self._client = client
+                    if self._following:
+                        await client.subscribe(self._subscriptions)
                     self.connected.set()
                     backoff = BACKOFF_START_S
                     log.info("service client connected to %s:%d", self._link.host, self._link.port)
@@ -94,6 +98,27 @@ class ServiceClient:
                 log.warning("service client disconnected (%s); retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
                 backoff = min(backoff * 2, BACKOFF_CAP_S)
+
+    async def follow(self, enabled: bool) -> None:
+        """Follow the devices' topics into presence (the leader) or not (a follower platform
+        process: one process writes presence, and the broker sends each message once, not once
+        per process). While enabled, every connect subscribes; the broker then sends the
+        retained statuses, which say who is online."""
+        if enabled == self._following:
+            return
+        self._following = enabled
+        client = self._client
+        if client is None:
+            return  # the next connect subscribes, or not
+        try:
+            if enabled:
+                await client.subscribe(self._subscriptions)
+            else:
+                await client.unsubscribe([topic for topic, _ in self._subscriptions])
+        except aiomqtt.MqttError as exc:
+            log.warning(
+                "service client: %s failed (%s)", "subscribe" if enabled else "unsubscribe", exc
+            )
 
     async def publish(self, topic: str, payload: bytes) -> None:
         """Publish at QoS 1 and wait for the broker's PUBACK; BrokerUnavailable if it cannot."""
@@ -112,6 +137,8 @@ class ServiceClient:
         self.published += 1
 
     def handle(self, topic: str, payload: object, *, retained: bool) -> None:
+        if not self._following:
+            return  # sent before the unsubscribe took effect
         parsed = topics.parse_device_topic(topic)
         if parsed is None or parse_device_name(str(parsed[0])) != parsed[0]:
             return
