@@ -252,6 +252,45 @@ async def test_commands_counted_by_state(store: AnyStore, clock: FakeClock) -> N
     assert sum(counts.values()) == 2
 
 
+async def test_text_a_backend_cannot_store_fails_no_batch_of_replies(
+    store: AnyStore, clock: FakeClock
+) -> None:
+    """NUL (PostgreSQL text cannot hold it) and lone surrogates (JSON may carry "\\ud800";
+    they have no UTF-8 form) from a device: its id matches nothing, its error keeps U+FFFD
+    in their place, the rest of the batch is applied, on both backends alike."""
+    [a] = await active_devices(store, "abc123", 1)
+    [c1, c2, c3] = [
+        (
+            await store.create_commands(
+                [a], "ping", {}, expires_at=clock.now + 60, actor="op", batch_id="b"
+            )
+        )[0]
+        for _ in range(3)
+    ]
+    nul_id, surrogate_id, failed, failed_too, done = await store.finish_commands(
+        [
+            CommandReply(a, "c-\x00", ok=True),
+            CommandReply(a, "c-\ud800", ok=True),
+            CommandReply(a, c1.command_id, ok=False, error="bad\x00byte"),
+            CommandReply(a, c2.command_id, ok=False, error="half \ud83d pair"),
+            CommandReply(a, c3.command_id, ok=True, result={"text": "nul\x00 \udc00"}),
+        ]
+    )
+    assert (nul_id, surrogate_id) == (None, None)
+    assert failed is not None
+    assert failed.error == "bad\ufffdbyte"
+    assert failed_too is not None
+    assert failed_too.error == "half \ufffd pair"
+    assert done is not None
+    assert done.result == {"text": "nul\x00 \udc00"}  # JSON escapes them
+    assert await store.get_command(c2.command_id) == failed_too
+    # an operator's NUL (an admin API path or query) finds nothing, fails nothing
+    assert await store.get_command("c-\x00") is None
+    assert await store.list_commands(before="c-\x00") == []
+    assert await store.list_commands(batch_id="b\x00") == []
+    await store.mark_sent(["c-\x00"], clock.now)
+
+
 # -- PostgreSQL only: processes sharing the database ---------------------------------------------
 
 
@@ -405,35 +444,3 @@ async def test_two_processes_expiring_expire_each_command_once(
 
     taken = await run_together(*(sweeper(store) for store in (one, two) * 2))
     assert_taken_once(taken, {c.command_id for c in commands})
-
-
-async def test_a_nul_from_a_device_fails_nothing_on_postgresql(
-    two_stores: tuple[PostgresStore, PostgresStore], clock: FakeClock
-) -> None:
-    """PostgreSQL text cannot hold NUL: a reply carrying one must not fail its whole batch."""
-    store, _ = two_stores
-    [a] = await active_devices(store, "abc123", 1)
-    [c1, c2] = [
-        (
-            await store.create_commands(
-                [a], "ping", {}, expires_at=clock.now + 60, actor="op", batch_id="b"
-            )
-        )[0]
-        for _ in range(2)
-    ]
-    unknown, failed, done = await store.finish_commands(
-        [
-            CommandReply(a, "c-\x00", ok=True),
-            CommandReply(a, c1.command_id, ok=False, error="bad\x00byte"),
-            CommandReply(a, c2.command_id, ok=True, result={"text": "nul\x00"}),
-        ]
-    )
-    assert unknown is None
-    assert failed is not None
-    assert failed.error == "bad\ufffdbyte"
-    assert done is not None
-    assert done.result == {"text": "nul\x00"}  # JSON escapes it
-    assert await store.get_command("c-\x00") is None
-    assert await store.list_commands(before="c-\x00") == []
-    assert await store.list_commands(batch_id="b\x00") == []
-    await store.mark_sent(["c-\x00"], clock.now)

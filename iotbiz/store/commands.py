@@ -16,6 +16,7 @@ expired makes it done: the device did carry it out.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -194,7 +195,8 @@ class CommandOperations(StoreCore):
 
     async def finish_commands(self, replies: Sequence[CommandReply]) -> list[Command | None]:
         """Apply device replies (one transaction); for each, the finished command, or None when
-        the id is not an open command OF THAT DEVICE (another device's id, unknown, final)."""
+        the id is not an open command OF THAT DEVICE (another device's id, unknown, final).
+        What a device sends cannot fail the batch: see `storable_error`, `storable_id`."""
         now = self._clock()
         sql = (
             "UPDATE commands SET done_at = :now, result = :result, error = :error, state ="  # noqa: S608
@@ -206,13 +208,16 @@ class CommandOperations(StoreCore):
         def finish(conn: sqlite3.Connection) -> list[Command | None]:
             finished: list[Command | None] = []
             for reply in replies:
+                if not storable_id(reply.command_id):
+                    finished.append(None)  # no command has such an id
+                    continue
                 row = conn.execute(
                     sql,
                     {
                         "now": now,
                         "ok": int(reply.ok),
                         "result": json_or_null(reply.result),
-                        "error": reply.error,
+                        "error": storable_error(reply.error),
                         "id": reply.command_id,
                         "customer_id": reply.name.customer_id,
                         "device_id": reply.name.device_id,
@@ -250,6 +255,22 @@ class CommandOperations(StoreCore):
         )
         values = {"before": before, "limit": limit}
         return int(await self._write(lambda conn: conn.execute(sql, values).rowcount))
+
+
+# Text neither backend can take: lone surrogates (JSON may carry "\ud800"; they have no UTF-8
+# encoding: the driver raised UnicodeEncodeError, not a StoreError, and the dispatcher's reply
+# task died) and NUL (PostgreSQL text cannot hold it).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable_id(command_id: str) -> bool:
+    """False for an id no command can have (it holds unstorable text): it matches nothing."""
+    return _UNSTORABLE.search(command_id) is None
+
+
+def storable_error(error: str | None) -> str | None:
+    """A device's error text as both backends store it: unstorable characters become U+FFFD."""
+    return None if error is None else _UNSTORABLE.sub("\ufffd", error)
 
 
 def new_command_id() -> str:

@@ -37,7 +37,13 @@ import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type hints
 from iotbiz.errors import NotFoundError
 from iotbiz.models import Command, CommandReply, CommandState
 from iotbiz.names import DeviceName
-from iotbiz.store.commands import COMMAND_COLUMNS, new_command_id, row_to_command
+from iotbiz.store.commands import (
+    COMMAND_COLUMNS,
+    new_command_id,
+    row_to_command,
+    storable_error,
+    storable_id,
+)
 from iotbiz.store.core import json_or_null
 from iotbiz.store.postgres.core import PostgresCore, audit_many
 
@@ -127,7 +133,7 @@ class PostgresCommandOperations(PostgresCore):
         return commands
 
     async def get_command(self, command_id: str) -> Command | None:
-        if "\x00" in command_id:
+        if not storable_id(command_id):
             return None  # PostgreSQL text cannot hold NUL: no command has such an id
         sql = f"SELECT {COMMAND_COLUMNS} FROM commands WHERE command_id = $1"  # noqa: S608
         row = await self._read(lambda conn: conn.fetchrow(sql, command_id))
@@ -144,7 +150,7 @@ class PostgresCommandOperations(PostgresCore):
     ) -> list[Command]:
         """Newest first; `before`: a command id (the last of the previous page), keyset on
         (created_at, command_id). An unknown `before` gives an empty page."""
-        if any("\x00" in text for text in (before or "", batch_id or "")):
+        if not all(storable_id(text) for text in (before or "", batch_id or "")):
             return []  # PostgreSQL text cannot hold NUL: no command matches
         conditions: list[str] = []
         values: list[Any] = []
@@ -232,7 +238,7 @@ class PostgresCommandOperations(PostgresCore):
 
     async def mark_sent(self, command_ids: Iterable[str], at: float) -> None:
         """Published: queued -> sent (a sent one gets the new time; a finished one stays)."""
-        ids = [command_id for command_id in command_ids if "\x00" not in command_id]
+        ids = [command_id for command_id in command_ids if storable_id(command_id)]
         if not ids:
             return
         # the rows are locked in id order: two processes marking the same commands cannot
@@ -252,9 +258,8 @@ class PostgresCommandOperations(PostgresCore):
         """Apply device replies (one transaction); for each, the finished command, or None when
         the id is not an open command OF THAT DEVICE. A reply finishes its command once: the
         UPDATE's condition is checked again on the row it locked, so a second process applying
-        the same reply gets None. PostgreSQL text cannot hold NUL: an id with one matches no
-        command, and in an error it becomes U+FFFD (a device could otherwise make the whole
-        batch fail, again and again)."""
+        the same reply gets None. What a device sends cannot fail the batch, as on SQLite
+        (`storable_id`, `storable_error`)."""
         now = self._clock()
         sql = (
             "UPDATE commands SET done_at = $1, result = $2, error = $3, state ="  # noqa: S608
@@ -271,13 +276,13 @@ class PostgresCommandOperations(PostgresCore):
             finished: list[Command | None] = [None] * len(replies)
             for index in order:
                 reply = replies[index]
-                if "\x00" in reply.command_id:
+                if not storable_id(reply.command_id):
                     continue
                 row = await conn.fetchrow(
                     sql,
                     now,
                     json_or_null(reply.result),
-                    None if reply.error is None else reply.error.replace("\x00", "\ufffd"),
+                    storable_error(reply.error),
                     reply.ok,
                     reply.command_id,
                     reply.name.customer_id,
