@@ -1,0 +1,232 @@
+"""One end-to-end test run on every setup (store x broker), through the public surface only:
+the device API, the admin API and a real paho device.
+
+A setup is one line in SETUPS: its name, the settings of its store and those of its broker
+(functions of the test's request, which may start a service fixture); e.g. a PostgreSQL store
+adds `"postgresql-rabbitmq": (postgresql_store, rabbitmq_broker)` and a `postgresql_store`
+returning `{"store": {...}}`.
+
+  - sqlite-embedded: the platform with its embedded amqtt broker;
+  - sqlite-rabbitmq: the platform (in the test's loop) with `--broker external` on a private
+    RabbitMQ 3.10 node (tests/services/rabbitmq.py), whose HTTP auth backend is this
+    platform's registrar and whose management API disconnects revoked devices.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from iotbiz.platform import Platform
+from iotbiz.settings import Settings
+from tests.broker.conftest import wait_for
+from tests.mqtt_device import PahoDevice
+from tests.services.rabbitmq import RabbitNode, rabbitmq_node
+
+TOKEN = "e2e-admin-token"
+CUSTOMER = "e2e"
+DEVICE_ID = "aa:bb:cc:00:00:01"
+NAME = f"{CUSTOMER}/{DEVICE_ID}"
+START_TIMEOUT_S = 20.0  # the service client's first login goes through the broker's callbacks
+WAIT_S = 15.0  # generous: the machine is shared
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    name: str
+    platform: Platform
+    mqtt_port: int  # where devices connect
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.platform.http_port}"
+
+
+Sections = dict[str, dict[str, Any]]  # settings sections, as make_settings takes them
+SettingsPart = Callable[[pytest.FixtureRequest], Sections]
+
+
+@asynccontextmanager
+async def running(name: str, settings: Settings) -> AsyncIterator[Setup]:
+    """Start the platform, wait until /healthz says it is whole, stop it on the way out."""
+    platform = Platform(settings)
+    await platform.start()
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{platform.http_port}") as http:
+
+            async def healthy() -> bool:
+                async with http.get("/healthz") as response:
+                    return response.status == 200
+
+            await wait_for(healthy, timeout=START_TIMEOUT_S)
+        yield Setup(name, platform, platform.mqtt_port)
+    finally:
+        await platform.stop()
+
+
+def sqlite_store(request: pytest.FixtureRequest) -> Sections:
+    return {}  # make_settings's own: a SQLite file in tmp_path
+
+
+def embedded_broker(request: pytest.FixtureRequest) -> Sections:
+    return {}  # the default: the embedded broker on a free port
+
+
+def rabbitmq_broker(request: pytest.FixtureRequest) -> Sections:
+    """`--broker external` on this module's RabbitMQ node, with its management API."""
+    rabbit: RabbitNode = request.getfixturevalue("rabbit")
+    return {
+        "http": {"port": rabbit.auth_port},  # where the node's auth backend asks
+        "broker": {
+            "mode": "external",
+            "url": f"mqtt://127.0.0.1:{rabbit.mqtt_port}",
+            "service_password": secrets.token_urlsafe(16),
+            "management_url": rabbit.management_url,
+            "management_user": rabbit.management_user,
+            "management_password": rabbit.management_password,
+        },
+    }
+
+
+SETUPS: dict[str, tuple[SettingsPart, SettingsPart]] = {
+    "sqlite-embedded": (sqlite_store, embedded_broker),
+    "sqlite-rabbitmq": (sqlite_store, rabbitmq_broker),
+}
+
+
+def platform_settings(make_settings: Callable[..., Settings], *parts: Sections) -> Settings:
+    """The test's settings: loopback HTTP, a known admin token, then each part on top."""
+    merged: Sections = {"http": {"host": "127.0.0.1"}, "admin": {"token": TOKEN}}
+    for part in parts:
+        for section, values in part.items():
+            merged.setdefault(section, {}).update(values)
+    return make_settings(**merged)
+
+
+@pytest.fixture(scope="module")
+def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
+    """One private RabbitMQ node for this module's RabbitMQ setups (started on first use)."""
+    with rabbitmq_node(tmp_path_factory.mktemp("rabbitmq")) as node:
+        yield node
+
+
+@pytest_asyncio.fixture(params=list(SETUPS))
+async def setup(
+    request: pytest.FixtureRequest, make_settings: Callable[..., Settings]
+) -> AsyncIterator[Setup]:
+    store, broker = SETUPS[request.param]
+    settings = platform_settings(make_settings, store(request), broker(request))
+    async with running(request.param, settings) as started:
+        yield started
+
+
+class Admin:
+    """The admin API with the token."""
+
+    def __init__(self, http: aiohttp.ClientSession) -> None:
+        self._http = http
+        self._headers = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        async with self._http.request(
+            method, f"/api/v1/admin{path}", json=body, headers=self._headers
+        ) as response:
+            return response.status, await response.json()
+
+
+async def post(http: aiohttp.ClientSession, path: str, body: dict[str, str]) -> tuple[int, Any]:
+    async with http.post(path, json=body) as response:
+        text = await response.text()
+        return response.status, json.loads(text) if text else None
+
+
+async def test_a_device_enrolls_reports_obeys_and_is_revoked(setup: Setup) -> None:
+    status_topic, cmd_topic = f"devices/{NAME}/status", f"devices/{NAME}/cmd"
+    async with aiohttp.ClientSession(setup.url) as http:
+        admin = Admin(http)
+        created = await admin.call(
+            "POST", "/customers", {"customer_id": CUSTOMER, "device_limit": 5}
+        )
+        assert created[0] == 201, created
+        # enroll over HTTP: register, then activate
+        enrollment = {"customer_id": CUSTOMER, "mac_address": DEVICE_ID}
+        status, body = await post(http, "/api/v1/register", enrollment)
+        assert status == 201, body
+        password = body["password"]
+        assert await post(http, "/api/v1/activate", {**enrollment, "password": password}) == (
+            200,
+            None,
+        )
+        offline = json.dumps({"state": "offline", "agent_version": "e2e", "ts": 0}).encode()
+        device = PahoDevice(setup.mqtt_port, NAME, password, will=(status_topic, offline, 1, True))
+        try:
+            assert await device.connect() == 0
+            assert await device.subscribe(cmd_topic) == [1]
+            online = {"state": "online", "agent_version": "e2e", "ts": time.time()}
+            await device.publish(status_topic, json.dumps(online), qos=1, retain=True)
+            telemetry = {
+                "ts": time.time(),
+                "system": {"cpu_percent": 12.5, "memory_percent": 40.0},
+                "apps": [
+                    {"name": "web", "state": "RUNNING", "pid": 42, "restarts": 0, "version": "1"}
+                ],
+            }
+            await device.publish(f"devices/{NAME}/telemetry", json.dumps(telemetry), qos=1)
+
+            # the admin API sees it online, with its telemetry
+            async def reported() -> bool:
+                code, shown = await admin.call("GET", f"/devices/{NAME}")
+                assert code == 200, shown
+                return bool(shown["online"]) and shown["telemetry"] == telemetry
+
+            await wait_for(reported, timeout=WAIT_S)
+            _, shown = await admin.call("GET", f"/devices/{NAME}")
+            assert (shown["state"], shown["name"]) == ("active", NAME)
+
+            # a command through the admin API, answered on reply
+            code, sent = await admin.call("POST", "/commands", {"device": NAME, "action": "ping"})
+            assert code == 201, sent
+            [command] = sent["commands"]
+            message = await device.next_message(timeout=WAIT_S)
+            assert message is not None, "no command arrived"
+            assert message.topic == cmd_topic
+            delivered = json.loads(message.payload)
+            assert (delivered["id"], delivered["action"]) == (command["id"], "ping")
+            reply = {"id": command["id"], "ok": True, "result": {"pong": True}}
+            await device.publish(f"devices/{NAME}/reply", json.dumps(reply), qos=1)
+            code, done = await admin.call("GET", f"/commands/{command['id']}?wait=10")
+            assert code == 200, done
+            assert (done["state"], done["result"], done["error"]) == ("done", {"pong": True}, None)
+
+            # an activated device cannot be registered again (taken over)
+            assert await post(http, "/api/v1/register", enrollment) == (
+                403,
+                {"error": "device already activated"},
+            )
+
+            # revoke: the device is disconnected, and a new CONNECT is refused
+            code, revoked = await admin.call("POST", f"/devices/{NAME}/revoke")
+            assert (code, revoked["state"], revoked["online"]) == (200, "revoked", False)
+            assert await device.wait_disconnected(timeout=WAIT_S), "still connected"
+        finally:
+            device.close()
+        again = PahoDevice(setup.mqtt_port, NAME, password)
+        try:
+            assert await again.connect() in (134, 135)  # CONNACK 4 or 5, as paho reports them
+        finally:
+            again.close()
+        assert await post(http, "/api/v1/register", enrollment) == (
+            403,
+            {"error": "device revoked"},
+        )
+        _, shown = await admin.call("GET", f"/devices/{NAME}")
+        assert (shown["state"], shown["online"]) == ("revoked", False)
