@@ -49,7 +49,7 @@ from iotbiz.errors import BrokerUnavailable, NotFoundError, StoreError
 from iotbiz.models import Command, CommandReply
 from iotbiz.names import DeviceName
 from iotbiz.settings import CommandSettings
-from iotbiz.store import Store
+from iotbiz.store.interface import PlatformStore
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class StoreOutage:
 class Dispatcher:
     def __init__(
         self,
-        store: Store,
+        store: PlatformStore,
         settings: CommandSettings,
         *,
         clock: Callable[[], float] = time.time,

@@ -62,7 +62,8 @@ from iotbiz.registrar.service_client import ServiceClient, ServiceLink
 from iotbiz.retention import Retention
 from iotbiz.rollouts import RolloutEngine
 from iotbiz.settings import BrokerEndpoint, Settings, broker_endpoint
-from iotbiz.store import Store
+from iotbiz.store.interface import PlatformStore
+from iotbiz.store.opening import open_store
 from iotbiz.tls import ServerTLS
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class Platform:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._store: Store | None = None
+        self._store: PlatformStore | None = None
         self._hasher: PasswordHasher | None = None
         self._presence: PresenceRecorder | None = None
         self._dispatcher: Dispatcher | None = None
@@ -95,7 +96,7 @@ class Platform:
         self.failures: list[str] = []  # what died, for the exit message
 
     @property
-    def store(self) -> Store:
+    def store(self) -> PlatformStore:
         if self._store is None:
             raise RuntimeError("platform not started")
         return self._store
@@ -140,7 +141,7 @@ class Platform:
             )
         if settings.tls.cert_file:  # first: a bad key or certificate stops nothing half-started
             self.tls = ServerTLS(settings.tls.cert_file, settings.tls.key_file)
-        store = self._store = await Store.open(settings.store.path)
+        store = self._store = await open_store(settings.store)
         registrar = settings.registrar
         hasher = self._hasher = PasswordHasher(
             registrar.bcrypt_cost,

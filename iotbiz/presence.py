@@ -54,7 +54,7 @@ from iotbiz.errors import StoreError
 from iotbiz.models import PresenceUpdate, TelemetrySample
 from iotbiz.names import DeviceName
 from iotbiz.settings import HistorySettings
-from iotbiz.store import Store
+from iotbiz.store.interface import PlatformStore
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ RETRY_CAP_S = 10.0
 class PresenceRecorder:
     def __init__(
         self,
-        store: Store,
+        store: PlatformStore,
         *,
         flush_s: float = FLUSH_S,
         retry_s: tuple[float, float] = (RETRY_START_S, RETRY_CAP_S),

@@ -14,13 +14,13 @@ import logging
 
 from iotbiz.errors import StoreError
 from iotbiz.settings import HistorySettings
-from iotbiz.store import Store
+from iotbiz.store.interface import PlatformStore
 
 log = logging.getLogger(__name__)
 
 
 class Retention:
-    def __init__(self, store: Store, settings: HistorySettings) -> None:
+    def __init__(self, store: PlatformStore, settings: HistorySettings) -> None:
         self._store = store
         self._settings = settings
         self._failing = False

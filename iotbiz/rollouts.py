@@ -28,7 +28,7 @@ from iotbiz.dispatch import StoreOutage
 from iotbiz.errors import ConflictError, NotFoundError, StoreError
 from iotbiz.models import Command
 from iotbiz.settings import RolloutSettings
-from iotbiz.store import Store
+from iotbiz.store.interface import PlatformStore
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ ENGINE_ACTOR = "rollouts"
 class RolloutEngine:
     def __init__(
         self,
-        store: Store,
+        store: PlatformStore,
         settings: RolloutSettings,
         *,
         commands_queued: Callable[[], None] = lambda: None,

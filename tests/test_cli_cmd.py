@@ -1,6 +1,7 @@
 """`iotbiz cmd` as an operator runs it: a real CLI process against a real platform (in-process,
-ports 0) with paho clients answering as devices. The token comes from the `admin.token` file
-the platform wrote beside its store (`--db`)."""
+ports 0, on each store backend) with paho clients answering as devices. The token comes from
+the `admin.token` file the platform wrote beside its SQLite store (`--db`), or from the
+`--config` file of a platform on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -21,6 +22,19 @@ from tests.test_dispatch import A, B, Device, enroll, platform
 __all__ = ["platform"]  # the fixture, used by name
 
 
+def store_flags(platform: Platform) -> list[str]:
+    """How the CLI finds the platform's token: its store file's folder (SQLite), or the
+    --config file naming its PostgreSQL store and token."""
+    settings = platform.settings
+    if not settings.store.url:
+        return ["--db", str(settings.store.path)]
+    config = settings.store.path.parent / "platform.toml"
+    config.write_text(
+        f'[store]\nurl = "{settings.store.url}"\n[admin]\ntoken = "{settings.admin.token}"\n'
+    )
+    return ["--config", str(config)]
+
+
 async def run_cli(platform: Platform, *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -30,8 +44,7 @@ async def run_cli(platform: Platform, *args: str) -> tuple[int, str, str]:
         *args,
         "--url",
         f"http://127.0.0.1:{platform.http_port}",
-        "--db",
-        str(platform.settings.store.path),
+        *store_flags(platform),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

@@ -67,9 +67,16 @@ class Device:
         self.client.close()
 
 
-@pytest_asyncio.fixture
-async def platform(make_settings: Callable[..., Settings]) -> AsyncIterator[Platform]:
-    running = Platform(make_settings(http={"host": "127.0.0.1"}, commands=FAST))
+@pytest_asyncio.fixture(params=["sqlite", "postgresql"])
+async def platform(
+    request: pytest.FixtureRequest, make_settings: Callable[..., Settings]
+) -> AsyncIterator[Platform]:
+    """The platform on each store backend (the embedded broker both times)."""
+    backend: dict[str, dict[str, Any]] = {}
+    if request.param == "postgresql":
+        url = await request.getfixturevalue("postgres_server").create_database()
+        backend = {"store": {"url": url}, "admin": {"token": "dispatch-test-token"}}
+    running = Platform(make_settings(http={"host": "127.0.0.1"}, commands=FAST, **backend))
     await running.start()
     await running.store.add_customer("abc123", 10, actor="test")
     try:

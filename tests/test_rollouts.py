@@ -5,10 +5,12 @@ on the same store in the middle of a rollout."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
+import pytest
 import pytest_asyncio
 
 from iotbiz.names import DeviceName
@@ -26,9 +28,16 @@ def settings_for(make_settings: Callable[..., Settings]) -> Settings:
     return make_settings(admin={"token": TOKEN}, http={"host": "127.0.0.1"}, **FAST)
 
 
-@pytest_asyncio.fixture
-async def platform(make_settings: Callable[..., Settings]) -> AsyncIterator[Platform]:
-    running = Platform(settings_for(make_settings))
+@pytest_asyncio.fixture(params=["sqlite", "postgresql"])
+async def platform(
+    request: pytest.FixtureRequest, make_settings: Callable[..., Settings]
+) -> AsyncIterator[Platform]:
+    """The platform on each store backend (the embedded broker both times)."""
+    settings = settings_for(make_settings)
+    if request.param == "postgresql":
+        url = await request.getfixturevalue("postgres_server").create_database()
+        settings = dataclasses.replace(settings, store=dataclasses.replace(settings.store, url=url))
+    running = Platform(settings)
     await running.start()
     await running.store.add_customer("abc123", 20, actor="test")
     await running.store.add_release("web", "2.0", sha256=SHA, size=10, signature=None, actor="t")

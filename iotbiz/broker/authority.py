@@ -49,7 +49,7 @@ from iotbiz.errors import IotbizError
 from iotbiz.models import DeviceState
 from iotbiz.names import DeviceName, parse_device_name
 from iotbiz.passwords import PasswordHasher
-from iotbiz.store import Store
+from iotbiz.store.interface import PlatformStore
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class Kick(Protocol):
 class Authority:
     def __init__(
         self,
-        store: Store,
+        store: PlatformStore,
         hasher: PasswordHasher,
         *,
         service_username: str,

@@ -34,7 +34,7 @@ from iotbiz.registrar.admin_input import (
     tag_changes,
 )
 from iotbiz.registrar.keys import DISPATCHER, SETTINGS, STORE
-from iotbiz.store import Store
+from iotbiz.store.interface import PlatformStore
 
 COMMAND_CURSOR = "c"
 COMMAND_ID = re.compile(r"c-[0-9a-f]{16}", re.ASCII)
@@ -161,7 +161,7 @@ async def show_command(request: web.Request) -> web.Response:
     return web.json_response(command.to_json())
 
 
-async def _poll(store: Store, command_id: str, wait_s: float) -> Command:
+async def _poll(store: PlatformStore, command_id: str, wait_s: float) -> Command:
     """The command once final or after `wait_s`, looking every `POLL_S` (a registrar without
     the platform's dispatcher: the commands are finished by another process)."""
     loop = asyncio.get_running_loop()

@@ -26,7 +26,7 @@ from iotbiz.registrar.admin_input import (
     tag_key,
 )
 from iotbiz.registrar.keys import STORE
-from iotbiz.store import Store
+from iotbiz.store.interface import PlatformStore
 
 DEVICE_CURSOR = "d"
 MAX_TAG_FILTERS = 16
@@ -162,7 +162,7 @@ async def device_events(request: web.Request) -> web.Response:
     return web.json_response({"events": [event.to_json() for event in events]})
 
 
-async def _existing(store: Store, name: DeviceName) -> Device:
+async def _existing(store: PlatformStore, name: DeviceName) -> Device:
     device = await store.get_device(name)
     if device is None:
         raise NotFoundError(f"no device {name}")

@@ -63,7 +63,7 @@ from iotbiz.registrar.ratelimit import RateLimiter
 from iotbiz.registrar.refusals import RefusalAudit
 from iotbiz.registrar.service_client import ServiceClient, ServiceLink
 from iotbiz.settings import Settings
-from iotbiz.store import Store
+from iotbiz.store.interface import PlatformStore
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def _log_death(task: asyncio.Task[None]) -> None:
 
 def create_app(
     settings: Settings,
-    store: Store,
+    store: PlatformStore,
     *,
     hasher: PasswordHasher | None = None,
     service: ServiceLink | None = None,
@@ -253,7 +253,7 @@ async def _service_client(
     await asyncio.wait([task])  # how it ended is for its owner (the spawner) to report
 
 
-def _check_store(store: Store) -> HealthCheck:
+def _check_store(store: PlatformStore) -> HealthCheck:
     async def check() -> tuple[str, str]:
         await store.ping()
         return "store", "ok"

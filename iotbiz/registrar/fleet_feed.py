@@ -31,7 +31,7 @@ from aiohttp import web
 from iotbiz.errors import ServiceUnavailable, StoreError
 from iotbiz.names import DeviceName
 from iotbiz.registrar.admin_input import Query
-from iotbiz.store import Store
+from iotbiz.store.interface import PlatformStore
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class _Follower:
 class FleetFeed:
     def __init__(
         self,
-        store: Store,
+        store: PlatformStore,
         *,
         interval_s: float,
         max_streams: int,

@@ -17,7 +17,7 @@ from iotbiz.registrar.refusals import RefusalAudit
 from iotbiz.registrar.service_client import ServiceClient
 from iotbiz.rollouts import RolloutEngine
 from iotbiz.settings import Settings
-from iotbiz.store import Store
+from iotbiz.store.interface import PlatformStore
 
 # A health check returns (name, state) and raises an IotbizError when unhealthy.
 HealthCheck = Callable[[], Awaitable[tuple[str, str]]]
@@ -41,7 +41,7 @@ class CommandDispatcher(CommandCounters, Protocol):
 
 
 SETTINGS = web.AppKey("settings", Settings)
-STORE = web.AppKey("store", Store)
+STORE = web.AppKey("store", PlatformStore)
 HASHER = web.AppKey("hasher", PasswordHasher)
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 CUSTOMER_LIMITER = web.AppKey("customer_limiter", RateLimiter)

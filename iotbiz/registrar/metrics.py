@@ -46,7 +46,7 @@ from iotbiz.broker.authority import Authority
 from iotbiz.broker.embedded import EmbeddedBroker
 from iotbiz.errors import StoreError
 from iotbiz.models import CommandState, DeviceState
-from iotbiz.store import Store
+from iotbiz.store.interface import PlatformStore
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class FleetCounts:
     commands: dict[str, int] = field(default_factory=dict)
 
 
-async def count_fleet(store: Store) -> FleetCounts:
+async def count_fleet(store: PlatformStore) -> FleetCounts:
     """Devices by state and online devices, from the store's fleet totals; commands by state."""
     devices = {}
     for state in DeviceState:

@@ -24,7 +24,7 @@ from typing import Any
 from prometheus_client import Counter
 
 from iotbiz.errors import StoreError
-from iotbiz.store import Store
+from iotbiz.store.interface import PlatformStore
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ Key = tuple[str, str, str, str]  # action, subject, actor, reason
 class RefusalAudit:
     def __init__(
         self,
-        store: Store,
+        store: PlatformStore,
         counter: Counter,
         *,
         clock: Callable[[], float] = time.monotonic,

@@ -24,10 +24,10 @@ filtered, paged fleet list; tags), `commands` (the command life cycle, see its d
 accounts, the audit log), `releases` (application releases and their offers to devices),
 `rollouts` (staged rollouts of a release, batch by batch).
 
-`postgres`: the same store on PostgreSQL (asyncpg), every operation; the CLI opens it when
-`store.url` is set (`opening`), the platform not yet. `interface` has the operations of both
-backends as Protocols (`DeviceStore`, `CommandOperations`, `HistoryOperations`,
-`RolloutOperations`), checked by mypy.
+`postgres`: the same store on PostgreSQL (asyncpg), every operation; the platform and the CLI
+open it when `store.url` is set (`opening`). `interface` has the operations of both backends as
+Protocols (`DeviceStore`, `CommandOperations`, `HistoryOperations`, `RolloutOperations`, and
+all of them: `PlatformStore`), checked by mypy. `leader`: the leader lock.
 """
 
 from __future__ import annotations

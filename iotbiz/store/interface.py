@@ -226,6 +226,11 @@ class HistoryOperations(Protocol):
     async def prune_old_events(self, *, before: float, limit: int) -> int: ...
 
 
+class PlatformStore(DeviceStore, CommandOperations, HistoryOperations, RolloutOperations, Protocol):
+    """Everything the platform uses of its store: what `iotbiz.store.opening.open_store`
+    returns, whichever backend the settings name."""
+
+
 if TYPE_CHECKING:
     from iotbiz.store import Store
     from iotbiz.store.postgres import PostgresStore
@@ -241,6 +246,11 @@ if TYPE_CHECKING:
     def _both_have_commands(
         sqlite: Store, postgres: PostgresStore
     ) -> tuple[CommandOperations, CommandOperations]:
+        return sqlite, postgres
+
+    def _both_serve_the_platform(
+        sqlite: Store, postgres: PostgresStore
+    ) -> tuple[PlatformStore, PlatformStore]:
         return sqlite, postgres
 
     def _both_have_history(

@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING
 from iotbiz.settings import StoreSettings
 
 if TYPE_CHECKING:
-    from iotbiz.store import Store
-    from iotbiz.store.postgres import PostgresStore
+    from iotbiz.store.interface import PlatformStore
 
 
 def store_name(settings: StoreSettings) -> str:
@@ -22,7 +21,7 @@ def store_name(settings: StoreSettings) -> str:
     return str(settings.path)
 
 
-async def open_store(settings: StoreSettings, *, create: bool = True) -> Store | PostgresStore:
+async def open_store(settings: StoreSettings, *, create: bool = True) -> PlatformStore:
     """Open (and migrate) the store. `create=False`: a missing SQLite file is a StoreNotFound
     (a PostgreSQL database is never created here: its server's administrator makes it)."""
     if settings.url:

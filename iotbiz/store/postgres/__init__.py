@@ -1,9 +1,9 @@
 """The store on PostgreSQL (through asyncpg): the same interface as `iotbiz.store.Store`.
 
 Every operation of the SQLite store exists here: `core`, `devices` (presence included),
-`fleet`, `commands`, `history`, `accounts`, `releases` and `rollouts`. The CLI's store commands
-open it when `store.url` is set (`iotbiz.store.opening`); the platform does not yet (it opens
-the SQLite store only). Several processes may share the database: each module's docstring
+`fleet`, `commands`, `history`, `accounts`, `releases` and `rollouts`, and the leader lock
+(`leader`). The platform and the CLI's store commands open it when `store.url` is set
+(`iotbiz.store.opening`). Several processes may share the database: each module's docstring
 says how its operations stay race-free across them. Each
 concern is one mixin over `PostgresCore`, as on SQLite: an operation is one `_read` or one
 `_write` (a transaction on one pooled connection); every driver error comes out as a StoreError
