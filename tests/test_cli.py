@@ -274,7 +274,6 @@ def test_adding_creates_the_store_before_the_platform_ever_ran(
     assert cli(capsys, "customer", "list", "--db", str(db))[0] == 0
 
 
-@pytest.mark.parametrize("cli_store", ["sqlite"], indirect=True)  # record_presence: SQLite only yet
 def test_device_tags_filters_telemetry_columns_and_the_audit_log(
     capsys: pytest.CaptureFixture[str], cli_store: CLIStore
 ) -> None:
