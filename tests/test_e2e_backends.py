@@ -2,22 +2,23 @@
 the device API, the admin API and a real paho device.
 
 A setup is one line in SETUPS: its name, the settings of its store and those of its broker
-(functions of the test's request, which may start a service fixture); e.g. a PostgreSQL store
-adds `"postgresql-rabbitmq": (postgresql_store, rabbitmq_broker)` and a `postgresql_store`
-returning `{"store": {...}}`.
+(functions of the test's request, which may start a service fixture, sync or async).
 
   - sqlite-embedded: the platform with its embedded amqtt broker;
   - sqlite-rabbitmq: the platform (in the test's loop) with `--broker external` on a private
     RabbitMQ 3.10 node (tests/services/rabbitmq.py), whose HTTP auth backend is this
-    platform's registrar and whose management API disconnects revoked devices.
+    platform's registrar and whose management API disconnects revoked devices;
+  - postgresql-embedded, postgresql-rabbitmq: the same on a fresh database of a private
+    PostgreSQL server (tests/services/postgres.py).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from iotbiz.platform import Platform
 from iotbiz.settings import Settings
 from tests.broker.conftest import wait_for
 from tests.mqtt_device import PahoDevice
+from tests.services.postgres import PostgresServer
 from tests.services.rabbitmq import RabbitNode, rabbitmq_node
 
 TOKEN = "e2e-admin-token"
@@ -52,7 +54,7 @@ class Setup:
 
 
 Sections = dict[str, dict[str, Any]]  # settings sections, as make_settings takes them
-SettingsPart = Callable[[pytest.FixtureRequest], Sections]
+SettingsPart = Callable[[pytest.FixtureRequest], Sections | Awaitable[Sections]]
 
 
 @asynccontextmanager
@@ -75,6 +77,12 @@ async def running(name: str, settings: Settings) -> AsyncIterator[Setup]:
 
 def sqlite_store(request: pytest.FixtureRequest) -> Sections:
     return {}  # make_settings's own: a SQLite file in tmp_path
+
+
+async def postgresql_store(request: pytest.FixtureRequest) -> Sections:
+    """A fresh database on the session's private PostgreSQL server."""
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return {"store": {"url": await server.create_database()}}
 
 
 def embedded_broker(request: pytest.FixtureRequest) -> Sections:
@@ -100,6 +108,8 @@ def rabbitmq_broker(request: pytest.FixtureRequest) -> Sections:
 SETUPS: dict[str, tuple[SettingsPart, SettingsPart]] = {
     "sqlite-embedded": (sqlite_store, embedded_broker),
     "sqlite-rabbitmq": (sqlite_store, rabbitmq_broker),
+    "postgresql-embedded": (postgresql_store, embedded_broker),
+    "postgresql-rabbitmq": (postgresql_store, rabbitmq_broker),
 }
 
 
@@ -123,8 +133,11 @@ def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
 async def setup(
     request: pytest.FixtureRequest, make_settings: Callable[..., Settings]
 ) -> AsyncIterator[Setup]:
-    store, broker = SETUPS[request.param]
-    settings = platform_settings(make_settings, store(request), broker(request))
+    parts = []
+    for part in SETUPS[request.param]:
+        made = part(request)
+        parts.append(await made if inspect.isawaitable(made) else made)
+    settings = platform_settings(make_settings, *parts)
     async with running(request.param, settings) as started:
         yield started
 
