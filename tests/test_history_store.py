@@ -105,6 +105,41 @@ async def test_presence_samples_and_events_in_one_batch(store: AnyStore, clock: 
     assert len(await store.list_events(name=a)) == 1
 
 
+async def test_a_batch_naming_a_device_several_times_ends_as_applied_in_order(
+    store: AnyStore, clock: FakeClock
+) -> None:
+    """The updates that set `online` first, then the others, each in the batch's order (as
+    SQLite applies them; PostgreSQL merges them into one row per device)."""
+    [a, b] = await active_devices(store, "abc123", 2)
+    await store.record_presence(
+        [
+            PresenceUpdate(a, 5.0, online=True, status={"state": "online", "n": 1}),
+            PresenceUpdate(a, 7.0, telemetry={"n": 1}),
+            PresenceUpdate(b, 3.0, telemetry={"n": 2}),
+            PresenceUpdate(a, 6.0, online=False, status={"state": "offline", "n": 2}),
+            PresenceUpdate(a, 4.0, telemetry={"n": 3}),
+            PresenceUpdate(b, 2.0, online=True),
+        ],
+        events=[(a, float(i), {"i": i}) for i in range(50)],
+    )
+    first, second = await store.get_device(a), await store.get_device(b)
+    assert first is not None
+    assert second is not None
+    assert (first.online, first.last_seen_at, first.last_status, first.telemetry) == (
+        False,
+        7.0,
+        {"state": "offline", "n": 2},
+        {"n": 3},
+    )
+    assert (second.online, second.last_seen_at, second.telemetry) == (True, 3.0, {"n": 2})
+    # events get their ids in the batch's order
+    assert [e.body["i"] for e in await store.list_events(name=a)] == list(range(49, -1, -1))
+    await store.record_presence([PresenceUpdate(a, 1.0, online=True)])  # older: kept 7.0
+    first = await store.get_device(a)
+    assert first is not None
+    assert (first.online, first.last_seen_at, first.telemetry) == (True, 7.0, {"n": 3})
+
+
 async def test_retention_by_age_and_per_device_cap_in_bounded_batches(
     store: AnyStore, clock: FakeClock
 ) -> None:

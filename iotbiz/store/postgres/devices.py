@@ -8,6 +8,7 @@ number of processes, count and insert one after the other.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type hints
 
@@ -36,13 +37,16 @@ _CUSTOMERS = """
 """
 _LIMIT = "SELECT device_limit FROM customers WHERE customer_id = $1"
 _LIMIT_LOCKED = _LIMIT + " FOR UPDATE"
+# one statement for the whole batch, one row per device (merged in `record_presence`)
 _PRESENCE = """
-    UPDATE devices SET
-        online = coalesce($1, online),
-        last_seen_at = greatest(coalesce(last_seen_at, 0), $2),
-        last_status = coalesce($3, last_status),
-        last_telemetry = coalesce($4, last_telemetry)
-    WHERE customer_id = $5 AND device_id = $6 AND state = 'active'
+    UPDATE devices d SET
+        online = coalesce(u.online, d.online),
+        last_seen_at = greatest(coalesce(d.last_seen_at, 0), u.seen_at),
+        last_status = coalesce(u.status, d.last_status),
+        last_telemetry = coalesce(u.telemetry, d.last_telemetry)
+    FROM unnest($1::text[], $2::text[], $3::integer[], $4::float8[], $5::text[], $6::text[])
+        AS u (customer_id, device_id, online, seen_at, status, telemetry)
+    WHERE d.customer_id = u.customer_id AND d.device_id = u.device_id AND d.state = 'active'
 """
 # Devices that count against a customer's limit: active ones and unexpired pending ones.
 _COUNTED = "(state = 'active' OR (state = 'pending' AND pending_expires_at > $2))"
@@ -234,35 +238,43 @@ class PostgresDeviceOperations(PostgresCore):
         events: Iterable[Event] = (),
     ) -> None:
         """Write a batch of presence updates, telemetry samples and device events in one
-        transaction (not audited), applied in SQLite's order: the updates that set `online`,
-        then the others, each in the batch's order. The devices' rows are locked first, in
-        name order, so that two processes recording presence of the same devices wait for one
-        another instead of deadlocking."""
-        rows = [
-            (
-                None if update.online is None else int(update.online),
-                update.seen_at,
-                json_or_null(update.status),
-                json_or_null(update.telemetry),
-                update.name.customer_id,
-                update.name.device_id,
-            )
-            for update in updates
+        transaction (not audited), with SQLite's result: there, the updates that set `online`
+        are applied first, then the others, each in the batch's order; here they are merged
+        in that order into one row per device (the last `online`, status and telemetry given,
+        the latest `seen_at`) and written by one statement. The devices' rows are locked first,
+        in name order, so that two processes recording presence of the same devices wait for
+        one another instead of deadlocking."""
+        merged: dict[DeviceName, list[Any]] = {}
+        ordered = sorted(updates, key=lambda update: update.online is None)  # stable
+        for update in ordered:
+            online = None if update.online is None else int(update.online)
+            status, telemetry = json_or_null(update.status), json_or_null(update.telemetry)
+            row = merged.get(update.name)
+            if row is None:
+                merged[update.name] = [online, update.seen_at, status, telemetry]
+                continue
+            row[1] = max(row[1], update.seen_at)
+            for index, value in ((0, online), (2, status), (3, telemetry)):
+                if value is not None:
+                    row[index] = value
+        names = sorted(merged)
+        columns = [
+            [name.customer_id for name in names],
+            [name.device_id for name in names],
+            *([merged[name][index] for name in names] for index in range(4)),
         ]
-        rows = [row for row in rows if row[0] is not None] + [r for r in rows if r[0] is None]
-        names = sorted({(row[4], row[5]) for row in rows})
         sample_list, event_list = list(samples), list(events)
 
         async def record(conn: asyncpg.Connection) -> None:
-            if rows:
+            if names:
                 await conn.execute(
                     "SELECT 1 FROM devices WHERE (customer_id, device_id) IN"
                     " (SELECT * FROM unnest($1::text[], $2::text[])) AND state = 'active'"
                     " ORDER BY customer_id, device_id FOR NO KEY UPDATE",
-                    [name[0] for name in names],
-                    [name[1] for name in names],
+                    columns[0],
+                    columns[1],
                 )
-                await conn.executemany(_PRESENCE, rows)
+                await conn.execute(_PRESENCE, *columns)
             await insert_history(conn, sample_list, event_list)
 
         await self._write(record)

@@ -27,13 +27,18 @@ from iotbiz.store.postgres.core import PostgresCore
 
 _INT64 = 2**63
 _COUNTERS = ("net_rx_bytes", "net_tx_bytes")
-_INSERT_SAMPLE = (
+_INSERT_SAMPLES = (
     f"INSERT INTO telemetry_samples (customer_id, device_id, at, {', '.join(SAMPLE_FIELDS)})"  # noqa: S608
-    f" VALUES ({', '.join(f'${i}' for i in range(1, len(SAMPLE_FIELDS) + 4))})"
+    " SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[], $5::float8[],"
+    " $6::float8[], $7::float8[], $8::float8[], $9::bigint[], $10::bigint[])"
     " ON CONFLICT DO NOTHING"
 )
-_INSERT_EVENT = (
-    "INSERT INTO device_events (customer_id, device_id, at, body) VALUES ($1, $2, $3, $4)"
+# ids are given in the order of the SELECT's rows: the batch's
+_INSERT_EVENTS = (
+    "INSERT INTO device_events (customer_id, device_id, at, body)"
+    " SELECT customer_id, device_id, at, body FROM unnest($1::text[], $2::text[], $3::float8[],"
+    " $4::text[]) WITH ORDINALITY AS e (customer_id, device_id, at, body, position)"
+    " ORDER BY position"
 )
 _NAMES = "(SELECT * FROM unnest($1::text[], $2::text[]))"  # (customer_id, device_id) pairs
 
@@ -223,6 +228,10 @@ async def insert_history(
         if name in active
     ]
     if sample_rows:
-        await conn.executemany(_INSERT_SAMPLE, sample_rows)
+        await conn.execute(
+            _INSERT_SAMPLES, *(list(column) for column in zip(*sample_rows, strict=True))
+        )
     if event_rows:
-        await conn.executemany(_INSERT_EVENT, event_rows)
+        await conn.execute(
+            _INSERT_EVENTS, *(list(column) for column in zip(*event_rows, strict=True))
+        )
