@@ -6,8 +6,9 @@ HTTP. Stop order is the reverse, so nothing is used after it is closed.
 External-broker mode (`broker.mode = "external"`, `--broker external`): no embedded broker. The
 service client connects to `broker.url` as `SERVICE_USERNAME` with `broker.service_password`
 (the same in every platform process, since the broker's auth callbacks may reach any of them)
-and follows telemetry too; presence comes from the devices' `status` messages (retained, and
-the agent's will), as there are no broker connect/disconnect events. The broker asks the
+and follows telemetry too; presence comes from what the devices send (`status`, the agent's
+will, and any live message, see `iotbiz.presence`), as there are no broker connect/disconnect
+events. The broker asks the
 registrar's `/api/v1/broker-auth/...` callbacks, so the service client can log in only once HTTP
 listens: the registrar does not wait for it at start, and /healthz answers 503 until it is
 connected. Revoked names are disconnected through RabbitMQ's management API when
@@ -148,7 +149,9 @@ class Platform:
             threads=registrar.hash_threads,
             max_queued=registrar.max_queued_hashes,
         )
-        presence = self._presence = PresenceRecorder(store, history=settings.history)
+        presence = self._presence = PresenceRecorder(
+            store, history=settings.history, external_broker=external
+        )
         dispatcher = self._dispatcher = Dispatcher(store, settings.commands)
         presence.on_online.append(dispatcher.device_online)
         presence.on_reply.append(dispatcher.reply_received)
@@ -218,6 +221,7 @@ class Platform:
         async def leadership_changed(leading: bool) -> None:
             if leading:  # presence starts over from the devices' retained statuses
                 await store.mark_all_offline()
+                presence.forget_online()
             await service_client.follow(leading)
 
         self.leader = Leader(

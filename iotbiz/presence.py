@@ -30,6 +30,16 @@ platform killed loses the samples it held (history, not state; stopping writes t
 `history.max_pending_samples` samples and `history.max_pending_events` events wait: beyond that,
 new samples and the oldest events are dropped, counted.
 
+External broker (`external_broker=True`): there are no connect or disconnect events, and a
+platform restart does not disconnect the devices. A retained `status` replayed on subscribe
+counts (the broker kept it while the platform was away and replaced it with the will if the
+device dropped), and any other message a device sends live (its telemetry, every
+`telemetry_interval_s`) shows it connected: the first since it was last known offline turns it
+online. Measured on RabbitMQ 3.10.8: retained messages reach only subscriptions without
+wildcards, so the platform's `devices/+/+/...` gets none, and after a restart a device that
+stayed connected is online again with its next telemetry (or status). The devices known online
+are a set of names, at most the fleet's active devices.
+
 Hooks for the rest of the platform (the command dispatcher): `on_online` callbacks get a device's
 name when it connects or says `online` live; `on_reply` callbacks get a device's `reply` payloads.
 They are called synchronously from the broker's and the service client's message paths, so they
@@ -75,8 +85,11 @@ class PresenceRecorder:
         retry_s: tuple[float, float] = (RETRY_START_S, RETRY_CAP_S),
         clock: Callable[[], float] = time.time,
         history: HistorySettings | None = None,
+        external_broker: bool = False,
     ) -> None:
         self._store = store
+        self._external = external_broker  # see "External broker" in the module docstring
+        self._online: set[DeviceName] = set()  # external broker: devices known online here
         self._flush_s = flush_s
         self._retry_start_s, self._retry_cap_s = retry_s
         self._clock = clock
@@ -120,12 +133,30 @@ class PresenceRecorder:
         self._note(PresenceUpdate(name, self._clock(), online=False))
 
     def status(self, name: DeviceName, status: dict[str, Any], *, live: bool) -> None:
-        """A status message. Only a live one (not a retained copy replayed on subscribe) says
-        whether the device is online now."""
-        online = status.get("state") == "online" if live else None
+        """A status message. Only a live one (not a retained copy replayed on subscribe, unless
+        the broker is an external one) says whether the device is online now."""
+        says = live or self._external
+        online = status.get("state") == "online" if says else None
         self._note(PresenceUpdate(name, self._clock(), online=online, status=status))
+        if self._external and online:
+            self._online.add(name)
+        elif self._external and online is False:
+            self._online.discard(name)
         if online:
             self._came_online(name)  # the agent says so after subscribing to its commands
+
+    def _alive(self, name: DeviceName) -> None:
+        """External broker: a message a device just sent shows it connected (see the module
+        docstring); the first one since it was last known offline here turns it online."""
+        if name not in self._online:
+            self._online.add(name)
+            self._note(PresenceUpdate(name, self._clock(), online=True))
+            self._came_online(name)
+
+    def forget_online(self) -> None:
+        """Every device is offline as far as this recorder knows (the store was just marked
+        so: a new leader starts over)."""
+        self._online.clear()
 
     def telemetry_payload(self, name: DeviceName, payload: bytes) -> None:
         """A telemetry message as published; only the latest per device is parsed, at flush."""
@@ -137,6 +168,8 @@ class PresenceRecorder:
 
     def message(self, name: DeviceName, suffix: str, payload: bytes, *, retained: bool) -> None:
         """A message a device published on `devices/{name}/{suffix}`."""
+        if self._external and not retained and suffix != topics.STATUS:
+            self._alive(name)
         if suffix == topics.TELEMETRY:
             self.telemetry_payload(name, payload)
         elif suffix == topics.STATUS:

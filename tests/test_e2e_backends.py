@@ -243,3 +243,110 @@ async def test_a_device_enrolls_reports_obeys_and_is_revoked(setup: Setup) -> No
         )
         _, shown = await admin.call("GET", f"/devices/{NAME}")
         assert (shown["state"], shown["online"]) == ("revoked", False)
+
+
+async def enroll(http: aiohttp.ClientSession, device_id: str) -> str:
+    """Register and activate a device of CUSTOMER over HTTP; its password."""
+    body = {"customer_id": CUSTOMER, "mac_address": device_id}
+    status, answer = await post(http, "/api/v1/register", body)
+    assert status == 201, answer
+    assert await post(http, "/api/v1/activate", {**body, "password": answer["password"]}) == (
+        200,
+        None,
+    )
+    return str(answer["password"])
+
+
+def status_payload(state: str) -> str:
+    return json.dumps({"state": state, "agent_version": "e2e", "ts": time.time()})
+
+
+async def test_a_command_queued_for_an_offline_device_goes_when_it_says_online(
+    setup: Setup,
+) -> None:
+    async with aiohttp.ClientSession(setup.url) as http:
+        admin = Admin(http)
+        code, _ = await admin.call(
+            "POST", "/customers", {"customer_id": CUSTOMER, "device_limit": 5}
+        )
+        assert code == 201
+        password = await enroll(http, DEVICE_ID)
+        code, sent = await admin.call("POST", "/commands", {"device": NAME, "action": "status"})
+        assert code == 201, sent
+        [command] = sent["commands"]
+        assert command["state"] == "queued"
+        device = PahoDevice(setup.mqtt_port, NAME, password)
+        try:
+            assert await device.connect() == 0
+            assert await device.subscribe(f"devices/{NAME}/cmd") == [1]
+            await device.publish(f"devices/{NAME}/status", status_payload("online"), retain=True)
+            message = await device.next_message(timeout=WAIT_S)
+            assert message is not None, "the queued command never came"
+            assert json.loads(message.payload)["id"] == command["id"]
+        finally:
+            device.close()
+
+
+async def test_a_restarted_platform_sees_the_devices_still_on_rabbitmq(
+    request: pytest.FixtureRequest, make_settings: Callable[..., Settings]
+) -> None:
+    """The external broker outlives a platform restart, and so do the devices' connections.
+    RabbitMQ 3.10 sends retained messages to no wildcard subscription (measured), so the
+    platform learns who is online from what they send next: a device's telemetry turns it
+    online again (and its queued command goes); one that said offline and left stays offline."""
+    settings = platform_settings(make_settings, rabbitmq_broker(request))
+    other_id = "aa:bb:cc:00:00:02"
+    names = [NAME, f"{CUSTOMER}/{other_id}"]
+    devices: list[PahoDevice] = []
+    try:
+        async with (
+            running("sqlite-rabbitmq", settings) as first,
+            aiohttp.ClientSession(first.url) as http,
+        ):
+            admin = Admin(http)
+            limit = {"customer_id": CUSTOMER, "device_limit": 5}
+            assert (await admin.call("POST", "/customers", limit))[0] == 201
+            passwords = [await enroll(http, DEVICE_ID), await enroll(http, other_id)]
+            for name, password in zip(names, passwords, strict=True):
+                topic = f"devices/{name}/status"
+                will = (topic, status_payload("offline").encode(), 1, True)
+                device = PahoDevice(first.mqtt_port, name, password, will=will)
+                devices.append(device)
+                assert await device.connect() == 0
+                assert await device.subscribe(f"devices/{name}/cmd") == [1]
+                await device.publish(topic, status_payload("online"), retain=True)
+            await devices[1].publish(
+                f"devices/{names[1]}/status", status_payload("offline"), retain=True
+            )
+            devices[1].close()
+
+            async def seen() -> bool:
+                shown = [(await admin.call("GET", f"/devices/{name}"))[1] for name in names]
+                return [d["online"] for d in shown] == [True, False]
+
+            await wait_for(seen, timeout=WAIT_S)
+        # stopped (every device marked offline); the first device stays connected to RabbitMQ
+        async with (
+            running("sqlite-rabbitmq", settings) as second,
+            aiohttp.ClientSession(second.url) as http,
+        ):
+            admin = Admin(http)
+            _, shown = await admin.call("GET", f"/devices/{NAME}")
+            assert shown["online"] is False
+            code, sent = await admin.call("POST", "/commands", {"device": NAME, "action": "ping"})
+            assert (code, sent["commands"][0]["state"]) == (201, "queued")
+            telemetry = {"ts": time.time(), "system": {"cpu_percent": 3.0}, "apps": []}
+            await devices[0].publish(f"devices/{NAME}/telemetry", json.dumps(telemetry), qos=1)
+
+            async def online_again() -> bool:
+                return bool((await admin.call("GET", f"/devices/{NAME}"))[1]["online"])
+
+            await wait_for(online_again, timeout=WAIT_S)
+            message = await devices[0].next_message(timeout=WAIT_S)
+            assert message is not None, "the queued command did not go"
+            assert json.loads(message.payload)["id"] == sent["commands"][0]["id"]
+            _, other = await admin.call("GET", f"/devices/{names[1]}")
+            assert (other["online"], other["status"]["state"]) == (False, "offline")
+    finally:
+        for device in devices:
+            device.close()

@@ -136,3 +136,43 @@ async def test_hooks_hear_of_devices_coming_online_and_their_replies(
     presence.message(NAME, "reply", b'{"id": "c-1", "ok": true}', retained=False)
     assert online == [NAME, NAME]
     assert replies == [(NAME, b'{"id": "c-1", "ok": true}')]
+
+
+async def test_with_an_external_broker_messages_say_online(store: Store, clock: FakeClock) -> None:
+    """No connect events: a retained status counts, and the first live message since the device
+    was last known offline turns it online (once: the dispatcher hears of it once)."""
+    await active_device(store)
+    presence = PresenceRecorder(store, clock=clock, external_broker=True)
+    came_online: list[DeviceName] = []
+    presence.on_online.append(came_online.append)
+
+    async def online() -> bool:
+        await presence.flush()
+        device = await store.get_device(NAME)
+        assert device is not None
+        return bool(device.online)
+
+    presence.status(NAME, {"state": "online"}, live=False)  # retained, kept by the broker
+    assert await online()
+    presence.message(NAME, "status", b'{"state": "offline"}', retained=False)  # the will
+    assert not await online()
+    presence.message(NAME, "telemetry", b"{}", retained=True)  # a retained copy: not alive
+    assert not await online()
+    for _ in range(3):
+        presence.message(NAME, "telemetry", b'{"cpu": 1}', retained=False)
+    assert await online()
+    assert came_online == [NAME, NAME]
+    await store.mark_all_offline()  # a new leader starts over
+    presence.forget_online()
+    presence.message(NAME, "events", b'{"kind": "x"}', retained=False)
+    assert await online()
+    assert came_online == [NAME, NAME, NAME]
+    # the embedded broker's presence: a message says nothing of the connection
+    embedded = PresenceRecorder(store, clock=clock)
+    await store.mark_all_offline()
+    embedded.message(NAME, "telemetry", b'{"cpu": 2}', retained=False)
+    embedded.status(NAME, {"state": "online"}, live=False)
+    await embedded.flush()
+    device = await store.get_device(NAME)
+    assert device is not None
+    assert not device.online
