@@ -60,6 +60,11 @@ async def test_create_get_and_audit(store: AnyStore, clock: FakeClock) -> None:
     assert await store.get_command("c-nothing") is None
     [entry] = await store.audit_entries(subject=str(a), limit=1)
     assert (entry.action, entry.actor, entry.detail["id"]) == ("command.send", "op", got.command_id)
+    # one entry per command, in the order of the names (newest first here)
+    assert [e.detail["id"] for e in await store.audit_entries(limit=2)] == [
+        commands[1].command_id,
+        commands[0].command_id,
+    ]
 
 
 async def test_list_newest_first_with_keyset_paging_and_filters(

@@ -147,13 +147,17 @@ async def audit(
 async def audit_many(
     conn: asyncpg.Connection, entries: list[tuple[float, str, str, str, dict[str, Any]]]
 ) -> None:
-    """Audit entries (at, actor, action, subject, detail), in this order, in one round trip."""
+    """Audit entries (at, actor, action, subject, detail) in one statement; their ids follow
+    the list's order (WITH ORDINALITY ... ORDER BY)."""
     if entries:
-        await conn.executemany(
+        await conn.execute(
             "INSERT INTO audit_log (at, actor, action, subject, detail)"
-            " VALUES ($1, $2, $3, $4, $5)",
-            [
-                (at, actor, action, subject, json.dumps(detail, sort_keys=True))
-                for at, actor, action, subject, detail in entries
-            ],
+            " SELECT at, actor, action, subject, detail FROM unnest($1::float8[], $2::text[],"
+            " $3::text[], $4::text[], $5::text[]) WITH ORDINALITY"
+            " AS e (at, actor, action, subject, detail, position) ORDER BY position",
+            [entry[0] for entry in entries],
+            [entry[1] for entry in entries],
+            [entry[2] for entry in entries],
+            [entry[3] for entry in entries],
+            [json.dumps(entry[4], sort_keys=True) for entry in entries],
         )
