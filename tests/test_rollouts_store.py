@@ -1,12 +1,12 @@
 """The rollouts' store operations on both backends (SQLite and PostgreSQL): creation and its
 refusals, batches started once, results settled from the update commands, stop, completion,
 abort, paging; and on PostgreSQL, two stores with their own pools (as two platform processes
-have) starting and settling the same rollout at once."""
+have) starting and settling the same rollout at once. Replies, sends and expiries go through the
+store's command operations, as the dispatcher makes them."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import asyncpg
@@ -17,8 +17,8 @@ from iotbiz.models import Command, CommandState
 from iotbiz.names import DeviceName
 from iotbiz.rollouts import RolloutEngine
 from iotbiz.settings import RolloutSettings
-from iotbiz.store import Rollout, RolloutDevice, Store
-from iotbiz.store.interface import DeviceStore
+from iotbiz.store import Rollout, RolloutDevice
+from iotbiz.store.interface import PlatformStore
 from iotbiz.store.postgres import PostgresStore
 from tests.conftest import FakeClock
 from tests.store_helpers import active_devices
@@ -30,7 +30,7 @@ SHA = "ab" * 32
 ARGS = {"app": "web", "version": "2.0", "url": "/api/v1/releases/web/2.0", "sha256": SHA}
 
 
-async def rollout_of(store: Any, names: list[DeviceName], **options: Any) -> Rollout:
+async def rollout_of(store: PlatformStore, names: list[DeviceName], **options: Any) -> Rollout:
     if await store.get_release("web", "2.0") is None:
         await store.add_release("web", "2.0", sha256=SHA, size=10, signature=None, actor="t")
     settings: dict[str, Any] = {
@@ -47,93 +47,41 @@ async def rollout_of(store: Any, names: list[DeviceName], **options: Any) -> Rol
 
 
 # -- the commands' side, as the dispatcher changes it ------------------------------------------
-# The PostgreSQL store has no command operations yet (helper A1 adds them): until then these
-# write what mark_sent, finish_command and expire_commands write, with the same statements.
 
 
 async def reply(
-    store: Any, command: Command, *, ok: bool = True, result: Any = None, error: str | None = None
+    store: PlatformStore,
+    command: Command,
+    *,
+    ok: bool = True,
+    result: Any = None,
+    error: str | None = None,
 ) -> None:
-    if isinstance(store, Store):
-        assert await store.finish_command(
-            command.device, command.command_id, ok=ok, result=result, error=error
-        )
-        return
-    status = await store._write(
-        lambda conn: conn.execute(
-            "UPDATE commands SET done_at = $1, result = $2, error = $3, state ="
-            " CASE WHEN $4 THEN 'done' WHEN expires_at <= $1 THEN 'expired' ELSE 'failed' END"
-            " WHERE command_id = $5 AND state IN ('queued', 'sent')",
-            store.now(),
-            None if result is None else json.dumps(result, separators=(",", ":")),
-            error,
-            ok,
-            command.command_id,
-        )
+    finished = await store.finish_command(
+        command.device, command.command_id, ok=ok, result=result, error=error
     )
-    assert status == "UPDATE 1"
+    assert finished is not None
 
 
-async def mark_sent(store: Any, command: Command) -> None:
-    if isinstance(store, Store):
-        await store.mark_sent([command.command_id], store.now())
-        return
-    await store._write(
-        lambda conn: conn.execute(
-            "UPDATE commands SET state = 'sent', sent_at = $1 WHERE command_id = $2"
-            " AND state IN ('queued', 'sent')",
-            store.now(),
-            command.command_id,
-        )
-    )
+async def mark_sent(store: PlatformStore, command: Command) -> None:
+    await store.mark_sent([command.command_id], store.now())
 
 
-async def expire(store: Any) -> None:
-    if isinstance(store, Store):
-        await store.expire_commands()
-        return
-    await store._write(
-        lambda conn: conn.execute(
-            "UPDATE commands SET state = 'expired', done_at = $1"
-            " WHERE state IN ('queued', 'sent') AND expires_at <= $1",
-            store.now(),
-        )
-    )
+async def expire(store: PlatformStore) -> None:
+    await store.expire_commands()
 
 
-async def stored(store: Any, command_id: str) -> Command | None:
-    if isinstance(store, Store):
-        return await store.get_command(command_id)
-    row = await store._read(
-        lambda conn: conn.fetchrow("SELECT * FROM commands WHERE command_id = $1", command_id)
-    )
-    if row is None:
-        return None
-    return Command(
-        command_id=row["command_id"],
-        customer_id=row["customer_id"],
-        device_id=row["device_id"],
-        action=row["action"],
-        args=json.loads(row["args"]),
-        state=CommandState(row["state"]),
-        created_at=row["created_at"],
-        expires_at=row["expires_at"],
-        sent_at=row["sent_at"],
-        done_at=row["done_at"],
-        result=None if row["result"] is None else json.loads(row["result"]),
-        error=row["error"],
-        actor=row["actor"],
-        batch_id=row["batch_id"],
-    )
+async def stored(store: PlatformStore, command_id: str) -> Command | None:
+    return await store.get_command(command_id)
 
 
 # -- both backends ------------------------------------------------------------------------------
 
 
 async def test_a_rollout_is_its_devices_by_name_in_batches(
-    any_store: DeviceStore, clock: FakeClock
+    any_store: PlatformStore, clock: FakeClock
 ) -> None:
-    store: Any = any_store
+    store = any_store
     names = await active_devices(store, "abc123", 3)
     others = [
         DeviceName(customer, "x")
@@ -189,9 +137,9 @@ async def test_a_rollout_is_its_devices_by_name_in_batches(
 
 
 async def test_a_rollout_is_refused_without_its_release_or_with_inactive_devices(
-    any_store: DeviceStore,
+    any_store: PlatformStore,
 ) -> None:
-    store: Any = any_store
+    store = any_store
     names = await active_devices(store, "abc123", 2)
     with pytest.raises(NotFoundError) as refused:
         await store.create_rollout(
@@ -221,9 +169,9 @@ async def test_a_rollout_is_refused_without_its_release_or_with_inactive_devices
 
 
 async def test_a_batch_starts_once_with_one_update_per_active_device(
-    any_store: DeviceStore, clock: FakeClock
+    any_store: PlatformStore, clock: FakeClock
 ) -> None:
-    store: Any = any_store
+    store = any_store
     names = await active_devices(store, "abc123", 4)
     rollout = await rollout_of(store, names)
     rollout_id = rollout.rollout_id
@@ -300,9 +248,9 @@ async def test_a_batch_starts_once_with_one_update_per_active_device(
 
 
 async def test_results_are_settled_and_too_many_failures_stop_it(
-    any_store: DeviceStore, clock: FakeClock
+    any_store: PlatformStore, clock: FakeClock
 ) -> None:
-    store: Any = any_store
+    store = any_store
     names = await active_devices(store, "abc123", 7)
     rollout_id = (await rollout_of(store, names, batch_size=3, max_failures=2)).rollout_id
     first = await store.start_rollout_batch(rollout_id, 0, ARGS, expires_at=clock.now + 60)
@@ -347,8 +295,8 @@ async def test_results_are_settled_and_too_many_failures_stop_it(
     assert await store.settle_rollout("r-0000000000000000") is None
 
 
-async def test_every_result_in_completes_it(any_store: DeviceStore, clock: FakeClock) -> None:
-    store: Any = any_store
+async def test_every_result_in_completes_it(any_store: PlatformStore, clock: FakeClock) -> None:
+    store = any_store
     names = await active_devices(store, "abc123", 3)
     rollout_id = (await rollout_of(store, names)).rollout_id
     for batch in (0, 1):
@@ -373,9 +321,9 @@ async def test_every_result_in_completes_it(any_store: DeviceStore, clock: FakeC
 
 
 async def test_abort_cancels_queued_updates_and_still_records_delivered_ones(
-    any_store: DeviceStore, clock: FakeClock
+    any_store: PlatformStore, clock: FakeClock
 ) -> None:
-    store: Any = any_store
+    store = any_store
     names = await active_devices(store, "abc123", 4)
     rollout_id = (await rollout_of(store, names)).rollout_id
     queued, sent = await store.start_rollout_batch(rollout_id, 0, ARGS, expires_at=clock.now + 60)
@@ -422,8 +370,10 @@ async def test_abort_cancels_queued_updates_and_still_records_delivered_ones(
     assert await store.rollouts_to_follow(limit=10) == []
 
 
-async def test_stopped_by_the_engine_says_stopped(any_store: DeviceStore, clock: FakeClock) -> None:
-    store: Any = any_store
+async def test_stopped_by_the_engine_says_stopped(
+    any_store: PlatformStore, clock: FakeClock
+) -> None:
+    store = any_store
     names = await active_devices(store, "abc123", 1)
     rollout_id = (await rollout_of(store, names)).rollout_id
     [command] = await store.start_rollout_batch(rollout_id, 0, ARGS, expires_at=clock.now + 60)
@@ -435,9 +385,9 @@ async def test_stopped_by_the_engine_says_stopped(any_store: DeviceStore, clock:
 
 
 async def test_rollouts_are_listed_newest_first_in_pages(
-    any_store: DeviceStore, clock: FakeClock
+    any_store: PlatformStore, clock: FakeClock
 ) -> None:
-    store: Any = any_store
+    store = any_store
     names = await active_devices(store, "abc123", 2)
     first = await rollout_of(store, names[:1])
     clock.advance(1)
@@ -515,8 +465,7 @@ async def test_two_engines_on_one_database_update_each_device_once(
     rollout completes: each batch starts once, each result is recorded once."""
     one, two = await two_stores(postgres_url, clock)
     settings = RolloutSettings()
-    # (the engine is typed for the SQLite Store; it uses only operations both stores have)
-    engines = [RolloutEngine(store, settings, clock=clock) for store in (one, two)]  # type: ignore[arg-type]
+    engines = [RolloutEngine(store, settings, clock=clock) for store in (one, two)]
     try:
         names = await active_devices(one, "abc123", 6)
         rollout_id = (await rollout_of(one, names, batch_size=2)).rollout_id
