@@ -70,6 +70,14 @@ async def running(name: str, settings: Settings) -> AsyncIterator[Setup]:
                     return response.status == 200
 
             await wait_for(healthy, timeout=START_TIMEOUT_S)
+            async with http.get("/healthz") as response:
+                health = await response.json()
+        external = settings.broker.mode == "external"
+        assert platform.broker is None if external else platform.broker is not None
+        assert (health["status"], health["broker"]) == (
+            "ok",
+            "connected" if external else "listening",
+        )
         yield Setup(name, platform, platform.mqtt_port)
     finally:
         await platform.stop()
