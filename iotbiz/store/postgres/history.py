@@ -159,11 +159,14 @@ class PostgresHistoryOperations(PostgresCore):
                 *names,
                 samples_before,
             )
+            # each device's cut once (MATERIALIZED): inlined, the planner (with statistics)
+            # hashed the whole events table and computed the cut once per event row
             events = await conn.execute(
-                "DELETE FROM device_events e USING (SELECT n.c, n.d, (SELECT x.event_id"
+                "WITH k AS MATERIALIZED (SELECT n.c, n.d, (SELECT x.event_id"
                 " FROM device_events x WHERE x.customer_id = n.c AND x.device_id = n.d"
                 " ORDER BY x.event_id DESC LIMIT 1 OFFSET $3) AS cut"
-                " FROM unnest($1::text[], $2::text[]) AS n(c, d)) AS k"
+                " FROM unnest($1::text[], $2::text[]) AS n(c, d))"
+                " DELETE FROM device_events e USING k"
                 " WHERE e.customer_id = k.c AND e.device_id = k.d AND e.event_id <= k.cut",
                 *names,
                 events_per_device,
