@@ -1,13 +1,19 @@
 """Devices on a 3-node RabbitMQ cluster whose HTTP auth backend is the platform (issue 12).
 
 One cluster for the module (tests/services/rabbitmq.py: rabbitmq_cluster, about 30 s to
-start); each test has its own platform (its registrar on the cluster's auth port, a fresh
-SQLite store), its own devices enrolled over HTTP and real paho clients (client id = username)
-spread over the nodes. The observer is a superuser operator account subscribed to devices/#.
+start); each test has its own platform in external-broker mode (its service client on node 1,
+its registrar on the cluster's auth port, a fresh SQLite store), its own devices enrolled over
+HTTP and real paho clients (client id = username) spread over the nodes. What the platform
+sees is checked through the admin API; the MQTT-level checks use an observer, a superuser
+operator account subscribed to devices/#.
 
 The node-stop tests come last: they stop node 3, move its devices to the other nodes (what a
 TCP load balancer in front of the cluster does in production: here the test's reconnect logic
-picks another node's port), check that they carry on, and start node 3 again.
+picks another node's port), check that they carry on, and start node 3 again. Their devices
+keep persistent sessions as the agent does (clean_session false), which on a cluster needs
+`mqtt.durable_queue_type = quorum` (the harness sets it): with RabbitMQ's default, a classic
+queue on the node the device first used, a device from the stopped node got no SUBACK on
+another node for 90 s, until its old node came back.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from tests.services.rabbitmq import RabbitCluster, rabbitmq_cluster
 pytestmark = pytest.mark.timeout(420)
 CUSTOMER = "abc123"
 OBSERVER_PASSWORD = "observer-password"
+TOKEN = "cluster-test-token"
+SERVICE_PASSWORD = "cluster-service-password"
 MOVE_TIMEOUT_S = 90.0  # bound on a device's move to another node after its node stopped
 
 
@@ -46,8 +54,22 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitCluster]
 async def platform(
     make_settings: Callable[..., Settings], cluster: RabbitCluster
 ) -> AsyncIterator[Platform]:
-    """The platform with its registrar on the port every node's auth backend asks."""
-    running = Platform(make_settings(http={"host": "127.0.0.1", "port": cluster.auth_port}))
+    """The platform in external mode on node 1, its registrar on the port every node's auth
+    backend asks; revoked devices are closed through node 1's management API."""
+    node = cluster.node(1)
+    settings = make_settings(
+        http={"host": "127.0.0.1", "port": cluster.auth_port},
+        admin={"token": TOKEN},
+        broker={
+            "mode": "external",
+            "url": f"mqtt://127.0.0.1:{node.mqtt_port}",
+            "service_password": SERVICE_PASSWORD,
+            "management_url": node.management_url,
+            "management_user": node.management_user,
+            "management_password": node.management_password,
+        },
+    )
+    running = Platform(settings)
     await running.start()
     await running.store.add_customer(CUSTOMER, 20, actor="test")
     assert running.authority is not None
@@ -57,6 +79,66 @@ async def platform(
         yield running
     finally:
         await running.stop()
+
+
+@pytest_asyncio.fixture
+async def admin(platform: Platform) -> AsyncIterator[Admin]:
+    async with aiohttp.ClientSession(
+        f"http://127.0.0.1:{platform.http_port}/api/v1/admin/",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    ) as session:
+        yield Admin(session)
+
+
+class Admin:
+    """The admin API as an operator uses it."""
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self.session = session
+
+    async def device(self, name: str) -> dict[str, Any]:
+        async with self.session.get(f"devices/{name}") as response:
+            assert response.status == 200, await response.text()
+            body: dict[str, Any] = await response.json()
+            return body
+
+    async def wait_device(
+        self, name: str, check: Callable[[dict[str, Any]], bool], timeout: float = 15.0
+    ) -> dict[str, Any]:
+        """Poll the device until `check` holds for it; the device then."""
+        deadline = time.monotonic() + timeout
+        while True:
+            device = await self.device(name)
+            if check(device):
+                return device
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} after {timeout} s: {device}")
+            await asyncio.sleep(0.1)
+
+    async def command(self, name: str, action: str) -> str:
+        """Send a command; its id."""
+        body = {"device": name, "action": action, "expires_in_s": 120}
+        async with self.session.post("commands", json=body) as response:
+            assert response.status == 201, await response.text()
+            return str((await response.json())["commands"][0]["id"])
+
+    async def wait_sent(self, command_id: str, timeout: float = 15.0) -> None:
+        """Poll the command until the platform has published it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            async with self.session.get(f"commands/{command_id}") as response:
+                state = (await response.json())["state"]
+            if state == "sent":
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"command {command_id} still {state} after {timeout} s")
+            await asyncio.sleep(0.05)
+
+    async def wait_command(self, command_id: str) -> dict[str, Any]:
+        async with self.session.get(f"commands/{command_id}", params={"wait": "20"}) as response:
+            assert response.status == 200, await response.text()
+            body: dict[str, Any] = await response.json()
+            return body
 
 
 async def enroll(platform: Platform, device_id: str) -> str:
@@ -89,7 +171,7 @@ class Device:
     def topic(self, suffix: str) -> str:
         return f"devices/{self.name}/{suffix}"
 
-    async def connect(self, cluster: RabbitCluster, number: int) -> int:
+    async def connect(self, cluster: RabbitCluster, number: int, *, subscribe: bool = True) -> int:
         """Connect to node `number` and subscribe to its cmd; the CONNACK code."""
         self.close()
         self.client = PahoDevice(
@@ -97,9 +179,21 @@ class Device:
         )
         self.node = number
         code = await self.client.connect()
-        if code == 0:
+        if code == 0 and subscribe:
             assert await self.client.subscribe(self.topic("cmd")) == [1]
         return code
+
+    async def say_online(self) -> None:
+        """What the agent does first on every connection: a retained `online` status."""
+        status = {"state": "online", "agent_version": "test", "ts": time.time()}
+        await self.paho.publish(self.topic("status"), json.dumps(status), retain=True)
+
+    async def answer_command(self) -> str:
+        """Take the next command and answer it ok, with the node it came through; its id."""
+        command = payload(await next_on(self.paho, self.topic("cmd")))
+        answer = {"id": command["id"], "ok": True, "result": {"node": self.node}}
+        await self.paho.publish(self.topic("reply"), json.dumps(answer))
+        return str(command["id"])
 
     def close(self) -> None:
         if self.client is not None:
@@ -139,6 +233,11 @@ async def next_on(client: PahoDevice, topic: str, timeout: float = 15.0) -> mqtt
     raise AssertionError(f"no message on {topic} within {timeout} s")
 
 
+def showing(telemetry: dict[str, Any]) -> Callable[[dict[str, Any]], bool]:
+    """A check of a device from the admin API: its last telemetry is this."""
+    return lambda device: bool(device["telemetry"] == telemetry)
+
+
 def payload(message: mqtt.MQTTMessage) -> Any:
     return json.loads(message.payload)
 
@@ -156,37 +255,30 @@ async def test_the_cluster_is_one_cluster_of_three(cluster: RabbitCluster) -> No
     assert {node.auth_port for node in cluster.nodes} == {cluster.auth_port}
 
 
-async def test_telemetry_and_commands_cross_the_nodes(
-    cluster: RabbitCluster, platform: Platform
+async def test_the_platform_on_node_1_follows_and_commands_devices_on_every_node(
+    cluster: RabbitCluster, platform: Platform, admin: Admin
 ) -> None:
     devices = await devices_on(
         platform, cluster, {"aa:bb:cc:00:01:01": 1, "aa:bb:cc:00:01:02": 2, "aa:bb:cc:00:01:03": 3}
     )
-    one, two, three = devices.values()
-    observer = await observer_on(cluster, 1, "observer-1")
     try:
-        # a device on node 3 -> the observer on node 1
-        status = {"state": "online", "agent_version": "test", "ts": 1}
-        await three.paho.publish(three.topic("status"), json.dumps(status), retain=True)
-        await three.paho.publish(three.topic("telemetry"), json.dumps({"cpu_percent": 12.5}))
-        assert payload(await next_on(observer, three.topic("status"))) == status
-        assert payload(await next_on(observer, three.topic("telemetry"))) == {"cpu_percent": 12.5}
-        # a command from node 1 -> the device on node 2, its reply back to node 1
-        command = {"id": "c-1", "action": "ping", "args": {}, "expires_at": 0}
-        await observer.publish(two.topic("cmd"), json.dumps(command))
-        assert payload(await next_on(two.paho, two.topic("cmd"))) == command
-        await two.paho.publish(two.topic("reply"), json.dumps({"id": "c-1", "ok": True}))
-        assert payload(await next_on(observer, two.topic("reply"))) == {"id": "c-1", "ok": True}
-        # and node 1 -> node 3
-        await one.paho.publish(one.topic("events"), '{"event": "hello"}')
-        observer_3 = await observer_on(cluster, 3, "observer-3")
-        try:
-            await one.paho.publish(one.topic("events"), '{"event": "again"}')
-            assert payload(await next_on(observer_3, one.topic("events"))) == {"event": "again"}
-        finally:
-            observer_3.close()
+        for device in devices.values():
+            await device.say_online()
+        three = devices["aa:bb:cc:00:01:03"]
+        telemetry = {"cpu_percent": 12.5, "memory_percent": 40.0, "apps": []}
+        await three.paho.publish(three.topic("telemetry"), json.dumps(telemetry))
+        seen = await admin.wait_device(three.name, showing(telemetry))
+        assert seen["online"] is True
+        assert seen["status"]["state"] == "online"
+        # a command from the platform (node 1) to each node's device, answered through it
+        for device in devices.values():
+            await admin.wait_device(device.name, lambda d: d["online"] is True)
+            command_id = await admin.command(device.name, "ping")
+            assert await device.answer_command() == command_id
+            done = await admin.wait_command(command_id)
+            assert (done["state"], done["result"]) == ("done", {"node": device.node})
     finally:
-        close_all([observer, *devices.values()])
+        close_all(list(devices.values()))
 
 
 async def test_a_device_may_not_use_another_devices_topics_across_nodes(
@@ -246,3 +338,77 @@ async def test_retained_messages_stay_on_their_node_and_qos_2_is_1(
         assert (live.retain, payload(live)) == (False, {"state": "online", "n": 2})
     finally:
         close_all([same_node, other_node, *devices.values()])
+
+
+# -- a node stops: its devices move to the others (last: they stop and start node 3) ----------
+
+
+async def move(device: Device, cluster: RabbitCluster, to: Sequence[int], since: float) -> float:
+    """The test's reconnect logic, a load balancer's part in production: once the device has
+    lost its connection, connect it to the nodes `to` in turn until one accepts it; the
+    seconds from `since` until it was connected and subscribed again."""
+    assert await device.paho.wait_disconnected(MOVE_TIMEOUT_S), f"{device.name} kept its link"
+    deadline = since + MOVE_TIMEOUT_S
+    attempt, last = 0, "no attempt"
+    while time.monotonic() < deadline:
+        number = to[attempt % len(to)]
+        attempt += 1
+        try:
+            code = await device.connect(cluster, number)
+        except (OSError, AssertionError) as exc:  # refused, or no CONNACK in time
+            code, last = -1, f"{type(exc).__name__}: {exc}"
+        if code == 0:
+            return time.monotonic() - since
+        last = last if code == -1 else f"CONNACK {code} from node {number}"
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{device.name} not back within {MOVE_TIMEOUT_S} s: {last}")
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["stopped", "crashed"])
+async def test_node_3_stops_and_its_devices_carry_on_through_the_others(
+    cluster: RabbitCluster, platform: Platform, admin: Admin, crash: bool
+) -> None:
+    """Devices with persistent sessions, as the agent's (clean_session false): on node 3 one
+    connected, one away with a command waiting in its session; a third on node 2 stays."""
+    base = "aa:bb:cc:00:05" if crash else "aa:bb:cc:00:04"
+    placement = {f"{base}:31": 3, f"{base}:32": 3, f"{base}:21": 2}
+    devices = await devices_on(platform, cluster, placement, clean_session=False)
+    connected, away, stays = devices.values()
+    try:
+        for device in devices.values():
+            await device.say_online()
+            await admin.wait_device(device.name, lambda d: d["online"] is True)
+        # away: gone without a will, so the platform sends its command at once; the command
+        # waits in the session's queue (a quorum queue, on every node) for the device
+        away.close()
+        waiting = await admin.command(away.name, "ping")
+        await admin.wait_sent(waiting)
+        since = time.monotonic()
+        stopping = asyncio.create_task(asyncio.to_thread(cluster.stop_node, 3, crash=crash))
+        back_s = await move(connected, cluster, [1], since)
+        await stopping
+        stop_s = time.monotonic() - since
+        assert await away.connect(cluster, 2, subscribe=False) == 0  # its old session
+        assert await away.answer_command() == waiting
+        assert (await admin.wait_command(waiting))["state"] == "done"
+        # they carry on: telemetry reaches the platform, a command reaches them on a new node
+        for device in (connected, away):
+            await device.say_online()
+            telemetry = {"cpu_percent": 50.0 + device.node, "apps": []}
+            await device.paho.publish(device.topic("telemetry"), json.dumps(telemetry))
+            await admin.wait_device(device.name, showing(telemetry))
+        for device in (connected, away, stays):
+            command_id = await admin.command(device.name, "ping")
+            assert await device.answer_command() == command_id
+            done = await admin.wait_command(command_id)
+            assert (done["state"], done["result"]) == ("done", {"node": device.node})
+        print(
+            f"\nnode 3 {'killed' if crash else 'stopped'} (its process gone after"
+            f" {stop_s:.2f} s): a device back on node 1 after {back_s:.2f} s; all three"
+            f" answering commands after {time.monotonic() - since:.2f} s"
+        )
+    finally:
+        close_all(list(devices.values()))
+        if not cluster.is_running(3):
+            rejoin_s = await asyncio.to_thread(cluster.start_node, 3)
+            print(f"node 3 back in the cluster after {rejoin_s:.1f} s")

@@ -385,6 +385,10 @@ def rabbitmq_cluster(folder: Path, nodes: int = 3) -> Iterator[RabbitCluster]:
         for number in range(1, nodes + 1)
     ]
     formation = [
+        # a persistent session's queue (the agent's: clean_session false) as a quorum queue,
+        # replicated on every node: as a classic queue it lives on the node the device first
+        # used, and while that node is down the device cannot subscribe anywhere else
+        "mqtt.durable_queue_type = quorum",
         "cluster_formation.peer_discovery_backend = classic_config",
         *(
             f"cluster_formation.classic_config.nodes.{number} = {node.node_name}"
