@@ -172,7 +172,7 @@ class Platform:
                 SERVICE_USERNAME,
                 service_password,
                 follow_telemetry=True,  # nobody else hands telemetry to presence
-                tls_context=ssl.create_default_context() if endpoint.tls else None,
+                tls_context=_external_context(settings.broker.ca_file) if endpoint.tls else None,
             )
             log.info("external MQTT broker at %s (no embedded broker)", settings.broker.url)
         else:
@@ -345,6 +345,16 @@ class Platform:
 async def _bounded(action: Awaitable[None], timeout_s: float) -> None:
     async with asyncio.timeout(timeout_s):
         await action
+
+
+def _external_context(ca_file: str) -> ssl.SSLContext:
+    """TLS to the external broker: verified against `broker.ca_file` (else the system's trust
+    store), host name included."""
+    try:
+        return ssl.create_default_context(cafile=ca_file or None)
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"broker.ca_file: cannot load {ca_file}: {reason}") from exc
 
 
 def _external_health(client: ServiceClient, url: str) -> HealthCheck:

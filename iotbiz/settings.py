@@ -317,6 +317,11 @@ class BrokerSettings:
         "mqtt://127.0.0.1:1883",
         "the external broker, mqtt://HOST:PORT or mqtts://HOST:PORT (external mode only)",
     )
+    ca_file: str = setting(
+        "",
+        "PEM CA certificate(s) the external broker's mqtts:// certificate is checked against"
+        " (empty: the system's trust store)",
+    )
     service_password: str = setting(
         "",
         "password of the platform's service account on the external broker; required in"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -29,10 +30,11 @@ import pytest_asyncio
 
 from iotbiz.platform import Platform
 from iotbiz.settings import Settings
+from iotbiz.tls_init import Issued, init_tls
 from tests.broker.conftest import wait_for
 from tests.mqtt_device import PahoDevice
 from tests.services.postgres import PostgresServer
-from tests.services.rabbitmq import RabbitNode, rabbitmq_node
+from tests.services.rabbitmq import RabbitNode, free_port, rabbitmq_node
 
 TOKEN = "e2e-admin-token"
 CUSTOMER = "e2e"
@@ -130,10 +132,36 @@ def platform_settings(make_settings: Callable[..., Settings], *parts: Sections) 
     return make_settings(**merged)
 
 
+@dataclass(frozen=True, slots=True)
+class BrokerTLS:
+    """A private CA and a certificate for 127.0.0.1, for the node's MQTT-over-TLS listener."""
+
+    issued: Issued
+    port: int
+
+    def rabbitmq_config(self) -> list[str]:
+        return [
+            f"mqtt.listeners.ssl.default = 127.0.0.1:{self.port}",
+            f"ssl_options.cacertfile = {self.issued.ca_cert}",
+            f"ssl_options.certfile = {self.issued.server_cert}",
+            f"ssl_options.keyfile = {self.issued.server_key}",
+            "ssl_options.verify = verify_none",
+            "ssl_options.fail_if_no_peer_cert = false",
+        ]
+
+
 @pytest.fixture(scope="module")
-def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
-    """One private RabbitMQ node for this module's RabbitMQ setups (started on first use)."""
-    with rabbitmq_node(tmp_path_factory.mktemp("rabbitmq")) as node:
+def broker_tls(tmp_path_factory: pytest.TempPathFactory) -> BrokerTLS:
+    issued = init_tls(tmp_path_factory.mktemp("broker-tls"), "localhost", ["127.0.0.1"])
+    return BrokerTLS(issued, free_port())
+
+
+@pytest.fixture(scope="module")
+def rabbit(tmp_path_factory: pytest.TempPathFactory, broker_tls: BrokerTLS) -> Iterator[RabbitNode]:
+    """One private RabbitMQ node for this module's RabbitMQ setups (started on first use),
+    with a plain MQTT listener and one over TLS."""
+    folder = tmp_path_factory.mktemp("rabbitmq")
+    with rabbitmq_node(folder, extra_config=broker_tls.rabbitmq_config()) as node:
         yield node
 
 
@@ -358,3 +386,59 @@ async def test_a_restarted_platform_sees_the_devices_still_on_rabbitmq(
     finally:
         for device in devices:
             device.close()
+
+
+async def test_the_platform_reaches_rabbitmq_over_tls(
+    request: pytest.FixtureRequest,
+    make_settings: Callable[..., Settings],
+    broker_tls: BrokerTLS,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`mqtts://` with `broker.ca_file`: the service client's TLS connection carries the
+    commands; without the CA (the system's trust store does not know a private one) it is
+    refused, and /healthz says so."""
+    parts = rabbitmq_broker(request)
+    parts["broker"]["url"] = f"mqtts://127.0.0.1:{broker_tls.port}"
+    parts["broker"]["ca_file"] = str(broker_tls.issued.ca_cert)
+    async with (
+        running("sqlite-rabbitmq-tls", platform_settings(make_settings, parts)) as tls,
+        aiohttp.ClientSession(tls.url) as http,
+    ):
+        admin = Admin(http)
+        limit = {"customer_id": CUSTOMER, "device_limit": 5}
+        assert (await admin.call("POST", "/customers", limit))[0] == 201
+        password = await enroll(http, DEVICE_ID)
+        assert tls.mqtt_port == broker_tls.port
+        rabbit: RabbitNode = request.getfixturevalue("rabbit")
+        device = PahoDevice(rabbit.mqtt_port, NAME, password)  # plain, on the same node
+        try:
+            assert await device.connect() == 0
+            assert await device.subscribe(f"devices/{NAME}/cmd") == [1]
+            await device.publish(f"devices/{NAME}/status", status_payload("online"), retain=True)
+            code, sent = await admin.call("POST", "/commands", {"device": NAME, "action": "ping"})
+            assert code == 201, sent
+            message = await device.next_message(timeout=WAIT_S)
+            assert message is not None, "no command over the TLS service connection"
+            assert json.loads(message.payload)["id"] == sent["commands"][0]["id"]
+        finally:
+            device.close()
+    del parts["broker"]["ca_file"]
+    caplog.set_level(logging.WARNING, logger="iotbiz.registrar.service_client")
+    untrusted = Platform(platform_settings(make_settings, parts))
+    await untrusted.start()
+    try:
+
+        async def refused() -> bool:
+            return any("CERTIFICATE_VERIFY_FAILED" in r.getMessage() for r in caplog.records)
+
+        await wait_for(refused, timeout=WAIT_S)
+        async with (
+            aiohttp.ClientSession(f"http://127.0.0.1:{untrusted.http_port}") as http,
+            http.get("/healthz") as response,
+        ):
+            assert response.status == 503
+            assert await response.json() == {
+                "error": f"not connected to the external MQTT broker mqtts://127.0.0.1:{broker_tls.port}"
+            }
+    finally:
+        await untrusted.stop()

@@ -307,3 +307,24 @@ async def test_a_failing_management_api_is_logged_once_and_never_raises(
     unreachable = ManagementKick(url, "admin", "pw", timeout_s=2.0)
     await unreachable(DEVICE, drop_retained=False)
     assert unreachable.failures == 1
+
+
+async def test_a_broker_ca_file_that_cannot_be_read_stops_the_start(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    missing = tmp_path / "missing-ca.pem"
+    settings = external(
+        make_settings, "mqtts://127.0.0.1:8883", service_password="pw", ca_file=str(missing)
+    )
+    platform = Platform(settings)
+    with pytest.raises(ConfigError) as raised:
+        await platform.start()
+    assert str(raised.value) == f"broker.ca_file: cannot load {missing}: No such file or directory"
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    settings = external(
+        make_settings, "mqtts://127.0.0.1:8883", service_password="pw", ca_file=str(garbage)
+    )
+    with pytest.raises(ConfigError) as raised:
+        await Platform(settings).start()
+    assert str(raised.value).startswith(f"broker.ca_file: cannot load {garbage}: ")

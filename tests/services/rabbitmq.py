@@ -213,9 +213,9 @@ def _stop(proc: subprocess.Popen[bytes], sig: signal.Signals = signal.SIGTERM) -
 
 
 @contextmanager
-def rabbitmq_node(folder: Path) -> Iterator[RabbitNode]:
+def rabbitmq_node(folder: Path, *, extra_config: Sequence[str] = ()) -> Iterator[RabbitNode]:
     """Start a private node in `folder` (created), yield it once its MQTT port is open, stop it
-    (and its epmd) on the way out."""
+    (and its epmd) on the way out. `extra_config`: more rabbitmq.conf lines (a TLS listener)."""
     epmd_bin = _epmd_binary()
     folder.mkdir(parents=True, exist_ok=True)
     node = RabbitNode(
@@ -232,7 +232,7 @@ def rabbitmq_node(folder: Path) -> Iterator[RabbitNode]:
     home = folder / "home"
     _write_cookie(home)
     base_env = _base_env(home, epmd_port)
-    env = _prepare(node, base_env)
+    env = _prepare(node, base_env, extra_config)
     procs: list[subprocess.Popen[bytes]] = []
     with (folder / "stdout.log").open("wb") as out:
         try:
