@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient
 from iotbiz.registrar import create_app
 from iotbiz.settings import Settings, load_settings
 from iotbiz.store import Store
-from iotbiz.store.interface import DeviceStore
+from iotbiz.store.interface import PlatformStore
 from iotbiz.store.postgres import PostgresStore
 from tests.services.postgres import PostgresServer, ServiceUnavailable
 
@@ -100,10 +100,10 @@ async def postgres_url(postgres_server: PostgresServer) -> AsyncIterator[str]:
 @pytest_asyncio.fixture(params=["sqlite", "postgresql"])
 async def any_store(
     request: pytest.FixtureRequest, db_path: Path, clock: FakeClock
-) -> AsyncIterator[DeviceStore]:
-    """The store on each backend: SQLite in tmp_path, PostgreSQL in a fresh database. (Only
-    the operations the PostgreSQL store has so far: iotbiz.store.interface.DeviceStore.)"""
-    opened: DeviceStore
+) -> AsyncIterator[PlatformStore]:
+    """The store on each backend: SQLite in tmp_path, PostgreSQL in a fresh database (both
+    have every operation: iotbiz.store.interface.PlatformStore)."""
+    opened: PlatformStore
     if request.param == "sqlite":
         opened = await Store.open(db_path, clock=clock)
     else:

@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 from iotbiz.names import DeviceName
-from iotbiz.store import Store
 from iotbiz.store.interface import DeviceStore
-from iotbiz.store.postgres import PostgresStore
-
-# a store of either backend, with every operation both have (the `any_store` fixture)
-AnyStore = Store | PostgresStore
 
 HASH = b"$2b$06$hash"
 

@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import cast
 
 import asyncpg
 import pytest
 
 from iotbiz.models import PresenceUpdate, TelemetrySample
 from iotbiz.names import DeviceName
-from iotbiz.store.interface import DeviceStore
+from iotbiz.store.interface import PlatformStore
 from iotbiz.store.postgres import PostgresStore
 from tests.conftest import FakeClock
-from tests.store_helpers import AnyStore, active_devices
+from tests.store_helpers import active_devices
 
 TELEMETRY = {
     "system": {
@@ -31,9 +30,9 @@ TELEMETRY = {
 
 
 @pytest.fixture
-def store(any_store: DeviceStore) -> AnyStore:
+def store(any_store: PlatformStore) -> PlatformStore:
     """Every test here runs on both backends (SQLite, PostgreSQL)."""
-    return cast(AnyStore, any_store)
+    return any_store
 
 
 def test_sample_from_telemetry() -> None:
@@ -56,7 +55,7 @@ def test_sample_from_telemetry() -> None:
 
 
 async def test_samples_written_read_in_range_only_for_active_devices(
-    store: AnyStore, clock: FakeClock
+    store: PlatformStore, clock: FakeClock
 ) -> None:
     [a, b] = await active_devices(store, "abc123", 2)
     await store.revoke_device(b, actor="op")
@@ -78,7 +77,7 @@ async def test_samples_written_read_in_range_only_for_active_devices(
 
 
 async def test_events_newest_first_with_paging_and_filters(
-    store: AnyStore, clock: FakeClock
+    store: PlatformStore, clock: FakeClock
 ) -> None:
     [a, b] = await active_devices(store, "abc123", 2)
     [c] = await active_devices(store, "other", 1)
@@ -94,7 +93,9 @@ async def test_events_newest_first_with_paging_and_filters(
     assert everything[0].to_json()["device"] == "abc123/dev-00000"
 
 
-async def test_presence_samples_and_events_in_one_batch(store: AnyStore, clock: FakeClock) -> None:
+async def test_presence_samples_and_events_in_one_batch(
+    store: PlatformStore, clock: FakeClock
+) -> None:
     [a] = await active_devices(store, "abc123", 1)
     await store.record_presence(
         [PresenceUpdate(a, clock.now, online=True)],
@@ -106,7 +107,7 @@ async def test_presence_samples_and_events_in_one_batch(store: AnyStore, clock: 
 
 
 async def test_a_batch_naming_a_device_several_times_ends_as_applied_in_order(
-    store: AnyStore, clock: FakeClock
+    store: PlatformStore, clock: FakeClock
 ) -> None:
     """The updates that set `online` first, then the others, each in the batch's order (as
     SQLite applies them; PostgreSQL merges them into one row per device)."""
@@ -141,7 +142,7 @@ async def test_a_batch_naming_a_device_several_times_ends_as_applied_in_order(
 
 
 async def test_retention_by_age_and_per_device_cap_in_bounded_batches(
-    store: AnyStore, clock: FakeClock
+    store: PlatformStore, clock: FakeClock
 ) -> None:
     names = await active_devices(store, "abc123", 5)
     start = clock.now
@@ -165,7 +166,7 @@ async def test_retention_by_age_and_per_device_cap_in_bounded_batches(
     )
 
 
-async def test_old_events_are_pruned_in_batches(store: AnyStore, clock: FakeClock) -> None:
+async def test_old_events_are_pruned_in_batches(store: PlatformStore, clock: FakeClock) -> None:
     [a] = await active_devices(store, "abc123", 1)
     await store.record_events([(a, float(i), {"i": i}) for i in range(25)])
     await store.record_events([(a, clock.now, {"new": True})])
@@ -175,7 +176,7 @@ async def test_old_events_are_pruned_in_batches(store: AnyStore, clock: FakeCloc
     assert [e.body for e in await store.list_events()] == [{"new": True}]
 
 
-async def test_reset_takes_the_history_along(store: AnyStore, clock: FakeClock) -> None:
+async def test_reset_takes_the_history_along(store: PlatformStore, clock: FakeClock) -> None:
     [a] = await active_devices(store, "abc123", 1)
     await store.record_samples([(a, TelemetrySample(clock.now))])
     await store.record_events([(a, clock.now, {})])

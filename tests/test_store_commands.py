@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import cast
 
 import pytest
 import pytest_asyncio
@@ -15,20 +14,20 @@ import pytest_asyncio
 from iotbiz.errors import NotFoundError
 from iotbiz.models import Command, CommandReply, CommandState, PresenceUpdate
 from iotbiz.names import DeviceName
-from iotbiz.store.interface import DeviceStore
+from iotbiz.store.interface import PlatformStore
 from iotbiz.store.postgres import PostgresStore
 from iotbiz.store.postgres.commands import DUE_TAKEN_S
 from tests.conftest import FakeClock
-from tests.store_helpers import AnyStore, active_devices
+from tests.store_helpers import active_devices
 
 
 @pytest.fixture
-def store(any_store: DeviceStore) -> AnyStore:
+def store(any_store: PlatformStore) -> PlatformStore:
     """Every test here runs on both backends (SQLite, PostgreSQL)."""
-    return cast(AnyStore, any_store)
+    return any_store
 
 
-async def test_create_refuses_devices_that_are_not_active(store: AnyStore) -> None:
+async def test_create_refuses_devices_that_are_not_active(store: PlatformStore) -> None:
     [a, b] = await active_devices(store, "abc123", 2)
     await store.revoke_device(b, actor="test")
     ghost = DeviceName("abc123", "ghost")
@@ -41,7 +40,7 @@ async def test_create_refuses_devices_that_are_not_active(store: AnyStore) -> No
     assert await store.list_commands() == []  # nothing created
 
 
-async def test_create_get_and_audit(store: AnyStore, clock: FakeClock) -> None:
+async def test_create_get_and_audit(store: PlatformStore, clock: FakeClock) -> None:
     [a, b] = await active_devices(store, "abc123", 2)
     commands = await store.create_commands(
         [a, b, a],
@@ -68,7 +67,7 @@ async def test_create_get_and_audit(store: AnyStore, clock: FakeClock) -> None:
 
 
 async def test_list_newest_first_with_keyset_paging_and_filters(
-    store: AnyStore, clock: FakeClock
+    store: PlatformStore, clock: FakeClock
 ) -> None:
     [a, b] = await active_devices(store, "abc123", 2)
     ids = []
@@ -100,7 +99,7 @@ async def test_list_newest_first_with_keyset_paging_and_filters(
     assert await store.list_commands(before="c-unknown") == []
 
 
-async def test_due_sent_and_dispatchable(store: AnyStore, clock: FakeClock) -> None:
+async def test_due_sent_and_dispatchable(store: PlatformStore, clock: FakeClock) -> None:
     [a, b] = await active_devices(store, "abc123", 2)
     [c1] = await store.create_commands(
         [a], "ping", {}, expires_at=clock.now + 60, actor="op", batch_id="b"
@@ -131,7 +130,7 @@ async def test_due_sent_and_dispatchable(store: AnyStore, clock: FakeClock) -> N
 
 
 async def test_a_reply_finishes_only_that_devices_open_command(
-    store: AnyStore, clock: FakeClock
+    store: PlatformStore, clock: FakeClock
 ) -> None:
     [a, b] = await active_devices(store, "abc123", 2)
     [ca] = await store.create_commands(
@@ -164,7 +163,7 @@ async def test_a_reply_finishes_only_that_devices_open_command(
     assert (await store.get_command(ca.command_id)).state is CommandState.DONE
 
 
-async def test_expiry_and_late_replies(store: AnyStore, clock: FakeClock) -> None:
+async def test_expiry_and_late_replies(store: PlatformStore, clock: FakeClock) -> None:
     [a] = await active_devices(store, "abc123", 1)
     [
         c1,
@@ -201,7 +200,7 @@ async def test_expiry_and_late_replies(store: AnyStore, clock: FakeClock) -> Non
     assert await store.due_commands([a]) == [await store.get_command(c4.command_id)]
 
 
-async def test_expiry_is_bounded(store: AnyStore, clock: FakeClock) -> None:
+async def test_expiry_is_bounded(store: PlatformStore, clock: FakeClock) -> None:
     names = await active_devices(store, "abc123", 30)
     await store.create_commands(
         names, "ping", {}, expires_at=clock.now + 1, actor="op", batch_id="b"
@@ -212,7 +211,7 @@ async def test_expiry_is_bounded(store: AnyStore, clock: FakeClock) -> None:
     assert len(await store.expire_commands(limit=12)) == 6
 
 
-async def test_revoke_and_reset_fail_open_commands(store: AnyStore, clock: FakeClock) -> None:
+async def test_revoke_and_reset_fail_open_commands(store: PlatformStore, clock: FakeClock) -> None:
     [a, b] = await active_devices(store, "abc123", 2)
     [ca] = await store.create_commands(
         [a], "ping", {}, expires_at=clock.now + 60, actor="op", batch_id="b"
@@ -228,7 +227,7 @@ async def test_revoke_and_reset_fail_open_commands(store: AnyStore, clock: FakeC
 
 
 async def test_prune_commands_deletes_only_old_final_ones(
-    store: AnyStore, clock: FakeClock
+    store: PlatformStore, clock: FakeClock
 ) -> None:
     [a] = await active_devices(store, "abc123", 1)
     [old] = await store.create_commands(
@@ -244,7 +243,7 @@ async def test_prune_commands_deletes_only_old_final_ones(
     assert await store.get_command(still_open.command_id) is not None
 
 
-async def test_commands_counted_by_state(store: AnyStore, clock: FakeClock) -> None:
+async def test_commands_counted_by_state(store: PlatformStore, clock: FakeClock) -> None:
     assert await store.count_commands() == dict.fromkeys(CommandState, 0)
     [a, b] = await active_devices(store, "abc123", 2)
     [ca, _cb] = await store.create_commands(
@@ -258,7 +257,7 @@ async def test_commands_counted_by_state(store: AnyStore, clock: FakeClock) -> N
 
 
 async def test_text_a_backend_cannot_store_fails_no_batch_of_replies(
-    store: AnyStore, clock: FakeClock
+    store: PlatformStore, clock: FakeClock
 ) -> None:
     """NUL (PostgreSQL text cannot hold it) and lone surrogates (JSON may carry "\\ud800";
     they have no UTF-8 form) from a device: its id matches nothing, its error keeps U+FFFD
