@@ -33,7 +33,7 @@ from iotbiz.models import Command, CommandState
 from iotbiz.names import DeviceName
 from iotbiz.store.commands import COMMAND_COLUMNS, new_command_id
 from iotbiz.store.core import json_or_none
-from iotbiz.store.postgres.core import PostgresCore, audit
+from iotbiz.store.postgres.core import PostgresCore, audit, audit_many
 from iotbiz.store.rollouts import (
     CANCELLED,
     ROLLOUT_COLUMNS,
@@ -52,9 +52,8 @@ _COUNTS = """(
           WHERE d.rollout_id = rollouts.rollout_id GROUP BY d.result) AS c
 ) AS counts"""
 _WITH_COUNTS = f"SELECT {ROLLOUT_COLUMNS}, {_COUNTS} FROM rollouts"  # noqa: S608 - constants
-_AUDIT = "INSERT INTO audit_log (at, actor, action, subject, detail) VALUES ($1, $2, $3, $4, $5)"
-# (at, actor, action, subject, detail) rows, inserted in their order (entry ids follow it)
-AuditRow = tuple[float, str, str, str, str]
+# (at, actor, action, subject, detail): audit entries for `audit_many` (ids in the list's order)
+AuditRow = tuple[float, str, str, str, dict[str, Any]]
 
 
 class PostgresRolloutOperations(PostgresCore):
@@ -203,7 +202,7 @@ class PostgresRolloutOperations(PostgresCore):
             actor = rollout.actor
             commands: list[Command] = []
             failed: list[tuple[int, DeviceName, str, str | None]] = []
-            updating: list[tuple[str, str, int]] = []
+            positions: list[int] = []
             audits: list[AuditRow] = []
             for row, name in zip(rows, names, strict=True):
                 position = row[0]
@@ -224,30 +223,40 @@ class PostgresRolloutOperations(PostgresCore):
                     batch_id=batch_id,
                 )
                 commands.append(command)
-                updating.append((command.command_id, rollout_id, position))
+                positions.append(position)
                 detail = {"id": command.command_id, "action": "update", "batch": batch_id}
-                audits.append(_audit_row(now, actor, "command.send", str(name), detail))
+                audits.append((now, actor, "command.send", str(name), detail))
             await _set_results(conn, rollout_id, failed)
-            await conn.executemany(
+            ids = [command.command_id for command in commands]
+            await conn.execute(
                 f"INSERT INTO commands ({COMMAND_COLUMNS})"  # noqa: S608 - constant columns
-                " VALUES ($1, $2, $3, $4, 'update', $5, 'queued', $6, $7,"
-                " NULL, NULL, NULL, NULL, $8)",
-                [
-                    (c.command_id, *c.device, batch_id, args_text, now, expires_at, actor)
-                    for c in commands
-                ],
+                " SELECT t.command_id, t.customer_id, t.device_id, $4, 'update', $5, 'queued',"
+                " $6, $7, NULL, NULL, NULL, NULL, $8"
+                " FROM unnest($1::text[], $2::text[], $3::text[])"
+                " AS t (command_id, customer_id, device_id)",
+                ids,
+                [command.customer_id for command in commands],
+                [command.device_id for command in commands],
+                batch_id,
+                args_text,
+                now,
+                expires_at,
+                actor,
             )
-            await conn.executemany(
-                "UPDATE rollout_devices SET result = 'updating', command_id = $1"
-                " WHERE rollout_id = $2 AND position = $3",
-                updating,
+            await conn.execute(
+                "UPDATE rollout_devices d SET result = 'updating', command_id = t.command_id"
+                " FROM unnest($2::int[], $3::text[]) AS t (position, command_id)"
+                " WHERE d.rollout_id = $1 AND d.position = t.position",
+                rollout_id,
+                positions,
+                ids,
             )
             await conn.execute(
                 "UPDATE rollouts SET batch = $1 WHERE rollout_id = $2", batch, rollout_id
             )
             started = {"index": batch, "devices": [str(name) for name in names]}
-            audits.append(_audit_row(now, actor, "rollout.batch", rollout_id, started))
-            await conn.executemany(_AUDIT, audits)
+            audits.append((now, actor, "rollout.batch", rollout_id, started))
+            await audit_many(conn, audits)
             return commands
 
         return await self._write(start)
@@ -276,9 +285,8 @@ class PostgresRolloutOperations(PostgresCore):
                 outcome, reason = device_result(state, json_or_none(result), error)
                 results.append((position, DeviceName(customer, device), outcome, reason))
             await _set_results(conn, rollout_id, results)
-            await conn.executemany(
-                _AUDIT,
-                [_device_audit(rollout, now, n, result, why) for _, n, result, why in results],
+            await audit_many(
+                conn, [_device_audit(rollout, now, n, result, why) for _, n, result, why in results]
             )
             if not rollout.running:
                 return None
@@ -377,23 +385,25 @@ async def _set_results(
     rollout_id: str,
     results: Sequence[tuple[int, DeviceName, str, str | None]],
 ) -> None:
-    """(position, name, result, reason) of the rollout's devices."""
-    await conn.executemany(
-        "UPDATE rollout_devices SET result = $1, reason = $2 WHERE rollout_id = $3"
-        " AND position = $4",
-        [(result, reason, rollout_id, position) for position, _, result, reason in results],
+    """(position, name, result, reason) of the rollout's devices, in one statement."""
+    if not results:
+        return
+    await conn.execute(
+        "UPDATE rollout_devices d SET result = t.result, reason = t.reason"
+        " FROM unnest($2::int[], $3::text[], $4::text[]) AS t (position, result, reason)"
+        " WHERE d.rollout_id = $1 AND d.position = t.position",
+        rollout_id,
+        [position for position, _, _, _ in results],
+        [result for _, _, result, _ in results],
+        [reason for _, _, _, reason in results],
     )
-
-
-def _audit_row(at: float, actor: str, action: str, subject: str, detail: Any) -> AuditRow:
-    return (at, actor, action, subject, json.dumps(detail, sort_keys=True))
 
 
 def _device_audit(
     rollout: Rollout, now: float, name: DeviceName, result: str, reason: str | None
 ) -> AuditRow:
     detail = {"device": str(name), "result": result, "reason": reason}
-    return _audit_row(now, rollout.actor, "rollout.device", rollout.rollout_id, detail)
+    return (now, rollout.actor, "rollout.device", rollout.rollout_id, detail)
 
 
 async def _end(
