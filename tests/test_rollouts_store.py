@@ -547,3 +547,37 @@ async def test_a_batch_waits_for_a_revoke_in_progress_and_leaves_that_device_out
     finally:
         await conn.close()
         await store.close()
+
+
+async def test_an_abort_racing_a_dispatcher_leaves_every_device_consistent(
+    postgres_url: str, clock: FakeClock
+) -> None:
+    """One store aborts while the other marks the batch's commands sent (each locks them in
+    command id order: no deadlock). Each device ends either skipped with its command cancelled,
+    or still updating with its command sent: never skipped with a sent command. (With the
+    abort locking in the opposite order, this deadlocked in one run of two.)"""
+    one, two = await two_stores(postgres_url, clock)
+    try:
+        names = await active_devices(one, "abc123", 40)
+        for _ in range(20):
+            rollout_id = (await rollout_of(one, names, batch_size=40)).rollout_id
+            commands = await one.start_rollout_batch(rollout_id, 0, ARGS, expires_at=clock.now + 60)
+            ids = [c.command_id for c in commands]
+            await asyncio.gather(
+                one.end_rollout(rollout_id, "aborted", None, "admin"),
+                two.mark_sent(reversed(ids), clock.now),
+            )
+            by_id = {c.command_id: await one.get_command(c.command_id) for c in commands}
+            for device in await one.rollout_devices(rollout_id):
+                command = by_id[device.command_id]
+                assert command is not None
+                if device.result == "skipped":
+                    assert (command.state, command.error) == (
+                        CommandState.FAILED,
+                        "rollout aborted",
+                    )
+                else:
+                    assert (device.result, command.state) == ("updating", CommandState.SENT)
+    finally:
+        await one.close()
+        await two.close()
