@@ -1,7 +1,8 @@
 """Commands on PostgreSQL (all of `iotbiz.store.commands`: its docstring has the life cycle).
 
 Several platform processes may share the database, so what SQLite's single writer gave for free
-is explicit here:
+is explicit here. (The platform dispatches from one process at a time, the leader's: these rules
+hold besides, for a leader that lost its lock but has not noticed yet, and for the CLI.)
 
 - Taking commands to publish: `dispatchable_commands` and `due_commands` lock the rows they
   return (`FOR UPDATE SKIP LOCKED`: a row another transaction holds is left to it) and stamp
@@ -12,6 +13,9 @@ is explicit here:
   (on SQLite: at its next scan). A command taken by `due_commands` is not handed to another
   `due_commands` for `DUE_TAKEN_S`: every process sees a device come online (its retained
   `online` status) and asks for its commands at about the same time; one of them gets them.
+  (A device that comes online twice within `DUE_TAKEN_S`, the broker's connect and then its
+  status, gets them once; one that reconnects that fast after a lost delivery gets a sent
+  command again with the next resend, not at once as on SQLite.)
   The two stamps are independent (a device coming online gets its commands at once even if a
   scan has just taken them, as on SQLite), so a scan and a due may both publish one command:
   the agent answers a repeated id from memory. Results are the rows as they were, byte for
@@ -22,8 +26,8 @@ is explicit here:
   checked again on the locked row: a command finishes or expires once, in one process; expiry
   takes disjoint rows in concurrent sweepers (`SKIP LOCKED`).
 
-Ties in the order (equal `created_at` or `expires_at`) are broken by command id here; SQLite
-breaks them by insertion order, which no caller relies on.
+Ties in the order (equal `created_at` or `expires_at`) are broken by command id here, by
+SQLite's plan there: no caller relies on it.
 """
 
 from __future__ import annotations

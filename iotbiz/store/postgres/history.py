@@ -5,7 +5,10 @@ Only active devices get history, as on SQLite. Their rows are locked `FOR KEY SH
 check to the COMMIT (`insert_history`): a reset (a DELETE) in another process waits, then takes
 the new rows with the device; without the lock, the reset could commit between the check and
 the insert, whose foreign key check would then fail the whole batch. A revoke does not wait (it
-changes no key): the batch is then ordered before it.
+changes no key): the batch is then ordered before it. Event ids come from an identity
+sequence, taken at insert: two processes writing events at once (the platform writes presence
+from its leader only) could commit a smaller id after a larger one, so a reader paging with
+`before` at that moment could miss it.
 
 The network counters are BIGINT, as on SQLite (INTEGER): a whole number comes back as an int
 there too; one with a fraction is rounded, and one beyond 64 bits is not kept (None) rather
