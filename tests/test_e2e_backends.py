@@ -22,9 +22,11 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 import pytest
 import pytest_asyncio
 
@@ -33,6 +35,7 @@ from iotbiz.settings import Settings
 from iotbiz.tls_init import Issued, init_tls
 from tests.broker.conftest import wait_for
 from tests.mqtt_device import PahoDevice
+from tests.processes import platform_process
 from tests.services.postgres import PostgresServer
 from tests.services.rabbitmq import RabbitNode, free_port, rabbitmq_node
 
@@ -442,3 +445,35 @@ async def test_the_platform_reaches_rabbitmq_over_tls(
             }
     finally:
         await untrusted.stop()
+
+
+async def test_python_m_iotbiz_broker_external_runs_no_embedded_broker(
+    rabbit: RabbitNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The public command line, as a real process: `python -m iotbiz.broker --broker external
+    --broker-url ...` listens for HTTP only (no MQTT port of its own), logs in to RabbitMQ and
+    says so on /healthz; SIGTERM stops it with exit 0."""
+    monkeypatch.setenv("IOTBIZ_BROKER_SERVICE_PASSWORD", secrets.token_urlsafe(16))
+    monkeypatch.setenv("IOTBIZ_ADMIN_TOKEN", TOKEN)
+    args = ["--db", str(tmp_path / "iotbiz.db"), "--http-port", str(rabbit.auth_port)]
+    args += ["--broker", "external", "--broker-url", f"mqtt://127.0.0.1:{rabbit.mqtt_port}"]
+    with platform_process(tmp_path, *args) as process:
+        assert process.http_port == rabbit.auth_port
+        async with aiohttp.ClientSession(process.url) as http:
+
+            async def connected() -> bool:
+                async with http.get("/healthz") as response:
+                    return response.status == 200 and (await response.json())["broker"] == (
+                        "connected"
+                    )
+
+            await wait_for(connected, timeout=START_TIMEOUT_S)
+        listening = {
+            c.laddr.port
+            for c in psutil.Process(process.proc.pid).net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN
+        }
+        assert listening == {rabbit.auth_port}, process.log()
+        assert "MQTT broker listening" not in process.log()
+        assert f"external MQTT broker at mqtt://127.0.0.1:{rabbit.mqtt_port}" in process.log()
+        assert process.stop() == 0, process.log()
