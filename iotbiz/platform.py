@@ -24,9 +24,14 @@ pass and the rollouts) runs only in the process holding the store's leader lock
     task RUNNING -> FAILED     raised, returned, or was cancelled by someone else: logged (with
                                the traceback), and `Platform.failed` is set
 
-Becoming the leader marks every device offline and subscribes the service client to the
-devices' topics (their retained statuses say who is online again); only the leader flushes
-presence and marks the devices offline when it stops, then releases the lock.
+Becoming the leader subscribes the service client to the devices' topics; only the leader
+flushes presence when it stops, then releases the lock. With the embedded broker, becoming the
+leader and stopping also mark every device offline: devices come and go with the broker. An
+external broker keeps its devices connected while platform processes come and go, and replays
+no retained status to a wildcard subscription (RabbitMQ 3.x), so the presence the last leader
+wrote stays: a device's next message (or its will, when it drops) corrects it. Commands queued
+through any process reach the leader's dispatcher through the store's change feed
+(`Authority.on_commands_queued`), within its poll.
 
 `serve()` waits for SIGTERM/SIGINT or `failed`, whichever comes first, then stops everything; after
 a failure it raises PlatformFailed, so the process exits 1 and systemd restarts it. `stop()` always
@@ -172,6 +177,7 @@ class Platform:
                 SERVICE_USERNAME,
                 service_password,
                 follow_telemetry=True,  # nobody else hands telemetry to presence
+                client_id=f"{SERVICE_USERNAME}-{secrets.token_hex(4)}",  # one per process
                 tls_context=_external_context(settings.broker.ca_file) if endpoint.tls else None,
             )
             log.info("external MQTT broker at %s (no embedded broker)", settings.broker.url)
@@ -218,10 +224,13 @@ class Platform:
         dispatcher.bind(service_client)
         retention = Retention(store, settings.history)
 
+        self.authority.on_commands_queued.append(dispatcher.commands_queued)
+
         async def leadership_changed(leading: bool) -> None:
-            if leading:  # presence starts over from the devices' retained statuses
+            if leading and not external:  # a new embedded broker: nobody is connected yet
                 await store.mark_all_offline()
-                presence.forget_online()
+            if leading:
+                presence.forget_online()  # what it knew as a leader before may be stale
             await service_client.follow(leading)
 
         self.leader = Leader(
@@ -320,7 +329,7 @@ class Platform:
                 await step("presence flush", lambda: presence.flush(final=True))
         if self._store is not None:
             store, self._store = self._store, None
-            if leading:
+            if leading and self.external is None:  # its devices leave with its broker
                 await step("marking devices offline", store.mark_all_offline)
             if leader is not None:
                 await step("releasing the leader lock", leader.release)

@@ -40,7 +40,7 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -60,6 +60,7 @@ _REVOKING_ACTIONS = frozenset(
 # ... and after which the device's retained messages must go too.
 _RETAINED_DROPPING_ACTIONS = frozenset({"device.revoke", "device.reset"})
 CHANGE_POLL_S = 0.25
+COMMANDS_QUEUED = "command.send"  # the audit action of a queued command
 LOGIN_HASH_SHARE = 0.5  # MQTT logins may fill this share of the bcrypt queue bound (default)
 BUSY_LOG_PERIOD_S = 10.0
 REFUSAL_LOG_PERIOD_S = 10.0
@@ -120,6 +121,9 @@ class Authority:
         self._known: dict[str, Principal] = {}  # principals read from the store, no password
         self._epoch = 0  # bumped whenever the cache forgets something
         self.denied_publishes = 0
+        # called when another process (or this one) queued commands: the leader's dispatcher
+        # looks at once instead of at its next scan
+        self.on_commands_queued: list[Callable[[], None]] = []
         self.refused_logins = 0  # refused as DENIED
         self.busy_refusals = 0  # refused as UNAVAILABLE because bcrypt was at its share
         self._busy_logged_at = -BUSY_LOG_PERIOD_S
@@ -275,7 +279,7 @@ class Authority:
         drop the retained messages of revoked and reset devices).
 
         Runs as a task owned by the broker; changes made by the CLI in another process arrive
-        within `poll_s`.
+        within `poll_s`. Commands queued (by any process) call `on_commands_queued`.
         """
         cursor: int | None = None
         failing = False  # one warning per outage, not one per poll
@@ -296,6 +300,9 @@ class Authority:
                     failing = False
             finally:
                 await asyncio.sleep(poll_s)
+            if any(change.action == COMMANDS_QUEUED for change in changes):
+                for callback in self.on_commands_queued:
+                    callback()
             for change in changes:
                 cursor = change.entry_id
                 if change.action in _REVOKING_ACTIONS:

@@ -46,6 +46,9 @@ class ServiceLink:
     username: str
     password: str
     follow_telemetry: bool = True  # False: the embedded broker records telemetry directly
+    # The MQTT client id (empty: the username). Several platform processes on one external
+    # broker need one each: a broker closes a session when another connects with its id.
+    client_id: str = ""
     tls_context: ssl.SSLContext | None = None  # MQTT over TLS
 
 
@@ -70,7 +73,7 @@ class ServiceClient:
                 async with aiomqtt.Client(
                     self._link.host,
                     self._link.port,
-                    identifier=self._link.username,
+                    identifier=self._link.client_id or self._link.username,
                     username=self._link.username,
                     password=self._link.password,
                     keepalive=KEEPALIVE_S,
