@@ -24,12 +24,12 @@ pass and the rollouts) runs only in the process holding the store's leader lock
     task RUNNING -> FAILED     raised, returned, or was cancelled by someone else: logged (with
                                the traceback), and `Platform.failed` is set
 
-Becoming the leader subscribes the service client to the devices' topics; only the leader
-flushes presence when it stops, then releases the lock. With the embedded broker, becoming the
-leader and stopping also mark every device offline: devices come and go with the broker. An
-external broker keeps its devices connected while platform processes come and go, and replays
-no retained status to a wildcard subscription (RabbitMQ 3.x), so the presence the last leader
-wrote stays: a device's next message (or its will, when it drops) corrects it. Commands queued
+Becoming the leader marks every device offline and subscribes the service client to the
+devices' topics: with the embedded broker a device's connect says it is online, with an
+external one (which keeps its devices connected while platform processes come and go, and
+replays no retained status to a wildcard subscription: RabbitMQ 3.x) the next message it sends.
+Offline until shown online: never online on a word nobody can check. Only the leader flushes
+presence and marks the devices offline when it stops, then releases the lock. Commands queued
 through any process reach the leader's dispatcher through the store's change feed
 (`Authority.on_commands_queued`), within its poll.
 
@@ -227,10 +227,9 @@ class Platform:
         self.authority.on_commands_queued.append(dispatcher.commands_queued)
 
         async def leadership_changed(leading: bool) -> None:
-            if leading and not external:  # a new embedded broker: nobody is connected yet
+            if leading:  # presence starts over: offline until a device shows itself
                 await store.mark_all_offline()
-            if leading:
-                presence.forget_online()  # what it knew as a leader before may be stale
+                presence.forget_online()
             await service_client.follow(leading)
 
         self.leader = Leader(
@@ -329,7 +328,7 @@ class Platform:
                 await step("presence flush", lambda: presence.flush(final=True))
         if self._store is not None:
             store, self._store = self._store, None
-            if leading and self.external is None:  # its devices leave with its broker
+            if leading:
                 await step("marking devices offline", store.mark_all_offline)
             if leader is not None:
                 await step("releasing the leader lock", leader.release)

@@ -211,8 +211,9 @@ def _healthy(http: aiohttp.ClientSession, platform: PlatformProcess) -> Any:
 async def _obedient_device(
     port: int, name: str, password: str
 ) -> tuple[PahoDevice, list[str], asyncio.Task[None]]:
-    """A paho device that says online (retained, with its will) and answers each `ping` with
-    the number of pings it has seen; the ids it received, in order."""
+    """A paho device that says online (retained, with its will), sends telemetry every second
+    and answers each `ping` with the number of pings it has seen; the ids it received, in
+    order. (A new leader knows a device on an external broker online from what it sends.)"""
     status = f"devices/{name}/status"
     offline = json.dumps({"state": "offline", "agent_version": "t", "ts": 0}).encode()
     device = PahoDevice(port, name, password, will=(status, offline, 1, True))
@@ -225,7 +226,8 @@ async def _obedient_device(
     async def answer() -> None:
         while True:
             message = await device.next_message(timeout=1)
-            if message is None:
+            if message is None:  # telemetry every second, as an agent sends it (less often)
+                await device.publish(f"devices/{name}/telemetry", '{"apps": []}', qos=1)
                 continue
             command = json.loads(message.payload)
             received.append(command["id"])
