@@ -4,7 +4,10 @@ connections (hypothesis, the strategies of tests/mqtt_fuzz.py) against a real pl
 loopback while an honest device stays connected; prints how many cases ran, how fast, and what
 the broker answered.
 
-    .venv/bin/python scripts/fuzz_mqtt.py --examples 100000 [--workers 4]
+    .venv/bin/python scripts/fuzz_mqtt.py --examples 100000 [--workers 4] [--chunk 2500]
+
+A progress line every `--chunk` cases of a worker (cases done, rate, elapsed) tells a long run
+from a stuck one.
 
 Any answer outside the rule (an undocumented packet, a hang, an ACL crossed, an unexpected
 warning, error or traceback in the log, the honest device dropped) stops the run with
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +36,9 @@ def main() -> int:
     parser.add_argument(
         "--workers", type=int, default=4, help="client processes (cases mostly wait on timeouts)"
     )
+    parser.add_argument(
+        "--chunk", type=int, default=2500, help="cases per hypothesis run of a worker"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         settings = load_settings(
@@ -45,8 +52,23 @@ def main() -> int:
             },
         )
         started = time.monotonic()
+        done = 0
+        lock = threading.Lock()
+
+        def progress(count: int) -> None:
+            nonlocal done
+            with lock:
+                done += count
+                elapsed = time.monotonic() - started
+                print(
+                    f"{done}/{args.examples} cases, {done / elapsed:.1f}/s, {elapsed:.0f} s",
+                    flush=True,
+                )
+
         with PlatformThread(settings) as live:
-            outcomes, known = run_fuzz(live, args.examples, args.workers)
+            outcomes, known = run_fuzz(
+                live, args.examples, args.workers, chunk=args.chunk, progress=progress
+            )
         elapsed = time.monotonic() - started
     total = sum(outcomes.values())
     print(f"{total} cases in {elapsed:.0f} s ({total / elapsed:.1f}/s); every one held the rule")

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -153,11 +153,17 @@ class LogLines(logging.Handler):
 
 
 def run_fuzz(
-    live: PlatformThread, examples: int, workers: int = 1
+    live: PlatformThread,
+    examples: int,
+    workers: int = 1,
+    *,
+    chunk: int | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[Counter[str], Counter[str]]:
     """Run `examples` cases against `live` (split among `workers` processes, each its own
-    fuzzing device); the outcomes seen and the known defects' log lines. Raises on the first
-    case that breaks the rule (hypothesis then shrinks it), or if the honest device was not
+    fuzzing device, in runs of at most `chunk` cases, `progress` called with the count of each
+    run done); the outcomes seen and the known defects' log lines. Raises on the first case
+    that breaks the rule (hypothesis then shrinks it), or if the honest device was not
     served."""
     assert live.platform is not None
     port = live.platform.mqtt_port
@@ -176,16 +182,30 @@ def run_fuzz(
     root = logging.getLogger()
     root.addHandler(lines)
     try:
-        if workers == 1:
+        if workers == 1 and chunk is None:
             outcomes = fuzz_cases(port, fuzzers[0], examples)
         else:
+            share = -(-examples // workers)
             context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=context) as pool:
-                runs = [
-                    pool.submit(fuzz_cases, port, names, -(-examples // workers))
-                    for names in fuzzers
-                ]
-                for run in runs:
+            with (
+                ProcessPoolExecutor(workers, mp_context=context) as pool,
+                ThreadPoolExecutor(workers) as drivers,
+            ):
+
+                def drive(names: Names) -> Counter[str]:
+                    """One fuzzing device's share, run after run (never two at once: each
+                    run logs in with the device's own client id)."""
+                    seen: Counter[str] = Counter()
+                    done = 0
+                    while done < share:
+                        count = min(chunk or share, share - done)
+                        seen += pool.submit(fuzz_cases, port, names, count).result()
+                        done += count
+                        if progress is not None:
+                            progress(count)
+                    return seen
+
+                for run in [drivers.submit(drive, names) for names in fuzzers]:
                     outcomes += run.result()
         honest.still_served()
         unexpected, known = lines.sorted_out()
