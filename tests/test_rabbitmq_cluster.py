@@ -71,6 +71,7 @@ async def platform(
     )
     running = Platform(settings)
     await running.start()
+    await healthy(running)
     await running.store.add_customer(CUSTOMER, 20, actor="test")
     assert running.authority is not None
     password_hash = await running.authority.hasher.hash(OBSERVER_PASSWORD)
@@ -79,6 +80,22 @@ async def platform(
         yield running
     finally:
         await running.stop()
+
+
+async def healthy(platform: Platform, timeout: float = 30.0) -> None:
+    """Wait for /healthz 200: in external mode, the service client is connected and subscribed
+    to the devices' topics. (A device's retained status on node 3 does not reach a service
+    client subscribing on node 1 later: retained messages stay on their node.)"""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{platform.http_port}") as session:
+        while True:
+            async with session.get("/healthz") as response:
+                if response.status == 200:
+                    return
+                body = await response.text()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"/healthz after {timeout} s: {response.status} {body}")
+            await asyncio.sleep(0.05)
 
 
 @pytest_asyncio.fixture
@@ -338,6 +355,26 @@ async def test_retained_messages_stay_on_their_node_and_qos_2_is_1(
         assert (live.retain, payload(live)) == (False, {"state": "online", "n": 2})
     finally:
         close_all([same_node, other_node, *devices.values()])
+
+
+async def test_a_device_revoked_on_node_3_is_closed_through_node_1s_management_api(
+    cluster: RabbitCluster, platform: Platform, admin: Admin
+) -> None:
+    """The platform knows one management URL (node 1's); the management API lists and closes
+    connections of the whole cluster."""
+    devices = await devices_on(platform, cluster, {"aa:bb:cc:00:06:03": 3})
+    (three,) = devices.values()
+    try:
+        await three.say_online()
+        await admin.wait_device(three.name, lambda d: d["online"] is True)
+        async with admin.session.post(f"devices/{three.name}/revoke") as response:
+            assert response.status == 200, await response.text()
+            assert (await response.json())["state"] == "revoked"
+        assert await three.paho.wait_disconnected(15.0)
+        for number in (3, 1):
+            assert await three.connect(cluster, number) in (134, 135)  # CONNACK 4 or 5
+    finally:
+        close_all(list(devices.values()))
 
 
 # -- a node stops: its devices move to the others (last: they stop and start node 3) ----------
