@@ -330,7 +330,7 @@ class BrokerSettings:
     management_url: str = setting(
         "",
         "RabbitMQ management API, e.g. http://127.0.0.1:15672: a revoked device is disconnected"
-        " through it (empty: it stays connected until it reconnects, every check denied)",
+        " through it (empty: it stays connected until the broker checks it again)",
     )
     management_user: str = setting(
         "", "user of the management API (a RabbitMQ user tagged administrator)"

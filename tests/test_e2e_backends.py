@@ -14,6 +14,7 @@ A setup is one line in SETUPS: its name, the settings of its store and those of 
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import logging
@@ -477,3 +478,53 @@ async def test_python_m_iotbiz_broker_external_runs_no_embedded_broker(
         assert "MQTT broker listening" not in process.log()
         assert f"external MQTT broker at mqtt://127.0.0.1:{rabbit.mqtt_port}" in process.log()
         assert process.stop() == 0, process.log()
+
+
+async def test_without_the_management_api_a_revoked_device_goes_after_a_pause(
+    request: pytest.FixtureRequest, make_settings: Callable[..., Settings]
+) -> None:
+    """No broker.management_url: nothing closes the connection at the revoke. RabbitMQ 3.10
+    keeps a connection's allowed topic checks while it is busy (measured: a device publishing
+    every 0.5 s was not asked again for 15 s) and asks again after it was idle a moment (1 s
+    was enough here): that publish is denied and the connection closed. An agent's telemetry
+    every 10 s is such a pause. A new CONNECT is refused at once."""
+    parts = rabbitmq_broker(request)
+    for key in ("management_url", "management_user", "management_password"):
+        del parts["broker"][key]
+    async with (
+        running("sqlite-rabbitmq", platform_settings(make_settings, parts)) as setup,
+        aiohttp.ClientSession(setup.url) as http,
+    ):
+        admin = Admin(http)
+        limit = {"customer_id": CUSTOMER, "device_limit": 5}
+        assert (await admin.call("POST", "/customers", limit))[0] == 201
+        password = await enroll(http, DEVICE_ID)
+        device = PahoDevice(setup.mqtt_port, NAME, password)
+        try:
+            assert await device.connect() == 0
+            await device.publish(f"devices/{NAME}/telemetry", "{}")
+            assert (await admin.call("POST", f"/devices/{NAME}/revoke"))[0] == 200
+            routing_key = f"devices.{NAME.replace('/', '.')}.telemetry"
+            check = {"username": NAME, "vhost": "/", "resource": "topic", "name": "amq.topic"}
+            check |= {"permission": "write", "routing_key": routing_key}
+
+            async def denied() -> bool:  # the platform has forgotten the device
+                async with http.post("/api/v1/broker-auth/rabbitmq/topic", data=check) as r:
+                    return await r.text() == "deny"
+
+            await wait_for(denied, timeout=WAIT_S)
+            closed = False
+            for pause_s in (1.0, 2.0, 4.0, 8.0):  # idle, as an agent between telemetry
+                await asyncio.sleep(pause_s)
+                device.client.publish(f"devices/{NAME}/telemetry", "{}", qos=1)
+                if await device.wait_disconnected(timeout=2.0):
+                    closed = True
+                    break
+            assert closed, "a revoked device kept publishing after idle pauses"
+        finally:
+            device.close()
+        again = PahoDevice(setup.mqtt_port, NAME, password)
+        try:
+            assert await again.connect() in (134, 135)
+        finally:
+            again.close()

@@ -23,8 +23,10 @@ its own store), so `drop_retained` is not honoured here: a revoked device's last
 `status` stays on the broker. Only subscribers allowed `devices/#` (the platform and operator
 accounts) can see it.
 
-Without `broker.management_url`, `log_only_kick` stands in: the device stays connected until it
-reconnects (and is refused then); it says so once, at DEBUG.
+Without `broker.management_url`, `log_only_kick` stands in (it says so once, at DEBUG): nothing
+closes the connection. RabbitMQ 3.10 keeps a connection's allowed topic checks while it is busy
+and asks again after a pause (measured, tests/test_e2e_backends.py), so a revoked device goes at
+its first publish after a pause, or at its next reconnect.
 """
 
 from __future__ import annotations
@@ -68,8 +70,8 @@ class ManagementKick:
                 self._failing = True
                 log.warning(
                     "cannot disconnect %s through the broker's management API %s (%s); it stays"
-                    " connected until it reconnects (every check is denied). Logged once until"
-                    " the API answers again",
+                    " connected until the broker checks it again (every check is denied). Logged"
+                    " once until the API answers again",
                     username,
                     self._url,
                     message,
@@ -129,7 +131,7 @@ def log_only_kick() -> Kick:
             said = True
             log.debug(
                 "revoked %s: no broker.management_url, so its open connection (if any) stays"
-                " until it reconnects; every later check is denied (said once)",
+                " until the broker checks it again; every later check is denied (said once)",
                 username,
             )
 
