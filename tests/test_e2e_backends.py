@@ -19,6 +19,8 @@ import inspect
 import json
 import logging
 import secrets
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -39,6 +41,7 @@ from tests.mqtt_device import PahoDevice
 from tests.processes import platform_process
 from tests.services.postgres import PostgresServer
 from tests.services.rabbitmq import RabbitNode, free_port, rabbitmq_node
+from tests.test_dispatch_agent import agent_process
 
 TOKEN = "e2e-admin-token"
 CUSTOMER = "e2e"
@@ -528,3 +531,52 @@ async def test_without_the_management_api_a_revoked_device_goes_after_a_pause(
             assert await again.connect() in (134, 135)
         finally:
             again.close()
+
+
+async def test_a_real_agent_on_rabbitmq(
+    request: pytest.FixtureRequest, make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """The agent itself (a child process) against `--broker external`: it enrolls, connects to
+    RabbitMQ with a MAC-form device id (colons in the username), reports its apps, answers a
+    command, and says offline when stopped."""
+    settings = platform_settings(
+        make_settings, rabbitmq_broker(request), {"commands": {"poll_s": 0.1}}
+    )
+    async with (
+        running("sqlite-rabbitmq", settings) as setup,
+        aiohttp.ClientSession(setup.url) as http,
+    ):
+        admin = Admin(http)
+        limit = {"customer_id": CUSTOMER, "device_limit": 5}
+        assert (await admin.call("POST", "/customers", limit))[0] == 201
+        program = tmp_path / "app.py"
+        program.write_text("import time\nwhile True:\n    time.sleep(0.2)\n")
+        config = tmp_path / "agent.toml"
+        config.write_text(
+            f'customer_id = "{CUSTOMER}"\ndevice_id = "{DEVICE_ID.upper()}"\n'
+            f'registrar_url = "{setup.url}"\nbroker_url = "mqtt://127.0.0.1:{setup.mqtt_port}"\n'
+            f'state_dir = "{tmp_path / "agent-state"}"\ntelemetry_interval_s = 1\n'
+            f'\n[[apps]]\nname = "app"\ncommand = {json.dumps([sys.executable, str(program)])}\n'
+        )
+        with agent_process(tmp_path, config) as agent:
+
+            async def reporting() -> bool:
+                code, shown = await admin.call("GET", f"/devices/{NAME}")
+                telemetry = shown.get("telemetry") if code == 200 else None
+                return bool(shown.get("online")) and bool(telemetry and telemetry.get("apps"))
+
+            await wait_for(reporting, timeout=30.0)
+            _, shown = await admin.call("GET", f"/devices/{NAME}")
+            assert [app["name"] for app in shown["telemetry"]["apps"]] == ["app"]
+            code, sent = await admin.call("POST", "/commands", {"device": NAME, "action": "ping"})
+            assert code == 201, sent
+            command_id = sent["commands"][0]["id"]
+            code, done = await admin.call("GET", f"/commands/{command_id}?wait=20")
+            assert (code, done["state"], done["result"]["pong"]) == (200, "done", True)
+            agent.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(agent.wait, 30) == 0
+
+            async def offline() -> bool:
+                return (await admin.call("GET", f"/devices/{NAME}"))[1]["online"] is False
+
+            await wait_for(offline, timeout=WAIT_S)
