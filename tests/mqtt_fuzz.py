@@ -54,6 +54,7 @@ class Names:
     password: str
     other: str  # the honest device's name
     max_packet: int  # mqtt.max_packet_bytes of the broker under test
+    connect_timeout_s: float = 10.0  # mqtt.connect_timeout_s of the broker under test
 
     def topic(self, suffix: str, *, other: bool = False) -> str:
         return f"devices/{self.other if other else self.username}/{suffix}"
@@ -467,6 +468,10 @@ def check_answer(case: Case, answer: Answer, names: Names) -> str:
     if connack:  # a refused CONNECT: the connection ends [MQTT-3.2.2-5]
         assert len(answer.packets) == 1, answer
         assert answer.closed, answer
+    if case.good_connect and connack is None and answer.seconds >= names.connect_timeout_s:
+        # The documented connect timer, not a refusal: on a loaded machine the broker did not
+        # read even a whole CONNECT within the (test's short) connect_timeout_s. Counted apart.
+        return f"{case.kind}: closed by the connect timer (the CONNECT not read in time)"
     if case.good_connect:
         assert connack == 0, f"the device's own CONNECT was not accepted: {answer.packets[:2]}"
     if connack is None:

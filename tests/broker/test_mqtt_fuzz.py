@@ -174,6 +174,7 @@ def run_fuzz(
             password=enroll_device(live.url, CUSTOMER, f"fuzzer-{index}"),
             other=honest.name,
             max_packet=MAX_PACKET,
+            connect_timeout_s=float(MQTT_SETTINGS["connect_timeout_s"]),
         )
         for index in range(workers)
     ]
