@@ -33,12 +33,14 @@ new samples and the oldest events are dropped, counted.
 External broker (`external_broker=True`): there are no connect or disconnect events, and a
 platform restart does not disconnect the devices. A retained `status` replayed on subscribe
 counts (the broker kept it while the platform was away and replaced it with the will if the
-device dropped), and any other message a device sends live (its telemetry, every
-`telemetry_interval_s`) shows it connected: the first since it was last known offline turns it
-online. Measured on RabbitMQ 3.10.8: retained messages reach only subscriptions without
-wildcards, so the platform's `devices/+/+/...` gets none, and after a restart a device that
-stayed connected is online again with its next telemetry (or status). The devices known online
-are a set of names, at most the fleet's active devices.
+device dropped). A device whose status this leader has not heard yet (it stayed connected
+through a restart) turns online with any other message it sends live (its telemetry, every
+`telemetry_interval_s`). Once a status was heard, only statuses count: the agent stops with an
+`offline` status and may still send a last telemetry before it disconnects (seen: it stayed
+online for ever when telemetry counted after that). Measured on RabbitMQ 3.10.8: retained
+messages reach only subscriptions without wildcards, so the platform's `devices/+/+/...` gets
+none, and after a restart a device that stayed connected is online again with its next
+telemetry. What each status said is kept per device, at most the fleet's active devices.
 
 Hooks for the rest of the platform (the command dispatcher): `on_online` callbacks get a device's
 name when it connects or says `online` live; `on_reply` callbacks get a device's `reply` payloads.
@@ -89,7 +91,9 @@ class PresenceRecorder:
     ) -> None:
         self._store = store
         self._external = external_broker  # see "External broker" in the module docstring
-        self._online: set[DeviceName] = set()  # external broker: devices known online here
+        # external broker: what each device's last status said since this leader started
+        # (True: online), absent while unknown
+        self._said: dict[DeviceName, bool] = {}
         self._flush_s = flush_s
         self._retry_start_s, self._retry_cap_s = retry_s
         self._clock = clock
@@ -138,25 +142,23 @@ class PresenceRecorder:
         says = live or self._external
         online = status.get("state") == "online" if says else None
         self._note(PresenceUpdate(name, self._clock(), online=online, status=status))
-        if self._external and online:
-            self._online.add(name)
-        elif self._external and online is False:
-            self._online.discard(name)
+        if self._external and online is not None:
+            self._said[name] = online
         if online:
             self._came_online(name)  # the agent says so after subscribing to its commands
 
     def _alive(self, name: DeviceName) -> None:
-        """External broker: a message a device just sent shows it connected (see the module
-        docstring); the first one since it was last known offline here turns it online."""
-        if name not in self._online:
-            self._online.add(name)
+        """External broker: a message from a device whose status this leader has not heard
+        shows it connected (see the module docstring): it turns online."""
+        if name not in self._said:
+            self._said[name] = True
             self._note(PresenceUpdate(name, self._clock(), online=True))
             self._came_online(name)
 
     def forget_online(self) -> None:
-        """Every device is offline as far as this recorder knows (the store was just marked
-        so: a new leader starts over)."""
-        self._online.clear()
+        """Forget what the devices' statuses said (the store was just marked all offline: a
+        new leader starts over)."""
+        self._said.clear()
 
     def telemetry_payload(self, name: DeviceName, payload: bytes) -> None:
         """A telemetry message as published; only the latest per device is parsed, at flush."""

@@ -139,8 +139,9 @@ async def test_hooks_hear_of_devices_coming_online_and_their_replies(
 
 
 async def test_with_an_external_broker_messages_say_online(store: Store, clock: FakeClock) -> None:
-    """No connect events: a retained status counts, and the first live message since the device
-    was last known offline turns it online (once: the dispatcher hears of it once)."""
+    """No connect events: a retained status counts, and a live message from a device whose
+    status this leader has not heard turns it online (once: the dispatcher hears of it once);
+    after a status, only statuses count."""
     await active_device(store)
     presence = PresenceRecorder(store, clock=clock, external_broker=True)
     came_online: list[DeviceName] = []
@@ -152,14 +153,16 @@ async def test_with_an_external_broker_messages_say_online(store: Store, clock: 
         assert device is not None
         return bool(device.online)
 
-    presence.status(NAME, {"state": "online"}, live=False)  # retained, kept by the broker
-    assert await online()
-    presence.message(NAME, "status", b'{"state": "offline"}', retained=False)  # the will
-    assert not await online()
     presence.message(NAME, "telemetry", b"{}", retained=True)  # a retained copy: not alive
     assert not await online()
-    for _ in range(3):
+    for _ in range(3):  # a device that stayed connected through a restart
         presence.message(NAME, "telemetry", b'{"cpu": 1}', retained=False)
+    assert await online()
+    assert came_online == [NAME]
+    presence.message(NAME, "status", b'{"state": "offline"}', retained=False)  # goodbye
+    presence.message(NAME, "telemetry", b'{"cpu": 2}', retained=False)  # sent after it
+    assert not await online()
+    presence.status(NAME, {"state": "online"}, live=False)  # retained, kept by the broker
     assert await online()
     assert came_online == [NAME, NAME]
     await store.mark_all_offline()  # a new leader starts over
