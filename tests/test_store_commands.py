@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import asyncpg
 import pytest
 import pytest_asyncio
 
@@ -448,3 +449,50 @@ async def test_two_processes_expiring_expire_each_command_once(
 
     taken = await run_together(*(sweeper(store) for store in (one, two) * 2))
     assert_taken_once(taken, {c.command_id for c in commands})
+
+
+async def test_a_reset_waiting_for_commands_being_created_fails_them_too(
+    postgres_url: str, clock: FakeClock
+) -> None:
+    """Another process creating commands for the device holds its row (FOR SHARE) until it
+    commits; a reset meanwhile waits for it and then fails those commands with the others,
+    never leaving a queued command for a device that is gone (its id may register again)."""
+    store = await PostgresStore.open(postgres_url, clock=clock)
+    other = await asyncpg.connect(postgres_url, timeout=10)
+    try:
+        [name] = await active_devices(store, "abc123", 1)
+        creating = other.transaction()
+        await creating.start()
+        await other.execute(
+            "SELECT 1 FROM devices WHERE customer_id = $1 AND device_id = $2 FOR SHARE", *name
+        )
+        await other.execute(
+            "INSERT INTO commands (command_id, customer_id, device_id, batch_id, action, state,"
+            " created_at, expires_at, actor) VALUES ('c-1', $1, $2, 'b-1', 'ping', 'queued',"
+            " 0, 1e12, 'test')",
+            *name,
+        )
+        reset = asyncio.create_task(store.reset_device(name, actor="test"))
+
+        async def reset_waits() -> bool:
+            waiting = await other.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            )
+            return bool(waiting)
+
+        for _ in range(500):
+            if await reset_waits():
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the reset did not wait for the device's row")
+        await creating.commit()
+        await asyncio.wait_for(reset, 30)
+        assert await store.get_device(name) is None
+        command = await store.get_command("c-1")
+        assert command is not None
+        assert (command.state, command.error) == (CommandState.FAILED, "device reset")
+    finally:
+        await other.close()
+        await store.close()

@@ -213,6 +213,14 @@ class PostgresDeviceOperations(PostgresCore):
         now = self._clock()
 
         async def reset(conn: asyncpg.Connection) -> Device:
+            # The device's row first: a batch or create_commands of another process holding it
+            # (FOR SHARE) commits before, and its commands are failed below with the others
+            # (each statement of this transaction sees what was committed before it began).
+            await conn.execute(
+                "SELECT 1 FROM devices WHERE customer_id = $1 AND device_id = $2 FOR UPDATE",
+                name.customer_id,
+                name.device_id,
+            )
             device = await _device(conn, name)
             if device is None:
                 raise NotFoundError(f"no device {name}")
