@@ -19,13 +19,19 @@ scripts/fleet_sim.py, the paced publisher of scripts/bench.py) comes from this p
    once and subscribe to their `cmd`, to a freshly started platform (cold: its credential
    cache is empty, each login is a bcrypt check in the /user callback), then all disconnect
    and connect again (warm: the cache answers). A refused or failed CONNECT is retried after
-   0.5-1.5 s, as the agent does, until --storm-limit-s.
+   0.5-1.5 s, as the agent does, until --storm-limit-s. Beside the times: the platform's
+   refused logins (its /metrics), the kernel's listen-queue overflows (machine-wide), and the
+   peak of connections open to and queued at the balancer's and the platform's HTTP ports
+   (RabbitMQ's HTTP backend opens a connection per concurrent callback).
 3. Telemetry through RabbitMQ: the connected devices publish, round robin, at each total
    rate of --rates for --phase-s (after --warmup-s), QoS 0 then 1. What reached the platform
    is counted twice: by a superuser observer subscribed to `devices/+/+/telemetry` (rate,
    delivery p50/p99 from the send time in the payload, loss), and in the store (how many
    devices' last_telemetry is the last message they sent). CPU (psutil) of the platform,
    RabbitMQ (beam.smp), PostgreSQL and this process, per message and in cores.
+
+CPU columns: platform, rabbitmq, postgres (the postmaster and its backends), balancer, load
+(this process) and others: the rest of the machine's busy CPU meanwhile (the cores are shared).
 
 Prints markdown tables; writes nothing outside a temporary folder unless --out (JSON). Every
 wait is bounded and every process it starts is stopped on the way out. About 5 minutes on 2
@@ -65,7 +71,7 @@ for folder in (ROOT, SCRIPTS):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
-from bench import Flow, bcrypt_pair_seconds, drive, machine  # noqa: E402
+from bench import Flow, bcrypt_pair_seconds, drive, listen_overflows, machine  # noqa: E402
 from fleet_sim import (  # noqa: E402
     Credentials,
     EnrollReport,
@@ -102,7 +108,7 @@ import asyncio, sys
 from tests.services.balancer import Balancer
 
 async def main():
-    balancer = Balancer(int(sys.argv[1]))
+    balancer = Balancer(int(sys.argv[1]), backlog=int(sys.argv[3]))
     balancer.backends = [int(port) for port in sys.argv[2].split(",")]
     await balancer.start()
     await asyncio.Event().wait()
@@ -115,11 +121,13 @@ asyncio.run(main())
 
 
 @contextlib.contextmanager
-def balancer(port: int, backends: Sequence[int], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def balancer(
+    port: int, backends: Sequence[int], log: Path, backlog: int
+) -> Iterator[subprocess.Popen[bytes]]:
     """tests/services/balancer.py on `port` in front of `backends`, as a child process."""
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-c", BALANCER, str(port), ",".join(map(str, backends))],
+            [sys.executable, "-c", BALANCER, str(port), ",".join(map(str, backends)), str(backlog)],
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
@@ -324,7 +332,12 @@ def enroll(
         if via_balancer:
             port = free_port()
             proc = stack.enter_context(
-                balancer(port, [p.http_port for p in platforms], folder / "balancer.log")
+                balancer(
+                    port,
+                    [p.http_port for p in platforms],
+                    folder / "balancer.log",
+                    run.args.backlog,
+                )
             )
             meter.add("balancer", [proc.pid])
             target = f"http://127.0.0.1:{port}"
@@ -358,6 +371,7 @@ class Storm:
     first_failures: Counter[str] = field(default_factory=Counter)
     final_failures: Counter[str] = field(default_factory=Counter)
     retries: int = 0
+    connack_times: list[float] = field(default_factory=list)  # since the start, each device
     connack_s: float = 0.0
     suback_s: float = 0.0
 
@@ -384,7 +398,8 @@ async def connect_storm(port: int, logins: Sequence[Login], limit_s: float) -> S
         while True:
             try:
                 client = await open_mqtt(port, login, keepalive_s=KEEPALIVE_S, wait_s=30.0)
-                storm.connack_s = max(storm.connack_s, time.perf_counter() - start)
+                storm.connack_times.append(time.perf_counter() - start)
+                storm.connack_s = max(storm.connack_s, storm.connack_times[-1])
                 code = await client.subscribe(device_topic(login.client_id, "cmd"), 1, 30.0)
                 if code == 0x80:
                     client.abort()
@@ -430,32 +445,49 @@ async def wait_connections(rabbit: RabbitNode, at_most: int, limit_s: float = 60
     raise RuntimeError(f"RabbitMQ still lists {seen} connections after {limit_s} s")
 
 
-def established(port: int) -> int:
-    """TCP connections established to 127.0.0.1:`port` (from /proc/net/tcp: cheap)."""
-    wanted = f"0100007F:{port:04X}"
-    count = 0
+def socket_counts(ports: dict[str, int]) -> dict[str, int]:
+    """From /proc/net/tcp (cheap): for each named port on 127.0.0.1, the connections
+    established to it (`NAME open`) and those waiting in its listen queue (`NAME queued`)."""
+    local = {f"0100007F:{port:04X}": name for name, port in ports.items()}
+    counts = {f"{name} {kind}": 0 for name in ports for kind in ("open", "queued")}
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
-        count += fields[1] == wanted and fields[3] == "01"  # local address, ESTABLISHED
-    return count
+        name = local.get(fields[1])
+        if name is None:
+            continue
+        if fields[3] == "01":  # ESTABLISHED
+            counts[f"{name} open"] += 1
+        elif fields[3] == "0A":  # LISTEN: rx_queue is the accept queue's length
+            counts[f"{name} queued"] = int(fields[4].split(":")[1], 16)
+    return counts
 
 
-async def peak_connections(port: int, stop: asyncio.Event) -> int:
-    """The most connections to `port` seen at once, sampled every 0.2 s until `stop`."""
-    peak = 0
+async def peak_sockets(ports: dict[str, int], stop: asyncio.Event) -> dict[str, int]:
+    """The peak of each of `socket_counts`, sampled every 0.1 s until `stop`."""
+    peak: dict[str, int] = {}
     while not stop.is_set():
-        peak = max(peak, await asyncio.to_thread(established, port))
+        for key, value in (await asyncio.to_thread(socket_counts, ports)).items():
+            peak[key] = max(peak.get(key, 0), value)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 0.2)
+            await asyncio.wait_for(stop.wait(), 0.1)
     return peak
 
 
 def login_counters(url: str, token: str) -> dict[str, float]:
-    """The platform's refused and busy-refused MQTT logins, from its /metrics."""
+    """The platform's refused and busy-refused MQTT logins, from its /metrics (three tries;
+    nothing when all fail: the figure is then missing, not zero)."""
     request = urllib.request.Request(f"{url}/metrics")  # noqa: S310
     request.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback
-        text = response.read().decode()
+    for attempt in range(3):
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+                text = response.read().decode()
+            break
+        except OSError as exc:  # urllib.error.URLError is one
+            print(f"  /metrics failed ({exc!r}), attempt {attempt + 1} of 3", file=sys.stderr)
+            time.sleep(1.0)
+    else:
+        return {}
     counters = {"refused_logins": 0.0, "busy_refusals": 0.0}
     for line in text.splitlines():
         for key in counters:
@@ -470,21 +502,23 @@ def storm_row(
     storm: Storm,
     spent: dict[str, float],
     refusals: dict[str, float],
-    auth_connections: int,
+    sockets: dict[str, int],
 ) -> dict[str, Any]:
     connected = len(storm.clients)
     return {
         "storm": label,
         "devices": devices,
         "connected": connected,
+        "connack_p50_s": round(percentile(storm.connack_times, 50) or 0.0, 2),
+        "connack_p90_s": round(percentile(storm.connack_times, 90) or 0.0, 2),
         "connack_s": round(storm.connack_s, 2),
         "suback_s": round(storm.suback_s, 2),
         "connects_per_s": round(connected / storm.connack_s, 1) if storm.connack_s else None,
         "first_try_failures": dict(storm.first_failures),
         "retries": storm.retries,
         "not_connected": dict(storm.final_failures),
-        "platform_refused": {key: int(value) for key, value in refusals.items()},
-        "auth_connections_peak": auth_connections,
+        "refused": {key: int(value) for key, value in refusals.items()},
+        "sockets_peak": sockets,
         "cpu_s": {name: round(value, 1) for name, value in spent.items()},
     }
 
@@ -601,6 +635,7 @@ async def mqtt_steps(
     meter: Meter,
     store_url: str,
     platform_url: str,
+    platform_port: int,
     result: dict[str, Any],
 ) -> None:
     """The storms and the telemetry phases; their rows go into `result` as they finish."""
@@ -613,14 +648,17 @@ async def mqtt_steps(
     try:
         for label in ("cold", "warm"):
             counted = await asyncio.to_thread(login_counters, platform_url, run.token)
+            refusals: dict[str, float] = {}
             stop = asyncio.Event()
-            sampler = asyncio.create_task(peak_connections(rabbit.auth_port, stop))
-            before = meter.read()
+            ports = {"balancer": rabbit.auth_port, "platform": platform_port}
+            sampler = asyncio.create_task(peak_sockets(ports, stop))
+            before, overflows = meter.read(), listen_overflows()
             storm = await connect_storm(rabbit.mqtt_port, logins, args.storm_limit_s)
             spent = Meter.spent(before, meter.read())
+            refusals["listen_overflows"] = listen_overflows() - overflows
             stop.set()
             now = await asyncio.to_thread(login_counters, platform_url, run.token)
-            refusals = {key: now[key] - counted[key] for key in now}
+            refusals |= {key: now[key] - counted[key] for key in now.keys() & counted.keys()}
             clients = storm.clients
             result["storms"].append(
                 storm_row(label, len(logins), storm, spent, refusals, await sampler)
@@ -673,7 +711,9 @@ def rabbit_steps(
         platform = stack.enter_context(platform_process(config.parent, "--config", str(config)))
         stack.callback(stop_platform, platform)
         proc = stack.enter_context(
-            balancer(rabbit.auth_port, [platform.http_port], folder / "balancer.log")
+            balancer(
+                rabbit.auth_port, [platform.http_port], folder / "balancer.log", run.args.backlog
+            )
         )
         wait_healthy(platform)  # its service client's login went through RabbitMQ
         wait_logged(platform, "FOLLOWER -> LEADER")  # the leader records presence
@@ -685,7 +725,17 @@ def rabbit_steps(
         meter.add("load", [os.getpid()])
         result["rabbitmq_boot_s"] = round(boot_s, 1)
         asyncio.run(
-            mqtt_steps(run, rabbit, fleet, observer, meter, store_url, platform.url, result)
+            mqtt_steps(
+                run,
+                rabbit,
+                fleet,
+                observer,
+                meter,
+                store_url,
+                platform.url,
+                platform.http_port,
+                result,
+            )
         )
 
 
@@ -775,14 +825,16 @@ STORM_COLUMNS = [
     ("storm", "storm"),
     ("devices", "devices"),
     ("connected", "connected"),
+    ("CONNACK p50 s", "connack_p50_s"),
+    ("p90 s", "connack_p90_s"),
     ("all CONNACKs s", "connack_s"),
     ("all SUBACKs s", "suback_s"),
     ("connects/s", "connects_per_s"),
     ("first-try failures", "first_try_failures"),
     ("retries", "retries"),
     ("not connected", "not_connected"),
-    ("platform refused", "platform_refused"),
-    ("auth HTTP connections, peak", "auth_connections_peak"),
+    ("platform refusals, kernel listen overflows", "refused"),
+    ("sockets, peak", "sockets_peak"),
     ("CPU s", "cpu_s"),
 ]
 TELEMETRY_COLUMNS = [
@@ -847,6 +899,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-s", type=float, default=2.0, help="before each phase")
     parser.add_argument("--storm-limit-s", type=float, default=120.0, help="per storm")
     parser.add_argument("--step-limit-s", type=float, default=300.0, help="per enrollment")
+    parser.add_argument(
+        "--backlog", type=int, default=511, help="the balancer's listen queue (nginx's default)"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 200 devices, 3 s")
     parser.add_argument("--out", type=Path, help="also write the result as JSON here")
     args = parser.parse_args(argv)
@@ -867,6 +922,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             measure(args, Path(folder), result)
         except BaseException:
             print(f"failed; measured so far:\n{json.dumps(result, indent=2)}", file=sys.stderr)
+            for log in sorted(Path(folder).glob("rabbit/**/*.log")):
+                tail = log.read_text(errors="replace")[-3000:]
+                print(f"--- {log.relative_to(folder)}\n{tail}", file=sys.stderr)
             raise
     print(markdown(result))
     if args.out:

@@ -1,7 +1,9 @@
 """A TCP load balancer on loopback, for tests of several platform processes: what nginx (or
 HAProxy) does in front of them in production. Each connection goes to the next backend in
 turn; a backend that refuses (a killed process) is skipped for the next one, as nginx's
-`proxy_next_upstream error` does. Bounded: a connect attempt waits `CONNECT_TIMEOUT_S`."""
+`proxy_next_upstream error` does. Bounded: a connect attempt waits `CONNECT_TIMEOUT_S`.
+`backlog` is the listen queue: asyncio's default of 100 unless given (nginx's is 511; a
+connect storm through RabbitMQ's HTTP auth backend opens a connection per login at once)."""
 
 from __future__ import annotations
 
@@ -13,15 +15,18 @@ CHUNK = 65536
 
 
 class Balancer:
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *, backlog: int = 100) -> None:
         self.port = port
+        self.backlog = backlog
         self.backends: list[int] = []  # ports on 127.0.0.1, tried in turn
         self._next = 0
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        self._server = await asyncio.start_server(
+            self._accept, "127.0.0.1", self.port, backlog=self.backlog
+        )
 
     async def stop(self) -> None:
         if self._server is not None:
