@@ -17,10 +17,10 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from iotbiz.broker.authority import Authority
+from iotbiz.broker.authority import Authority, Refusal
 from iotbiz.broker.management import ManagementKick
 from iotbiz.errors import ConfigError
-from iotbiz.names import parse_device_name
+from iotbiz.names import DeviceName, parse_device_name
 from iotbiz.passwords import PasswordHasher
 from iotbiz.platform import SERVICE_USERNAME, Platform
 from iotbiz.registrar import create_app
@@ -328,3 +328,56 @@ async def test_a_broker_ca_file_that_cannot_be_read_stops_the_start(
     with pytest.raises(ConfigError) as raised:
         await Platform(settings).start()
     assert str(raised.value).startswith(f"broker.ca_file: cannot load {garbage}: ")
+
+
+async def test_a_slow_kick_does_not_hold_up_forgetting_the_next_names(db_path: Path) -> None:
+    """Two devices revoked together while the first one's kick hangs (a management API that
+    does not answer): both are forgotten at once, so neither passes another check."""
+    store = await Store.open(db_path)
+    hasher = PasswordHasher(4, threads=1, max_queued=16)
+    authority = Authority(store, hasher, service_username=SERVICE_USERNAME, service_password="x")
+    names = [parse_device_name(f"abc123/aa:bb:cc:dd:ee:0{i}") for i in (1, 2)]
+    await store.add_customer("abc123", 10, actor="test")
+    hanging = asyncio.Event()
+    kicked: list[str] = []
+
+    async def kick(username: str, *, drop_retained: bool) -> None:
+        kicked.append(username)
+        if username == str(names[0]):
+            hanging.set()
+            await asyncio.Event().wait()  # never answers
+
+    follower = asyncio.create_task(authority.follow_changes(kick, poll_s=0.05))
+    try:
+        for name in names:
+            assert name is not None
+            password_hash = await hasher.hash("pw")
+            await store.register_device(name, password_hash, ttl_s=60, actor="test")
+            assert await store.activate_device(name, password_hash, actor="test")
+            assert not isinstance(await authority.authenticate(str(name), "pw", str(name)), Refusal)
+        warm_ups = iter(range(100))
+
+        async def following() -> bool:  # the follower has its cursor: revokes reach it
+            if not kicked:
+                warm_up = DeviceName("abc123", f"warm-up-{next(warm_ups)}")
+                await store.register_device(warm_up, b"x", ttl_s=60, actor="test")
+                await store.revoke_device(warm_up, actor="test")
+            return bool(kicked)
+
+        await wait_for(following)
+        for name in names:
+            assert name is not None
+            await store.revoke_device(name, actor="test")
+        await asyncio.wait_for(hanging.wait(), timeout=5)
+
+        async def both_forgotten() -> bool:
+            return [await authority.principal_of(str(name)) for name in names] == [None, None]
+
+        await wait_for(both_forgotten)
+        real = [username for username in kicked if "warm-up" not in username]
+        assert real == [str(names[0])]  # the first kick still hangs
+    finally:
+        follower.cancel()
+        await asyncio.wait([follower])
+        hasher.close()
+        await store.close()

@@ -303,12 +303,16 @@ class Authority:
             if any(change.action == COMMANDS_QUEUED for change in changes):
                 for callback in self.on_commands_queued:
                     callback()
-            for change in changes:
-                cursor = change.entry_id
-                if change.action in _REVOKING_ACTIONS:
-                    self.forget(change.subject)
-                    drop_retained = change.action in _RETAINED_DROPPING_ACTIONS
-                    await kick(change.subject, drop_retained=drop_retained)
+            revoking = [change for change in changes if change.action in _REVOKING_ACTIONS]
+            if changes:
+                cursor = changes[-1].entry_id
+            # every name first: a slow kick (an external broker's management API, up to its
+            # timeout) must not keep the next names' checks allowed meanwhile
+            for change in revoking:
+                self.forget(change.subject)
+            for change in revoking:
+                drop_retained = change.action in _RETAINED_DROPPING_ACTIONS
+                await kick(change.subject, drop_retained=drop_retained)
 
     # -- authorisation -------------------------------------------------------------------------
 
