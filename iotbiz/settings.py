@@ -350,9 +350,15 @@ class BrokerEndpoint:
 def broker_endpoint(url: str) -> BrokerEndpoint:
     """The host and port of `broker.url`; ConfigError, one line, for a URL that is not
     mqtt[s]://HOST[:PORT] (the port defaults to 1883, or 8883 for mqtts)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.hostname  # noqa: B018 - raises ValueError for a bad [IPv6] literal
+    except ValueError:
+        raise ConfigError(f"broker.url: not a valid URL, got {url!r}") from None
     if parts.scheme not in BROKER_URL_SCHEMES or not url.startswith(f"{parts.scheme}://"):
         raise ConfigError(f"broker.url: must start with mqtt:// or mqtts://, got {url!r}")
+    if any(char.isspace() or not char.isprintable() for char in url):
+        raise ConfigError(f"broker.url: must be mqtt[s]://HOST:PORT only, got {url!r}")
     if parts.username is not None or parts.password is not None:
         raise ConfigError(
             f"broker.url: no user or password in the URL (see broker.service_password), got {url!r}"
@@ -377,25 +383,33 @@ def _check_broker(broker: BrokerSettings) -> None:
     if broker.mode not in BROKER_MODES:
         raise ConfigError(f"broker.mode: must be embedded or external, got {broker.mode!r}")
     broker_endpoint(broker.url)
-    if broker.management_url:
-        parts = urlsplit(broker.management_url)
-        if parts.scheme not in MANAGEMENT_URL_SCHEMES or not parts.hostname:
-            raise ConfigError(
-                "broker.management_url: must be http://HOST:PORT or https://HOST:PORT,"
-                f" got {broker.management_url!r}"
-            )
-        try:
-            parts.port  # noqa: B018 - raises ValueError for a bad port
-        except ValueError:
-            raise ConfigError(
-                f"broker.management_url: the port must be a number from 1 to 65535,"
-                f" got {broker.management_url!r}"
-            ) from None
-        if not broker.management_user or not broker.management_password:
-            raise ConfigError(
-                "broker.management_user and broker.management_password: required with"
-                " broker.management_url"
-            )
+    url = broker.management_url
+    if not url:
+        return
+    try:
+        parts = urlsplit(url)
+        valid = (
+            parts.scheme in MANAGEMENT_URL_SCHEMES
+            and bool(parts.hostname)
+            and not any(char.isspace() or not char.isprintable() for char in url)
+        )
+    except ValueError:  # a bad [IPv6] literal
+        valid = False
+    if not valid:
+        raise ConfigError(
+            f"broker.management_url: must be http://HOST:PORT or https://HOST:PORT, got {url!r}"
+        )
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ConfigError(
+            f"broker.management_url: the port must be a number from 1 to 65535, got {url!r}"
+        ) from None
+    if not broker.management_user or not broker.management_password:
+        raise ConfigError(
+            "broker.management_user and broker.management_password: required with"
+            " broker.management_url"
+        )
 
 
 @dataclass(frozen=True, slots=True)

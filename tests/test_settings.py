@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from iotbiz import cli
 from iotbiz.errors import ConfigError
@@ -298,6 +300,16 @@ def test_broker_precedence_toml_environment_flags(
             "broker.management_user and broker.management_password: required with"
             " broker.management_url",
         ),
+        ({"url": "mqtt://[::1:1883"}, "broker.url: not a valid URL, got 'mqtt://[::1:1883'"),
+        (
+            {"url": "mqtt://rabbit:1883\n"},
+            "broker.url: must be mqtt[s]://HOST:PORT only, got 'mqtt://rabbit:1883\\n'",
+        ),
+        (
+            {"management_url": "http://[x]:15672", "management_user": "a"},
+            "broker.management_url: must be http://HOST:PORT or https://HOST:PORT,"
+            " got 'http://[x]:15672'",
+        ),
         ({"mode": 1}, "broker.mode: expected a string, got 1"),
     ],
 )
@@ -312,3 +324,21 @@ def test_bad_broker_flag_is_a_one_line_error(capsys: pytest.CaptureFixture[str])
     assert capsys.readouterr().err == (
         "python -m iotbiz.broker: broker.mode: must be embedded or external, got 'rabbitmq'\n"
     )
+
+
+@given(st.text(max_size=40) | st.builds(lambda rest: f"mqtt://{rest}", st.text(max_size=30)))
+@settings(max_examples=300, deadline=None)
+def test_any_broker_url_is_an_endpoint_or_a_one_line_error(url: str) -> None:
+    for overrides in ({"url": url}, {"management_url": url, "management_user": "a"}):
+        error = ""
+        try:
+            loaded = load_settings(None, environ={}, overrides={"broker": overrides})
+        except ConfigError as exc:
+            error = str(exc)
+        if error:
+            assert "\n" not in error
+            assert error.startswith("broker.")
+        elif "url" in overrides:
+            endpoint = broker_endpoint(loaded.broker.url)
+            assert endpoint.host
+            assert 1 <= endpoint.port <= 65535
