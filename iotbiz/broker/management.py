@@ -83,7 +83,10 @@ class ManagementKick:
             self._failing = False
             log.warning("the broker's management API %s answers again", self._url)
         self.closed_connections += closed
-        log.info("disconnected %s from the external broker (%d connections)", username, closed)
+        if closed:
+            log.info("disconnected %s from the external broker (%d connections)", username, closed)
+        else:  # not connected, or another platform process was first
+            log.debug("%s has no connection on the external broker to close", username)
 
     async def _close_all(self, username: str) -> int:
         """List the name's connections; when there are any, close them all in one DELETE."""
