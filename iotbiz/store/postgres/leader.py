@@ -21,6 +21,9 @@ from iotbiz.store.postgres.core import CONNECT_TIMEOUT_S, DRIVER_ERRORS, _messag
 # One key for the platform's leadership (a 64-bit number of our own: 'iotbiz' 'ldr').
 LEADER_KEY = 0x696F7462697A_4C
 CHECK_TIMEOUT_S = 2.0
+# The driver's errors, and its InternalClientError: asyncpg raised it (once in many runs) for a
+# query on a connection whose session the server had just ended. Either way the lock is lost.
+LOCK_ERRORS = (*DRIVER_ERRORS, asyncpg.InternalClientError)
 # The server drops the session of a leader gone silent after 5 + 3 x 2 s.
 TCP_KEEPALIVE = {
     "tcp_keepalives_idle": "5",
@@ -44,7 +47,7 @@ class PostgresLeaderLock:
             conn = await asyncpg.connect(
                 self._url, timeout=CONNECT_TIMEOUT_S, server_settings=TCP_KEEPALIVE
             )
-        except (*DRIVER_ERRORS, ValueError) as exc:
+        except (*LOCK_ERRORS, ValueError) as exc:
             raise StoreError(
                 f"leader lock: cannot reach {redact(self._url)}: {_message(exc, self._url)}"
             ) from None
@@ -52,7 +55,7 @@ class PostgresLeaderLock:
             taken = await conn.fetchval(
                 "SELECT pg_try_advisory_lock($1)", self._key, timeout=CHECK_TIMEOUT_S
             )
-        except DRIVER_ERRORS as exc:
+        except LOCK_ERRORS as exc:
             conn.terminate()
             raise StoreError(f"leader lock: {redact(self._url)} failed: {exc}") from exc
         if not taken:
@@ -69,7 +72,7 @@ class PostgresLeaderLock:
             return False
         try:
             await conn.fetchval("SELECT 1", timeout=CHECK_TIMEOUT_S)
-        except DRIVER_ERRORS:
+        except LOCK_ERRORS:
             self._conn = None
             conn.terminate()
             return False
@@ -84,7 +87,7 @@ class PostgresLeaderLock:
 async def _close(conn: asyncpg.Connection) -> None:
     try:
         await conn.close(timeout=CHECK_TIMEOUT_S)
-    except DRIVER_ERRORS:
+    except LOCK_ERRORS:
         conn.terminate()
     except asyncio.CancelledError:
         conn.terminate()
