@@ -9,8 +9,10 @@ operator account subscribed to devices/#.
 
 The node-stop tests come last: they stop node 3, move its devices to the other nodes (what a
 TCP load balancer in front of the cluster does in production: here the test's reconnect logic
-picks another node's port), check that they carry on, and start node 3 again. Their devices
-keep persistent sessions as the agent does (clean_session false), which on a cluster needs
+picks another node's port), check that they carry on, and start node 3 again. The last one
+has that balancer (tests/services/balancer.py) in front of the nodes, for the platform and
+the devices alike, and stops the node that the platform's own service client was sent to.
+Their devices keep persistent sessions as the agent does (clean_session false), which needs
 `mqtt.durable_queue_type = quorum` (the harness sets it): with RabbitMQ's default, a classic
 queue on the node the device first used, a device from the stopped node got no SUBACK on
 another node for 90 s, until its old node came back.
@@ -22,6 +24,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -29,10 +32,11 @@ import paho.mqtt.client as mqtt
 import pytest
 import pytest_asyncio
 
-from iotbiz.platform import Platform
+from iotbiz.platform import SERVICE_USERNAME, Platform
 from iotbiz.settings import Settings
 from tests.mqtt_device import PahoDevice
-from tests.services.rabbitmq import RabbitCluster, rabbitmq_cluster
+from tests.services.balancer import Balancer
+from tests.services.rabbitmq import RabbitCluster, RabbitNode, free_port, rabbitmq_cluster
 
 # the module's cluster starts inside its first test's time
 pytestmark = pytest.mark.timeout(420)
@@ -56,13 +60,23 @@ async def platform(
 ) -> AsyncIterator[Platform]:
     """The platform in external mode on node 1, its registrar on the port every node's auth
     backend asks; revoked devices are closed through node 1's management API."""
-    node = cluster.node(1)
+    url = f"mqtt://127.0.0.1:{cluster.node(1).mqtt_port}"
+    async with platform_on(make_settings, cluster, url, cluster.node(1)) as running:
+        yield running
+
+
+@asynccontextmanager
+async def platform_on(
+    make_settings: Callable[..., Settings], cluster: RabbitCluster, url: str, node: RabbitNode
+) -> AsyncIterator[Platform]:
+    """A started platform whose service client uses the broker at `url` and `node`'s
+    management API; customer CUSTOMER and the superuser account `observer` exist."""
     settings = make_settings(
         http={"host": "127.0.0.1", "port": cluster.auth_port},
         admin={"token": TOKEN},
         broker={
             "mode": "external",
-            "url": f"mqtt://127.0.0.1:{node.mqtt_port}",
+            "url": url,
             "service_password": SERVICE_PASSWORD,
             "management_url": node.management_url,
             "management_user": node.management_user,
@@ -71,12 +85,12 @@ async def platform(
     )
     running = Platform(settings)
     await running.start()
-    await healthy(running)
-    await running.store.add_customer(CUSTOMER, 20, actor="test")
-    assert running.authority is not None
-    password_hash = await running.authority.hasher.hash(OBSERVER_PASSWORD)
-    await running.store.add_account("observer", password_hash, superuser=True, actor="test")
     try:
+        await healthy(running)
+        await running.store.add_customer(CUSTOMER, 20, actor="test")
+        assert running.authority is not None
+        password_hash = await running.authority.hasher.hash(OBSERVER_PASSWORD)
+        await running.store.add_account("observer", password_hash, superuser=True, actor="test")
         yield running
     finally:
         await running.stop()
@@ -190,10 +204,13 @@ class Device:
 
     async def connect(self, cluster: RabbitCluster, number: int, *, subscribe: bool = True) -> int:
         """Connect to node `number` and subscribe to its cmd; the CONNACK code."""
+        return await self.connect_to(cluster.node(number).mqtt_port, number, subscribe=subscribe)
+
+    async def connect_to(self, port: int, number: int, *, subscribe: bool = True) -> int:
+        """Connect to `port` (node `number`, or a balancer) and subscribe to its cmd; the
+        CONNACK code."""
         self.close()
-        self.client = PahoDevice(
-            cluster.node(number).mqtt_port, self.name, self.password, **self.options
-        )
+        self.client = PahoDevice(port, self.name, self.password, **self.options)
         self.node = number
         code = await self.client.connect()
         if code == 0 and subscribe:
@@ -449,3 +466,85 @@ async def test_node_3_stops_and_its_devices_carry_on_through_the_others(
         if not cluster.is_running(3):
             rejoin_s = await asyncio.to_thread(cluster.start_node, 3)
             print(f"node 3 back in the cluster after {rejoin_s:.1f} s")
+
+
+async def test_behind_a_balancer_the_platforms_node_stops_and_all_reconnect_to_one_address(
+    cluster: RabbitCluster, make_settings: Callable[..., Settings]
+) -> None:
+    """The production layout: the platform and the devices know one address, a TCP load
+    balancer in front of the three nodes (tests/services/balancer.py). The node that the
+    platform's service client was sent to stops; the service client reconnects by itself (its
+    own backoff), the devices on that node by the test's loop, to the same address."""
+    balancer = Balancer(free_port())
+    balancer.backends = [node.mqtt_port for node in cluster.nodes]
+    await balancer.start()
+    port = balancer.port
+    url = f"mqtt://127.0.0.1:{port}"
+    devices: list[Device] = []
+    stopped = 0
+    try:
+        async with platform_on(make_settings, cluster, url, cluster.node(1)) as platform:
+            # the service client's node (where its one connection is, by the management API)
+            stopped = await wait_connected(cluster, SERVICE_USERNAME)
+            print(f"\nthe platform's service client is on node {stopped}")
+            admin_url = f"http://127.0.0.1:{platform.http_port}/api/v1/admin/"
+            headers = {"Authorization": f"Bearer {TOKEN}"}
+            async with aiohttp.ClientSession(admin_url, headers=headers) as session:
+                admin = Admin(session)
+                for device_id in ("aa:bb:cc:00:09:01", "aa:bb:cc:00:09:02", "aa:bb:cc:00:09:03"):
+                    password = await enroll(platform, device_id)
+                    device = Device(device_id, password, clean_session=False)
+                    devices.append(device)
+                    assert await device.connect_to(port, 0) == 0
+                    device.node = await wait_connected(cluster, device.name)
+                    await device.say_online()
+                    await admin.wait_device(device.name, lambda d: d["online"] is True)
+                assert sorted(d.node for d in devices) == [1, 2, 3]  # in turn
+                moving = next(d for d in devices if d.node == stopped)
+                next_node = stopped % 3 + 1  # one that keeps running, for the management API
+                since = time.monotonic()
+                stopping = asyncio.create_task(asyncio.to_thread(cluster.stop_node, stopped))
+                assert await moving.paho.wait_disconnected(MOVE_TIMEOUT_S)
+                while time.monotonic() - since < MOVE_TIMEOUT_S:
+                    if await moving.connect_to(port, 0) == 0:
+                        break
+                    await asyncio.sleep(0.2)
+                device_s = time.monotonic() - since
+                moving.node = await wait_connected(cluster, moving.name, via=next_node)
+                assert moving.node != stopped
+                await healthy(platform, MOVE_TIMEOUT_S)
+                platform_s = time.monotonic() - since
+                await stopping
+                for device in devices:
+                    command_id = await admin.command(device.name, "ping")
+                    assert await device.answer_command() == command_id
+                    done = await admin.wait_command(command_id)
+                    assert (done["state"], done["result"]) == ("done", {"node": device.node})
+                print(
+                    f"\nnode {stopped} (the platform's) stopped behind the balancer: its device"
+                    f" back after {device_s:.2f} s, the platform's service client after"
+                    f" {platform_s:.2f} s; all answering commands after"
+                    f" {time.monotonic() - since:.2f} s"
+                )
+    finally:
+        close_all(devices)
+        await balancer.stop()
+        if stopped and not cluster.is_running(stopped):
+            rejoin_s = await asyncio.to_thread(cluster.start_node, stopped)
+            print(f"node {stopped} back in the cluster after {rejoin_s:.1f} s")
+
+
+async def wait_connected(
+    cluster: RabbitCluster, user: str, via: int = 1, timeout: float = 30.0
+) -> int:
+    """The node number of `user`'s one connection, once node `via`'s management API lists it
+    (the nodes' connection lists reach it every few seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        listed = await asyncio.to_thread(cluster.connections, via)
+        found = [n for u, n in listed if u == user]
+        if len(found) == 1:
+            return found[0]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{user}: connections on nodes {found} after {timeout} s")
+        await asyncio.sleep(0.5)

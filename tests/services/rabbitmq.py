@@ -24,9 +24,9 @@ epmd (a node finds its peers' distribution ports there), one Erlang cookie (one 
 node, and RabbitMQ 3.10 takes a `global` lock over that list, so that exactly one blank node
 creates the cluster and the others join it. All N therefore start at once, which is faster
 than booting them one by one and `rabbitmqctl join_cluster` (see BOOT in the cluster's
-docstring). Ready means every node's MQTT and AMQP ports are open and node 1's management API
-lists all N nodes as running: one cluster, not N clusters of one; a node that exits meanwhile
-fails the start at once with its log.
+docstring). Ready means every node's MQTT and AMQP ports are open, node 1's management API
+lists all N nodes as running (one cluster, not N clusters of one) and every node accepts an
+MQTT login; a node that exits meanwhile fails the start at once with its log.
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+
+from tests.mqtt_wire import connect_packet
 
 SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 START_TIMEOUT_S = 90.0  # about 15-20 s on a busy 2-core machine
@@ -204,6 +206,22 @@ def _listening(port: int) -> bool:
         return False
 
 
+def _mqtt_login(port: int, username: str, password: str) -> int | str:
+    """CONNECT (a clean session) and DISCONNECT; the CONNACK return code, or what failed."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10.0) as sock:
+            sock.sendall(connect_packet(f"probe-{secrets.token_hex(4)}", username, password, 10))
+            connack = b""
+            while len(connack) < 4 and (chunk := sock.recv(4 - len(connack))):
+                connack += chunk
+            if len(connack) < 4 or connack[0] != 0x20:
+                return f"not a CONNACK: {connack!r}"
+            sock.sendall(b"\xe0\x00")  # DISCONNECT
+            return connack[3]
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
 def _wait_port(
     port: int,
     procs: Sequence[subprocess.Popen[bytes]],
@@ -337,6 +355,24 @@ class RabbitCluster:
             time.sleep(0.2)
         running = range(1, len(self.nodes) + 1)
         self.wait_members({self.node(n).node_name for n in running if self.is_running(n)}, deadline)
+        for number in numbers:
+            self._wait_mqtt_login(self.node(number), deadline)
+
+    def _wait_mqtt_login(self, node: RabbitNode, deadline: float) -> None:
+        """Wait until the node accepts an MQTT login (the management user's, whom the internal
+        backend knows): the MQTT plugin registers every client id with `mqtt_node`, a Raft
+        cluster across the nodes, which elects its leader seconds after the listeners open;
+        until then a CONNECT is answered 3, server unavailable (seen on a busy machine)."""
+        code: int | str = "no answer"
+        while time.monotonic() < deadline:
+            self._check_alive()
+            code = _mqtt_login(node.mqtt_port, node.management_user, node.management_password)
+            if code == 0:
+                return
+            time.sleep(0.5)
+        raise AssertionError(
+            f"RabbitMQ node {node.node_name}: MQTT login answered {code}, not 0:\n{node.log()}"
+        )
 
     def _check_alive(self) -> None:
         if self._epmd.poll() is not None:
@@ -375,17 +411,28 @@ class RabbitCluster:
         self._wait_ready([number], START_TIMEOUT_S)
         return time.monotonic() - started
 
-    def running_members(self, via: int = 1) -> set[str]:
-        """The node names that node `via`'s management API lists as running."""
+    def _management(self, via: int, path: str) -> list[dict[str, object]]:
         node = self.node(via)
         secret = f"{node.management_user}:{node.management_password}".encode()
         request = urllib.request.Request(  # noqa: S310 (a loopback http URL built here)
-            f"{node.management_url}/api/nodes?columns=name,running",
+            f"{node.management_url}{path}",
             headers={"Authorization": f"Basic {base64.b64encode(secret).decode()}"},
         )
         with urllib.request.urlopen(request, timeout=5.0) as response:  # noqa: S310
-            listed = json.load(response)
+            listed: list[dict[str, object]] = json.load(response)
+        return listed
+
+    def running_members(self, via: int = 1) -> set[str]:
+        """The node names that node `via`'s management API lists as running."""
+        listed = self._management(via, "/api/nodes?columns=name,running")
         return {str(item["name"]) for item in listed if item.get("running")}
+
+    def connections(self, via: int = 1) -> list[tuple[str, int]]:
+        """The cluster's client connections as (user, node number), from node `via`'s
+        management API (whose connection list lags by up to a few seconds)."""
+        listed = self._management(via, "/api/connections?columns=user,node")
+        names = [node.node_name for node in self.nodes]
+        return [(str(item["user"]), names.index(str(item["node"])) + 1) for item in listed]
 
     def wait_members(self, names: set[str], deadline: float) -> None:
         """Wait until a running node lists exactly `names` as the running members."""
