@@ -529,6 +529,23 @@ def storm_row(
 # -- 3: telemetry --------------------------------------------------------------------------------
 
 
+class Publisher:
+    """A connected device as `bench.drive` publishes through it: a message for a device whose
+    connection has closed meanwhile is not sent but counted (`unsent`), instead of ending the
+    phase; drive counts it as sent, so it is among the lost too."""
+
+    def __init__(self, client: MqttClient) -> None:
+        self.client = client
+        self.client_id = client.client_id
+        self.unsent = 0
+
+    def publish(self, topic: bytes, payload: bytes, qos: int = 0) -> int:
+        if self.client.is_open:
+            return self.client.publish(topic, payload, qos)
+        self.unsent += 1
+        return 0
+
+
 def last_seqs(names: Sequence[str], sent: int) -> dict[str, int]:
     """The seq of each device's last message in a phase: `drive` sends message `s` from
     publisher `s % len(names)`."""
@@ -581,8 +598,9 @@ async def telemetry_phase(
         if await subscriber.subscribe(TELEMETRY_FILTER, qos) == 0x80:
             raise RuntimeError(f"the observer may not subscribe to {TELEMETRY_FILTER}")
         flow.since_ns = time.perf_counter_ns()
+        wrapped = [Publisher(client) for client in publishers]
         driver = asyncio.create_task(
-            drive(flow, publishers, qos, rate, args.warmup_s + args.phase_s)
+            drive(flow, wrapped, qos, rate, args.warmup_s + args.phase_s)  # type: ignore[arg-type]
         )
         await asyncio.sleep(args.warmup_s)
         flow.measure_from_ns = time.perf_counter_ns()
@@ -615,11 +633,13 @@ async def telemetry_phase(
         "qos": qos,
         "offered_per_s": rate,
         "publishers": len(publishers),
+        "connected_at_end": sum(client.is_open for client in publishers),
         "sent": sent,
         "observer_per_s": round(delivered / elapsed, 1),
         "p50_ms": ms(percentile(flow.latencies, 50)),
         "p99_ms": ms(percentile(flow.latencies, 99)),
         "lost": lost,
+        "unsent": sum(p.unsent for p in wrapped),
         "store_last_message": f"{in_store}/{len(expected)}",
         "platform_us_per_msg": per_message("platform"),
         "rabbitmq_us_per_msg": per_message("rabbitmq"),
@@ -677,9 +697,10 @@ async def mqtt_steps(
         clients.sort(key=lambda client: order[client.client_id])
         for qos in (0, 1):
             for rate in args.rates:
+                publishers = [client for client in clients if client.is_open]
                 result["telemetry"].append(
                     await telemetry_phase(
-                        run, rabbit.mqtt_port, observer, clients, qos, rate, meter, store_url
+                        run, rabbit.mqtt_port, observer, publishers, qos, rate, meter, store_url
                     )
                 )
     finally:
@@ -842,12 +863,15 @@ STORM_COLUMNS = [
 ]
 TELEMETRY_COLUMNS = [
     ("QoS", "qos"),
+    ("devices", "publishers"),
+    ("still connected", "connected_at_end"),
     ("offered/s", "offered_per_s"),
     ("sent", "sent"),
     ("delivered/s", "observer_per_s"),
     ("p50 ms", "p50_ms"),
     ("p99 ms", "p99_ms"),
     ("lost", "lost"),
+    ("of them unsent (device disconnected)", "unsent"),
     ("in store", "store_last_message"),
     ("platform us/msg", "platform_us_per_msg"),
     ("RabbitMQ us/msg", "rabbitmq_us_per_msg"),
