@@ -253,7 +253,12 @@ class Platform:
         http = settings.http
         context = self.tls.context if self.tls is not None else None
         site = web.TCPSite(
-            self._runner, http.host, http.port, reuse_address=True, ssl_context=context
+            self._runner,
+            http.host,
+            http.port,
+            reuse_address=True,
+            ssl_context=context,
+            backlog=http.backlog,
         )
         try:
             await site.start()

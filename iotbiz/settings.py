@@ -61,7 +61,13 @@ class HTTPSettings:
         2000, "HTTP connections open at once; more are closed at once", min=1
     )
     max_connections_per_address: int = setting(
-        100, "HTTP connections open at once from one client address", min=1
+        100,
+        "HTTP connections open at once from one client address (with an external broker, not"
+        " for broker_auth.allowed_addresses)",
+        min=1,
+    )
+    backlog: int = setting(
+        1024, "connections the kernel queues before the registrar accepts them", min=1
     )
 
 

@@ -2,7 +2,10 @@
 
 - Connections: at most `http.max_connections` open at once, and `http.max_connections_per_address`
   from one client address; one more is closed at once (counted), so a flood from one address
-  cannot take the file descriptors every other client needs.
+  cannot take the file descriptors every other client needs. With an external broker, the
+  addresses of `broker_auth.allowed_addresses` have no cap of their own (the broker asks one
+  callback per connecting device). The listen queue holds `http.backlog` connections not yet
+  accepted (aiohttp's default, 128, overflowed in a 2,000-device storm through RabbitMQ).
 - Slow clients: a request's headers must arrive within `http.header_timeout_s` of the connection
   (or of the previous answer on a kept-alive connection), else the connection is closed:
   aiohttp's keep-alive timer, which runs from the connection's start and from each answer and
@@ -62,13 +65,20 @@ class ConnectionGuard:
 
     max_connections: int
     max_per_address: int
+    # Addresses the per-address cap does not apply to: an external broker's (or the nginx in
+    # front of the platform's), which asks one auth callback per device connecting (2,000 at
+    # once in a connect storm through RabbitMQ). The cap in all still does.
+    unlimited: frozenset[str] = frozenset()
     open: int = 0
     by_address: Counter[str] = field(default_factory=Counter)
     refused: int = 0  # connections closed at once for a cap
     bad_requests: int = 0  # malformed requests answered 400 before any handler
 
     def admit(self, address: str) -> bool:
-        if self.open >= self.max_connections or self.by_address[address] >= self.max_per_address:
+        over_address_cap = (
+            self.by_address[address] >= self.max_per_address and address not in self.unlimited
+        )
+        if self.open >= self.max_connections or over_address_cap:
             self.refused += 1
             return False
         self.open += 1
@@ -192,7 +202,13 @@ def _without_unknown_expect(message: Any) -> Any:
 def runner(app: web.Application, settings: Any, **kwargs: Any) -> GuardedAppRunner:
     """The platform's runner for the registrar app, from the `http` settings."""
     http = settings.http
-    guard = ConnectionGuard(http.max_connections, http.max_connections_per_address)
+    unlimited: frozenset[str] = frozenset()
+    if settings.broker.mode == "external":  # the broker's callbacks come from its addresses
+        allowed = settings.broker_auth.allowed_addresses.split(",")
+        unlimited = frozenset(address.strip() for address in allowed if address.strip())
+    guard = ConnectionGuard(
+        http.max_connections, http.max_connections_per_address, unlimited=unlimited
+    )
     return GuardedAppRunner(
         app,
         guard=guard,

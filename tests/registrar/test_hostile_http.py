@@ -14,8 +14,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from iotbiz.platform import Platform
+from iotbiz.registrar.http_server import runner
 from iotbiz.settings import Settings
 
 REGISTER = "/api/v1/register"
@@ -255,3 +257,24 @@ async def test_a_connection_with_an_unread_body_is_closed_soon_after_the_answer(
         assert time.monotonic() - started < 3
     finally:
         sock.close()
+
+
+def test_an_external_brokers_addresses_have_no_per_address_cap(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """RabbitMQ asks one auth callback per connecting device, all from its address (or the
+    nginx in front): capped at http.max_connections_per_address, a 2,000-device storm had
+    its callbacks closed and its devices refused. The cap in all still holds."""
+    external = make_settings(
+        http={"max_connections_per_address": 2, "max_connections": 5},
+        broker={"mode": "external", "service_password": "x"},
+        broker_auth={"allowed_addresses": "127.0.0.9, ::1"},
+    )
+    guard = runner(web.Application(), external).guard
+    assert guard.unlimited == {"127.0.0.9", "::1"}
+    assert [guard.admit("127.0.0.9") for _ in range(6)] == [True] * 5 + [False]  # the total cap
+    for _ in range(5):
+        guard.release("127.0.0.9")
+    assert [guard.admit("127.0.0.2") for _ in range(3)] == [True, True, False]  # anyone else
+    embedded = make_settings(broker_auth={"allowed_addresses": "127.0.0.9"})
+    assert runner(web.Application(), embedded).guard.unlimited == frozenset()
