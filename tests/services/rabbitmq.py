@@ -11,22 +11,21 @@ Plugins: rabbitmq_mqtt, rabbitmq_auth_backend_http (auth_backends = http, then i
 management user only) and rabbitmq_management. The HTTP backend asks `auth_url` (chosen before
 the node starts: its config is read once), so the test serves the registrar on `auth_port`.
 
-Ready means the MQTT and then the AMQP port accept connections: in 3.10 the plugins' listeners
-(MQTT, management) open first and the AMQP listener last, and a node whose AMQP port is taken
-stops right after its MQTT port opened. Ports are picked below the kernel's ephemeral range
-(`free_port`). The wait is bounded and a node that cannot start fails the test with its log,
-never skips it.
+Ready means the MQTT and then the AMQP port accept connections (in 3.10 the plugins' listeners,
+MQTT and management, open first and the AMQP listener last: a node whose AMQP port is taken
+stops right after its MQTT port opened), and then an MQTT login succeeds. Ports are picked
+below the kernel's ephemeral range (`free_port`). The wait is bounded and a node that cannot
+start fails the test with its log, never skips it.
 
 A cluster (`rabbitmq_cluster`): nodes rabbit-1@localhost ... rabbit-N@localhost, each in its
 own sub-folder with its own AMQP, MQTT, management and distribution ports, all sharing one
 epmd (a node finds its peers' distribution ports there), one Erlang cookie (one HOME) and one
-`auth_url`. They form the cluster as they boot: `cluster_formation.classic_config` lists every
-node, and RabbitMQ 3.10 takes a `global` lock over that list, so that exactly one blank node
-creates the cluster and the others join it. All N therefore start at once, which is faster
-than booting them one by one and `rabbitmqctl join_cluster` (see BOOT in the cluster's
-docstring). Ready means every node's MQTT and AMQP ports are open, node 1's management API
-lists all N nodes as running (one cluster, not N clusters of one) and every node accepts an
-MQTT login; a node that exits meanwhile fails the start at once with its log.
+`auth_url`. Node 1 boots first, alone; then the others at once, which find it through
+`cluster_formation.classic_config` and join its cluster as they boot (see BOOT in the
+cluster's docstring for why not all at once, and not `rabbitmqctl join_cluster`). Ready
+means every node's MQTT and AMQP ports are open, node 1's management API lists all N nodes as
+running (one cluster, not N clusters of one) and every node accepts an MQTT login; a node
+that exits meanwhile fails the start at once with its log.
 """
 
 from __future__ import annotations
@@ -222,6 +221,27 @@ def _mqtt_login(port: int, username: str, password: str) -> int | str:
         return f"{type(exc).__name__}: {exc}"
 
 
+def _wait_mqtt_login(
+    node: RabbitNode, procs: Sequence[subprocess.Popen[bytes]], deadline: float
+) -> None:
+    """Wait until the node accepts an MQTT login (the management user's, whom the internal
+    backend knows): the MQTT plugin registers every client id with `mqtt_node`, a Raft
+    cluster across the nodes, which elects its leader seconds after the listeners open; until
+    then a CONNECT waits, and on a busy machine was answered 3 (server unavailable)."""
+    code: int | str = "no answer"
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise AssertionError(f"{proc.args!r} exited ({proc.returncode}):\n{node.log()}")
+        code = _mqtt_login(node.mqtt_port, node.management_user, node.management_password)
+        if code == 0:
+            return
+        time.sleep(0.5)
+    raise AssertionError(
+        f"RabbitMQ node {node.node_name}: MQTT login answered {code}, not 0:\n{node.log()}"
+    )
+
+
 def _wait_port(
     port: int,
     procs: Sequence[subprocess.Popen[bytes]],
@@ -288,6 +308,7 @@ def rabbitmq_node(folder: Path, *, extra_config: Sequence[str] = ()) -> Iterator
             procs.append(_spawn([str(SERVER)], env, folder, out))
             _wait_port(node.mqtt_port, procs, node)
             _wait_port(node.amqp_port, procs, node)
+            _wait_mqtt_login(node, procs, time.monotonic() + START_TIMEOUT_S)
             yield node
         finally:
             for proc in reversed(procs):
@@ -298,12 +319,16 @@ class RabbitCluster:
     """A running cluster of private nodes; `nodes[0]` is rabbit-1@localhost. Nodes are
     numbered from 1 as their names are: `stop_node(3)` stops rabbit-3.
 
-    BOOT: `start_s` is how long the cluster took to be ready, all nodes started at once:
-    21-30 s for three nodes on this 2-core machine shared with other test runs (measured
-    2026-12-02). Booting three standalone nodes and then `rabbitmqctl stop_app`,
-    `join_cluster rabbit-1@localhost`, `start_app` on nodes 2 and 3 took 45 s (25 s of boot,
-    then 1-6 s for each of the six commands), and leaves a window in which each node is a
-    cluster of its own.
+    BOOT: `start_s` is how long the cluster took to be ready. Measured on this 2-core machine
+    shared with other test runs (2026-12-02): all three blank nodes started at once with
+    classic_config (3.10 takes a `global` lock, so they form one cluster) were ready in
+    21-30 s, but in about one start in ten a node's `mqtt_node` (the MQTT plugin's Raft
+    cluster for client ids, formed as the plugin starts) never found its leader: that node
+    answered every CONNECT 3 (server unavailable, "client ID registration timed out") for
+    minutes. Node 1 first, then the others once it accepts MQTT logins, avoids that race.
+    Booting three standalone nodes and then `rabbitmqctl stop_app`, `join_cluster`,
+    `start_app` on nodes 2 and 3 took 45 s (25 s of boot, then 1-6 s for each of the six
+    commands).
     """
 
     def __init__(
@@ -356,23 +381,8 @@ class RabbitCluster:
         running = range(1, len(self.nodes) + 1)
         self.wait_members({self.node(n).node_name for n in running if self.is_running(n)}, deadline)
         for number in numbers:
-            self._wait_mqtt_login(self.node(number), deadline)
-
-    def _wait_mqtt_login(self, node: RabbitNode, deadline: float) -> None:
-        """Wait until the node accepts an MQTT login (the management user's, whom the internal
-        backend knows): the MQTT plugin registers every client id with `mqtt_node`, a Raft
-        cluster across the nodes, which elects its leader seconds after the listeners open;
-        until then a CONNECT is answered 3, server unavailable (seen on a busy machine)."""
-        code: int | str = "no answer"
-        while time.monotonic() < deadline:
-            self._check_alive()
-            code = _mqtt_login(node.mqtt_port, node.management_user, node.management_password)
-            if code == 0:
-                return
-            time.sleep(0.5)
-        raise AssertionError(
-            f"RabbitMQ node {node.node_name}: MQTT login answered {code}, not 0:\n{node.log()}"
-        )
+            servers = [server for server in self._servers if server is not None]
+            _wait_mqtt_login(self.node(number), [self._epmd, *servers], deadline)
 
     def _check_alive(self) -> None:
         if self._epmd.poll() is not None:
@@ -385,10 +395,15 @@ class RabbitCluster:
                 )
 
     def start_all(self) -> None:
+        """Node 1 first, until it accepts MQTT logins; then the others at once: they find node
+        1 through classic_config, join its cluster and its `mqtt_node` (see BOOT)."""
         started = time.monotonic()
-        for number in range(1, len(self.nodes) + 1):
+        self._start(1)
+        self._wait_ready([1], CLUSTER_START_TIMEOUT_S)
+        others = range(2, len(self.nodes) + 1)
+        for number in others:
             self._start(number)
-        self._wait_ready(range(1, len(self.nodes) + 1), CLUSTER_START_TIMEOUT_S)
+        self._wait_ready(others, max(CLUSTER_START_TIMEOUT_S - (time.monotonic() - started), 1.0))
         self.start_s = time.monotonic() - started
 
     def stop_node(self, number: int, *, crash: bool = False) -> None:
@@ -487,11 +502,12 @@ def rabbitmq_cluster(folder: Path, nodes: int = 3) -> Iterator[RabbitCluster]:
         )
         for number in range(1, nodes + 1)
     ]
+    # a persistent session's queue (the agent's: clean_session false) as a quorum queue,
+    # replicated on every node: as a classic queue it lives on the node the device first used,
+    # and while that node is down the device cannot subscribe anywhere else
+    sessions = ["mqtt.durable_queue_type = quorum"]
     formation = [
-        # a persistent session's queue (the agent's: clean_session false) as a quorum queue,
-        # replicated on every node: as a classic queue it lives on the node the device first
-        # used, and while that node is down the device cannot subscribe anywhere else
-        "mqtt.durable_queue_type = quorum",
+        *sessions,
         "cluster_formation.peer_discovery_backend = classic_config",
         *(
             f"cluster_formation.classic_config.nodes.{number} = {node.node_name}"
@@ -499,7 +515,11 @@ def rabbitmq_cluster(folder: Path, nodes: int = 3) -> Iterator[RabbitCluster]:
         ),
     ]
     base_env = _base_env(home, epmd_port)
-    envs = [_prepare(node, base_env, formation) for node in members]
+    # node 1 boots alone (no peers to look for), the others join it
+    envs = [
+        _prepare(node, base_env, formation if node is not members[0] else sessions)
+        for node in members
+    ]
     with (folder / "epmd.log").open("wb") as out:
         epmd = _spawn([epmd_bin, "-port", str(epmd_port)], base_env, folder, out)
     cluster = RabbitCluster(members, envs, epmd)
