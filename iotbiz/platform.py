@@ -225,6 +225,7 @@ class Platform:
         retention = Retention(store, settings.history)
 
         self.authority.on_commands_queued.append(dispatcher.commands_queued)
+        timeout_s = settings.broker.presence_timeout_s  # external broker: silent means offline
 
         async def leadership_changed(leading: bool) -> None:
             if leading:  # presence starts over: offline until a device shows itself
@@ -241,6 +242,11 @@ class Platform:
                 "command-expiry": dispatcher.run_expiry,
                 "retention": retention.run,
                 "rollouts": rollouts.run,
+                **(
+                    {"presence-timeout": lambda: presence.run_silence_timeout(timeout_s)}
+                    if external
+                    else {}
+                ),
             },
             on_failure=self._leader_task_failed,
             on_change=leadership_changed,

@@ -40,7 +40,9 @@ through a restart) turns online with any other message it sends live (its teleme
 online for ever when telemetry counted after that). Measured on RabbitMQ 3.10.8: retained
 messages reach only subscriptions without wildcards, so the platform's `devices/+/+/...` gets
 none, and after a restart a device that stayed connected is online again with its next
-telemetry. What each status said is kept per device, at most the fleet's active devices.
+telemetry. What each status said is kept per device, at most the fleet's active devices. A
+broker node that dies sends none of its devices' wills: `run_silence_timeout` marks offline the
+online devices silent for `broker.presence_timeout_s`.
 
 Hooks for the rest of the platform (the command dispatcher): `on_online` callbacks get a device's
 name when it connects or says `online` live; `on_reply` callbacks get a device's `reply` payloads.
@@ -58,7 +60,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from iotbiz import topics
@@ -159,6 +161,37 @@ class PresenceRecorder:
         """Forget what the devices' statuses said (the store was just marked all offline: a
         new leader starts over)."""
         self._said.clear()
+
+    def went_silent(self, names: Iterable[DeviceName]) -> None:
+        """External broker: these devices were marked offline for their silence; the next
+        message any of them sends turns it online again."""
+        for name in names:
+            self._said.pop(name, None)
+
+    async def run_silence_timeout(self, timeout_s: float, *, every_s: float | None = None) -> None:
+        """External broker (a leader's task, until cancelled): every `timeout_s / 4`, the
+        online devices not seen for `timeout_s` are marked offline. A broker node that dies
+        sends none of its devices' wills, so without it they would stay online for ever; a
+        device still there (its telemetry comes every `telemetry_interval_s`) is online again
+        with its next message. A store failure is logged once per outage and tried again."""
+        failing = False
+        while True:
+            await asyncio.sleep(timeout_s / 4 if every_s is None else every_s)
+            try:
+                names = await self._store.mark_silent_offline(self._clock() - timeout_s)
+            except StoreError as exc:
+                if not failing:
+                    log.warning("presence: silent devices not marked offline (retrying): %s", exc)
+                    failing = True
+                continue
+            failing = False
+            if not names:
+                continue
+            self.went_silent(names)
+            log.info("presence: %d device(s) silent for %.0f s marked offline", len(names),
+                     timeout_s)  # fmt: skip
+            for callback in self.on_recorded:
+                callback(names)
 
     def telemetry_payload(self, name: DeviceName, payload: bytes) -> None:
         """A telemetry message as published; only the latest per device is parsed, at flush."""

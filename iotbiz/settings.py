@@ -342,6 +342,12 @@ class BrokerSettings:
         "", "user of the management API (a RabbitMQ user tagged administrator)"
     )
     management_password: str = setting("", "password of management_user")
+    presence_timeout_s: float = setting(
+        60.0,
+        "a device silent this long counts as offline (a broker node that dies sends no wills;"
+        " keep it above the agents' telemetry_interval_s)",
+        min=5,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Collection
+
 from iotbiz.models import DeviceState
 from iotbiz.names import DeviceName
 from iotbiz.presence import PresenceRecorder
 from iotbiz.registrar.service_client import ServiceClient, ServiceLink
 from iotbiz.store import Store
+from iotbiz.store.interface import PlatformStore
 from tests.conftest import FakeClock
 
 NAME = DeviceName("abc123", "dev-1")
@@ -179,3 +183,47 @@ async def test_with_an_external_broker_messages_say_online(store: Store, clock: 
     device = await store.get_device(NAME)
     assert device is not None
     assert not device.online
+
+
+async def test_with_an_external_broker_a_silent_device_turns_offline(
+    any_store: PlatformStore, clock: FakeClock
+) -> None:
+    """A broker node that dies sends no wills: a device that said online and then went silent
+    for broker.presence_timeout_s is marked offline (on both backends), and its next message
+    turns it online again."""
+    store = any_store
+    await active_device(store)
+    quiet = DeviceName("abc123", "dev-2")
+    await store.register_device(quiet, b"$2b$06$x", ttl_s=60, actor="test")
+    assert await store.activate_device(quiet, b"$2b$06$x", actor="test")
+    presence = PresenceRecorder(store, clock=clock, external_broker=True)
+    for name in (NAME, quiet):
+        presence.message(name, "status", b'{"state": "online"}', retained=False)
+    await presence.flush()
+    clock.advance(50)
+    presence.message(NAME, "telemetry", b'{"cpu": 1}', retained=False)  # still talking
+    await presence.flush()
+    clock.advance(20)  # quiet: 70 s silent; NAME: 20 s
+    recorded: list[list[DeviceName]] = []
+    swept = asyncio.Event()
+
+    def record(names: Collection[DeviceName]) -> None:
+        recorded.append(list(names))
+        swept.set()
+
+    presence.on_recorded.append(record)
+    sweeping = asyncio.create_task(presence.run_silence_timeout(60, every_s=0.05))
+    try:
+        await asyncio.wait_for(swept.wait(), 30)
+    finally:
+        sweeping.cancel()
+        await asyncio.gather(sweeping, return_exceptions=True)
+    assert recorded == [[quiet]]
+    online = {name: (await store.get_device(name)).online for name in (NAME, quiet)}  # type: ignore[union-attr]
+    assert online == {NAME: True, quiet: False}
+    presence.message(quiet, "telemetry", b'{"cpu": 2}', retained=False)  # it was only quiet
+    await presence.flush()
+    device = await store.get_device(quiet)
+    assert device is not None
+    assert device.online
+    assert await store.mark_silent_offline(clock.now - 60) == []

@@ -247,6 +247,19 @@ class DeviceOperations(StoreCore):
         """At platform start: nothing is connected yet, whatever a killed process left behind."""
         await self._write(lambda conn: conn.execute("UPDATE devices SET online = 0 WHERE online"))
 
+    async def mark_silent_offline(self, seen_before: float) -> list[DeviceName]:
+        """Mark offline the online devices last seen before `seen_before`; their names."""
+
+        def mark(conn: sqlite3.Connection) -> list[DeviceName]:
+            rows = conn.execute(
+                "UPDATE devices SET online = 0 WHERE online AND coalesce(last_seen_at, 0) < ?"
+                " RETURNING customer_id, device_id",
+                (seen_before,),
+            ).fetchall()
+            return sorted(DeviceName(row[0], row[1]) for row in rows)
+
+        return await self._write(mark)
+
 
 def _device(conn: sqlite3.Connection, name: DeviceName) -> Device | None:
     row = conn.execute(

@@ -293,6 +293,19 @@ class PostgresDeviceOperations(PostgresCore):
             lambda conn: conn.execute("UPDATE devices SET online = 0 WHERE online = 1")
         )
 
+    async def mark_silent_offline(self, seen_before: float) -> list[DeviceName]:
+        """Mark offline the online devices last seen before `seen_before`; their names."""
+
+        async def mark(conn: asyncpg.Connection) -> list[DeviceName]:
+            rows = await conn.fetch(
+                "UPDATE devices SET online = 0 WHERE online = 1"
+                " AND coalesce(last_seen_at, 0) < $1 RETURNING customer_id, device_id",
+                seen_before,
+            )
+            return sorted(DeviceName(row[0], row[1]) for row in rows)
+
+        return await self._write(mark)
+
 
 async def close_open_commands(
     conn: asyncpg.Connection, name: DeviceName, now: float, error: str
