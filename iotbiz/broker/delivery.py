@@ -24,7 +24,7 @@ import asyncio
 import contextvars
 import logging
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 from amqtt.broker import Broker
@@ -131,12 +131,6 @@ class SubscriptionDelivery(Broker):
         self._index.remove_client(session.client_id)
 
     # -- delivery ----------------------------------------------------------------------------
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        task.add_done_callback(log_task_failure)
 
     async def _may_receive(self, session: Session, topic: str) -> bool:
         allowed: bool = await self._topic_filtering(session, topic=topic, action=Action.RECEIVE)
