@@ -165,7 +165,12 @@ class Platform:
         else:
             service_password = secrets.token_urlsafe(32)
         self.authority = Authority(
-            store, hasher, service_username=SERVICE_USERNAME, service_password=service_password
+            store,
+            hasher,
+            service_username=SERVICE_USERNAME,
+            service_password=service_password,
+            login_hash_share=settings.mqtt.login_hash_share,
+            login_wait_s=settings.mqtt.login_wait_s,
         )
         if external:
             endpoint = self.external = broker_endpoint(settings.broker.url)

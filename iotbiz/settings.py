@@ -137,9 +137,15 @@ class MQTTSettings:
     )
     login_hash_share: float = setting(
         0.5,
-        "share of the bcrypt queue MQTT logins may fill; beyond it CONNACK 3, server unavailable",
+        "share of the bcrypt queue MQTT logins may fill; beyond it a login waits its turn",
         min=0.01,
         max=1.0,
+    )
+    login_wait_s: float = setting(
+        10.0,
+        "longest wait of a login beyond that share for bcrypt, else CONNACK 3 (0: refuse at once)",
+        min=0,
+        max=60,
     )
 
 

@@ -113,6 +113,7 @@ class EmbeddedBroker:
         self._settings = settings
         self._tls = tls_context is not None
         authority.login_hash_share = settings.login_hash_share
+        authority.login_wait_s = settings.login_wait_s
         self._broker = IotbizBroker(
             broker_config(settings, tls=self._tls),
             tls_context=tls_context,

@@ -163,9 +163,15 @@ class MQTTCollector(Collector):
             )
             yield _counter(
                 "iotbiz_mqtt_busy_refusals",
-                "MQTT logins refused because password checks were at their share",
+                "MQTT logins refused because password checks were at their share and the wait "
+                "for a turn would exceed mqtt.login_wait_s",
                 authority.busy_refusals,
             )
+            waiting = GaugeMetricFamily(
+                "iotbiz_mqtt_logins_waiting", "MQTT logins waiting for their turn at bcrypt"
+            )
+            waiting.add_metric([], authority.hasher.waiting)
+            yield waiting
             yield _counter(
                 "iotbiz_mqtt_denied_publishes",
                 "publishes denied by the topic ACL",
