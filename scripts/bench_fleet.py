@@ -49,6 +49,7 @@ from fleet_sim import (
     MqttError,
     Operator,
     SimDevice,
+    device_address,
     device_topic,
     disconnect_all,
     encode_topic,
@@ -78,8 +79,9 @@ class ScaleLoad:
 
 
 async def _storm(port: int, logins: Sequence[Login], cpu: Callable[[], float]) -> tuple[Any, Any]:
-    """The fleet connects at once, each device retrying a refused CONNECT with the agent's
-    backoff; time until the last CONNACK and the last SUBACK of its `cmd`."""
+    """The fleet connects at once, each device from an address of its own and retrying a
+    refused CONNECT with the agent's backoff; time until the last CONNACK and the last SUBACK
+    of its `cmd`."""
     before, started = cpu(), time.perf_counter()
     deadline = time.monotonic() + STORM_S
     clients: list[MqttClient] = []
@@ -87,12 +89,15 @@ async def _storm(port: int, logins: Sequence[Login], cpu: Callable[[], float]) -
     retried: Counter[int] = Counter()
     last = {"connack": started, "suback": started}
 
-    async def one(login: Login) -> None:
+    async def one(index: int, login: Login) -> None:
         backoff, attempts = BACKOFF_START_S, 0
+        source = device_address(index)
         while True:
             attempts += 1
             try:
-                client = await open_mqtt(port, login, keepalive_s=KEEPALIVE_S, wait_s=30.0)
+                client = await open_mqtt(
+                    port, login, keepalive_s=KEEPALIVE_S, wait_s=30.0, source=source
+                )
                 break
             except MqttError as exc:
                 errors[_kind(exc)] += 1
@@ -112,7 +117,7 @@ async def _storm(port: int, logins: Sequence[Login], cpu: Callable[[], float]) -
             return
         last["suback"] = time.perf_counter()
 
-    await asyncio.gather(*(one(login) for login in logins))
+    await asyncio.gather(*(one(index, login) for index, login in enumerate(logins)))
     result = {
         "connected": len(clients),
         "connack_s": round(last["connack"] - started, 2),

@@ -315,6 +315,16 @@ class MqttClient(asyncio.Protocol):
             raise MqttError(f"{self.client_id}: no CONNACK within {wait_s}s") from exc
 
 
+def device_address(index: int) -> str:
+    """A loopback source address of its own for the `index`-th simulated device (Linux routes
+    all of 127.0.0.0/8 to the loopback interface): a real fleet connects from many addresses,
+    and a broker's per-address caps (IoTBiz's `mqtt.max_*_per_address`, fitted to its open-file
+    limit) must not turn a storm from one benchmark process into a flood from one address."""
+    if not 0 <= index < 250 * 250 * 250:
+        raise ValueError(f"no loopback address for device {index}")
+    return f"127.{1 + index // 62_500}.{index // 250 % 250}.{1 + index % 250}"
+
+
 async def open_mqtt(
     port: int,
     login: Login,
@@ -322,13 +332,16 @@ async def open_mqtt(
     keepalive_s: int = 120,
     wait_s: float = 30.0,
     on_publish: PublishHandler | None = None,
+    source: str | None = None,
 ) -> MqttClient:
-    """Connect, send CONNECT and return once CONNACK accepted; MqttError otherwise."""
+    """Connect (from the address `source`, if given), send CONNECT and return once CONNACK
+    accepted; MqttError otherwise."""
     loop = asyncio.get_running_loop()
+    local = None if source is None else (source, 0)
     try:
         async with asyncio.timeout(wait_s):
             _, client = await loop.create_connection(
-                lambda: MqttClient(login.client_id, on_publish), HOST, port
+                lambda: MqttClient(login.client_id, on_publish), HOST, port, local_addr=local
             )
     except (TimeoutError, OSError) as exc:
         raise MqttError(f"{login.client_id}: cannot connect ({exc!r})") from exc
@@ -477,7 +490,8 @@ async def connect_storm(
     wait_s: float = 60.0,
     on_publish: PublishHandler | None = None,
 ) -> StormReport:
-    """Open every login at once; time until all CONNACKs (and SUBACKs of `subscribe(login)`).
+    """Open every login at once, each from an address of its own (`device_address`); time
+    until all CONNACKs (and SUBACKs of `subscribe(login)`).
 
     Failed logins are counted in `errors`; the connected clients stay open in `clients`.
     """
@@ -485,11 +499,16 @@ async def connect_storm(
     start = time.perf_counter()
     last_connack = last_suback = start
 
-    async def one(login: Login) -> None:
+    async def one(index: int, login: Login) -> None:
         nonlocal last_connack, last_suback
         try:
             client = await open_mqtt(
-                port, login, keepalive_s=keepalive_s, wait_s=wait_s, on_publish=on_publish
+                port,
+                login,
+                keepalive_s=keepalive_s,
+                wait_s=wait_s,
+                on_publish=on_publish,
+                source=device_address(index),
             )
         except MqttError as exc:
             report.errors[_error_kind(exc)] += 1
@@ -509,7 +528,7 @@ async def connect_storm(
             report.errors["SUBACK refused"] += 1
         last_suback = time.perf_counter()
 
-    await asyncio.gather(*(one(login) for login in logins))
+    await asyncio.gather(*(one(index, login) for index, login in enumerate(logins)))
     report.connack_s = last_connack - start
     report.suback_s = last_suback - start if subscribe is not None else 0.0
     return report

@@ -107,8 +107,11 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
     ) -> None:
         super().__init__(plugins_manager, session, loop)
         # 3.3 KB less each than amqtt's asyncio.Queues (iotbiz.broker.sessions)
-        self._pending_subscriptions: Any = LeanQueue[Any]()
-        self._pending_unsubscriptions: Any = LeanQueue[Any]()
+        self._pending_subscriptions: LeanQueue[Any] = LeanQueue()
+        self._pending_unsubscriptions: LeanQueue[Any] = LeanQueue()
+        self._pending_subscriptions.listener = self.notify_activity
+        self._pending_unsubscriptions.listener = self.notify_activity
+        self._activity: asyncio.Future[None] | None = None  # see `wait_activity`
         self.ack_timeout = DEFAULT_ACK_TIMEOUT
         self.keepalive_grace = DEFAULT_KEEPALIVE_GRACE
         self.max_inflight_in = DEFAULT_MAX_INFLIGHT_IN
@@ -255,7 +258,64 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
         if not self._ended:
             self._ended = True
             self._ended_with = disconnect
+            self.notify_activity()
         await super().handle_disconnect(disconnect)
+
+    @property
+    def ended(self) -> bool:
+        """The connection ended: DISCONNECT, EOF, or closed (`ended_with` says which)."""
+        return self._ended
+
+    @property
+    def ended_with(self) -> Any:
+        """The DISCONNECT packet that ended the connection, or None for an abnormal end."""
+        return self._ended_with
+
+    # -- the broker's message loop: one wait for all its work --------------------------------
+
+    async def wait_activity(self, messages: LeanQueue[Any]) -> None:
+        """Return once a subscription, an unsubscription or one of `messages` (the session's
+        delivered messages) is pending, or the connection ended.
+
+        The broker's message loop used to keep a task waiting on each of these four (amqtt's
+        design) and `asyncio.wait` for the first: four tasks per connected client (about 1.5 KB
+        each) and an `asyncio.wait` per message. The queues call `notify_activity` instead."""
+        if (
+            self._ended
+            or self._pending_subscriptions.qsize()
+            or self._pending_unsubscriptions.qsize()
+            or messages.qsize()
+        ):
+            return
+        self._activity = asyncio.get_running_loop().create_future()
+        try:
+            await self._activity
+        finally:
+            self._activity = None
+
+    def notify_activity(self) -> None:
+        activity = self._activity
+        if activity is not None and not activity.done():
+            activity.set_result(None)
+
+    def next_subscription(self) -> Any:
+        """The oldest pending SUBSCRIBE, or None; taking one frees room for the reader."""
+        return self._take(self._pending_subscriptions)
+
+    def next_unsubscription(self) -> Any:
+        """The oldest pending UNSUBSCRIBE, or None; taking one frees room for the reader."""
+        return self._take(self._pending_unsubscriptions)
+
+    def _take(self, queue: LeanQueue[Any]) -> Any:
+        if not queue.qsize():
+            return None
+        item = queue.get_nowait()
+        self._wake_reader()
+        return item
+
+    def next_message(self, messages: LeanQueue[Any]) -> Any:
+        """The oldest of the session's delivered `messages`, or None."""
+        return self._take(messages)
 
     async def wait_disconnect(self) -> Any:
         """The DISCONNECT packet, or None for an abnormal end.
@@ -328,18 +388,6 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
         with self._counted():
             await super().handle_unsubscribe(unsubscribe)
 
-    async def get_next_pending_subscription(self) -> Any:
-        """amqtt's; taking one frees room for the reader."""
-        subscription = await super().get_next_pending_subscription()
-        self._wake_reader()
-        return subscription
-
-    async def get_next_pending_unsubscription(self) -> Any:
-        """amqtt's; taking one frees room for the reader."""
-        unsubscription = await super().get_next_pending_unsubscription()
-        self._wake_reader()
-        return unsubscription
-
     async def handle_publish(self, publish_packet: Any) -> None:
         """amqtt's, counted for the inflow gate until it is done (queued, PUBACK sent).
 
@@ -352,12 +400,6 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
             return
         with self._counted():
             await super().handle_publish(publish_packet)
-
-    async def mqtt_deliver_next_message(self) -> Any:
-        """amqtt's; taking a message frees room for the reader."""
-        message = await super().mqtt_deliver_next_message()
-        self._wake_reader()
-        return message
 
     # -- outgoing deliveries -----------------------------------------------------------------
 

@@ -117,6 +117,7 @@ from iotbiz.broker.log_filters import FAILED_CONNECT_LOG_PERIOD_S as FAILED_CONN
 from iotbiz.broker.log_filters import FAILED_CONNECTS as FAILED_CONNECTS
 from iotbiz.broker.log_filters import StartupFailureFilter, Throttle
 from iotbiz.broker.registry import Connection, SessionRegistry
+from iotbiz.broker.sessions import LeanQueue
 from iotbiz.broker.topic_index import RetainedIndex, SubscriptionIndex
 
 AMQTT_VERSION = "0.12.1"
@@ -157,6 +158,7 @@ DEFAULT_MAX_PENDING_PER_ADDRESS = 50
 # after 1, 3, 7 s... (a 2,000-device warm storm took 12.3 s, its median client 0.8 s). The kernel
 # caps it at net.core.somaxconn (4096 on current kernels).
 LISTEN_BACKLOG = 4096
+MESSAGES_PER_TURN = 32  # a connection's messages processed before the others get a turn
 
 # What parsing an untrusted CONNECT can raise in amqtt 0.12.1 (besides our own guard errors).
 _CONNECT_ERRORS = (
@@ -455,66 +457,55 @@ class HardenedBroker(SessionRegistry, SubscriptionDelivery):
     async def _client_message_loop(self, client_session: Session, handler: Any) -> None:
         """Serve one connection: subscriptions, unsubscriptions, published messages, disconnect.
 
-        Copy of amqtt's loop, changed: when the client disconnects, the messages it published
-        before are processed first. amqtt handled the disconnect first and dropped whatever
-        was still queued, so a device that published a few readings and disconnected at once
-        lost most of them. An invalid PUBLISH topic still ends the loop (amqtt's rule);
-        `_handle_client_session` then finishes the connection as an abnormal disconnect.
+        amqtt's loop, changed: it waits once for any of them (`handler.wait_activity`: the
+        queues tell the handler when something is put in them) instead of keeping a task on
+        each of the four and an `asyncio.wait` for the first, for every message; and when the
+        client disconnects, what it sent before is processed first (amqtt handled the
+        disconnect first and dropped whatever was still queued, so a device that published a
+        few readings and disconnected at once lost most of them). Each wake-up takes, in
+        amqtt's order, the pending subscriptions, unsubscriptions and messages, yielding to the
+        other connections every `MESSAGES_PER_TURN` messages. An invalid PUBLISH topic still
+        ends the loop (amqtt's rule); `_handle_client_session` then finishes the connection as
+        an abnormal disconnect.
         """
-        disconnect_waiter = asyncio.ensure_future(handler.wait_disconnect())
-        subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
-        unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
-        wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+        messages = client_session.delivered_message_queue
+        if not isinstance(messages, LeanQueue):
+            raise BrokerError(f"session of {client_session.client_id} is not a LeanSession")
+        messages.listener = handler.notify_activity
         try:
             while True:
-                done, _ = await asyncio.wait(
-                    [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver],
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if subscribe_waiter in done:
-                    await self._handle_subscription(client_session, handler, subscribe_waiter)
-                    subscribe_waiter = asyncio.ensure_future(
-                        handler.get_next_pending_subscription()
+                await handler.wait_activity(messages)
+                while (subscription := handler.next_subscription()) is not None:
+                    await self._handle_subscription(client_session, handler, _ready(subscription))
+                while (unsubscription := handler.next_unsubscription()) is not None:
+                    await self._handle_unsubscription(
+                        client_session, handler, _ready(unsubscription)
                     )
-                if unsubscribe_waiter in done:
-                    await self._handle_unsubscription(client_session, handler, unsubscribe_waiter)
-                    unsubscribe_waiter = asyncio.ensure_future(
-                        handler.get_next_pending_unsubscription()
-                    )
-                if wait_deliver in done:
+                for _ in range(MESSAGES_PER_TURN):
+                    message = handler.next_message(messages)
+                    if message is None:
+                        break
                     if not await self._handle_message_delivery(
-                        client_session, handler, wait_deliver
+                        client_session, handler, _ready(message)
                     ):
                         return
-                    wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
-                if disconnect_waiter in done:
-                    # Stop the delivery waiter first (keeping a message it already took).
-                    wait_deliver.cancel()
-                    taken = await asyncio.gather(wait_deliver, return_exceptions=True)
-                    first = None if isinstance(taken[0], BaseException) else taken[0]
-                    await self._deliver_queued_messages(client_session, handler, first)
-                    await self._handle_disconnect(client_session, handler, disconnect_waiter)
+                else:
+                    await asyncio.sleep(0)  # more may be queued: let the other connections run
+                    continue
+                if handler.ended and not messages.qsize():
+                    ended = _ready(handler.ended_with)
+                    await self._handle_disconnect(client_session, handler, ended)
                     return
         except asyncio.CancelledError:
             log.debug("message loop of %s cancelled", client_session.client_id)
             raise
         finally:
-            waiters = [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver]
-            for waiter in waiters:
-                waiter.cancel()
-            await asyncio.gather(*waiters, return_exceptions=True)
+            if messages.listener == handler.notify_activity:
+                messages.listener = None
 
-    async def _deliver_queued_messages(
-        self, client_session: Session, handler: Any, first: Any
-    ) -> None:
-        """Process the messages a disconnecting client published before it disconnected."""
-        queue = client_session.delivered_message_queue
-        message = first
-        while message is not None or not queue.empty():
-            if message is None:
-                message = queue.get_nowait()
-            received: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            received.set_result(message)
-            message = None
-            if not await self._handle_message_delivery(client_session, handler, received):
-                return
+
+def _ready(value: Any) -> asyncio.Future[Any]:
+    """A future already holding `value`: amqtt's handlers take the waiter they were woken by."""
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future

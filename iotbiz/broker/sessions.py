@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import types
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from amqtt.mqtt.protocol import broker_handler
@@ -69,11 +70,14 @@ class SessionStates:
 class LeanQueue(Generic[T]):
     """An unbounded FIFO with asyncio.Queue's methods that amqtt uses; empty, it holds two None."""
 
-    __slots__ = ("_getters", "_items")
+    __slots__ = ("_getters", "_items", "listener")
 
     def __init__(self) -> None:
         self._items: deque[T] | None = None
         self._getters: list[asyncio.Future[None]] | None = None
+        # called after each put: how the broker's message loop of a connection learns of work
+        # without a task waiting on each of its queues
+        self.listener: Callable[[], None] | None = None
 
     def qsize(self) -> int:
         return len(self._items) if self._items else 0
@@ -85,7 +89,10 @@ class LeanQueue(Generic[T]):
         if self._items is None:
             self._items = deque()
         self._items.append(item)
-        self._wake_one()
+        if self._getters:
+            self._wake_one()
+        if self.listener is not None:
+            self.listener()
 
     async def put(self, item: T) -> None:
         self.put_nowait(item)  # unbounded: never waits
