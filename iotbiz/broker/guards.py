@@ -261,6 +261,16 @@ class GuardedWriter(WriterAdapter):
         except (OSError, RuntimeError) as exc:  # the connection is gone; its reader notices
             log.debug("write to %s failed: %r", self.get_peer_info(), exc)
 
+    def backed_up(self) -> bool:
+        """True when `drain` may have to wait: the peer is not reading what it is sent (the
+        transport's buffer is above its low-water mark), or the connection is closing."""
+        transport = self._transport
+        return (
+            transport is None
+            or transport.is_closing()
+            or transport.get_write_buffer_size() > transport.get_write_buffer_limits()[0]
+        )
+
     async def drain(self) -> None:
         """The inner drain, bounded by `write_timeout` when it may have to wait.
 

@@ -31,7 +31,7 @@ from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.events import MQTTEvents
 from amqtt.mqtt import packet_class
 from amqtt.mqtt.connack import ConnackPacket
-from amqtt.mqtt.constants import QOS_1, QOS_2
+from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
 from amqtt.mqtt.packet import (
     CONNACK,
     CONNECT,
@@ -56,9 +56,9 @@ from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.pubcomp import PubcompPacket
 from amqtt.mqtt.pubrec import PubrecPacket
 from amqtt.mqtt.pubrel import PubrelPacket
-from amqtt.session import OUTGOING, Session
+from amqtt.session import OUTGOING, IncomingApplicationMessage, Session
 
-from iotbiz.broker.guards import GuardedReader, InflowGate
+from iotbiz.broker.guards import GuardedReader, GuardedWriter, InflowGate
 from iotbiz.broker.sessions import LeanQueue, lean_init_from_connect
 from iotbiz.broker.strict import malformed
 
@@ -87,6 +87,7 @@ _PACKET_HANDLERS = {
     DISCONNECT: "handle_disconnect",
 }
 _STRICT_KINDS = frozenset({PUBLISH, SUBSCRIBE, UNSUBSCRIBE})  # checked by `strict.malformed`
+_PACKET_RECEIVED = MQTTEvents.PACKET_RECEIVED
 
 
 async def read_packet(reader: Any) -> tuple[MQTTFixedHeader, bytes] | None:
@@ -187,14 +188,18 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
         PACKET_RECEIVED, run its handler as a task, CONNECT inline; at the end cancel the
         handlers, close, stop), without `asyncio.wait_for` around each read (a task and a timer
         per packet, for a timeout whose handler is a no-op on the broker), with one dict
-        lookup instead of a chain of isinstance checks per packet, and with each packet's body
-        read from the connection in one go (`read_packet`) and decoded by amqtt from memory:
-        amqtt read every field with a read of its own on the connection (six for a PUBLISH).
+        lookup instead of a chain of isinstance checks per packet, with each packet's body
+        read from the connection in one go (`read_packet`) and decoded by amqtt from memory
+        (amqtt read every field with a read of its own on the connection: six for a PUBLISH),
+        and with QoS 0 and 1 PUBLISHes handled inline (`_receive_publish`).
         """
         session = self._current_session()
         if not self._reader_ready:
             raise AMQTTError("Reader ready is not initialized.")
         running: deque[asyncio.Task[None]] = deque()
+        # the events plugins listen to (amqtt 0.12.1's PluginManager): PACKET_RECEIVED is fired
+        # only if one does (none of the platform's), as fire_event itself would decide
+        listened = getattr(self.plugins_manager, "_event_plugin_callbacks", None)
         while True:
             try:
                 self._reader_ready.set()
@@ -212,21 +217,29 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
                     log.warning("%s sent a reserved packet type: closing", session.client_id)
                     await self.handle_connection_closed()
                     continue
-                packet = await packet_class(fixed_header).from_stream(
-                    BufferReader(body), fixed_header=fixed_header
-                )
                 if kind == PUBLISH and _topic_overruns(fixed_header.flags, body):
                     log.debug("%s sent a PUBLISH cut short: closing", session.client_id)
                     break
-                await self.plugins_manager.fire_event(
-                    MQTTEvents.PACKET_RECEIVED, packet=packet, session=session
-                )
+                try:
+                    packet = await packet_class(fixed_header).from_stream(
+                        BufferReader(body), fixed_header=fixed_header
+                    )
+                except NoDataError:  # from memory: the packet is shorter than its fields say
+                    log.debug("%s sent a packet cut short: closing", session.client_id)
+                    break
+                if listened is None or _PACKET_RECEIVED in listened:
+                    await self.plugins_manager.fire_event(
+                        _PACKET_RECEIVED, packet=packet, session=session
+                    )
                 if kind == CONNECT:  # a second one [MQTT-3.1.0-2]: a protocol violation
                     log.debug("%s sent a second CONNECT: closing", session.client_id)
                     break
                 if kind in _STRICT_KINDS and (reason := malformed(packet)) is not None:
                     log.debug("%s sent a malformed packet (%s): closing", session.client_id, reason)
                     break
+                if kind == PUBLISH and self._may_receive_inline(packet.qos):
+                    await self._receive_publish(packet)
+                    continue
                 name = _PACKET_HANDLERS.get(kind)
                 if name is None:
                     log.warning("%s sent unhandled packet type %s", session.client_id, kind)
@@ -246,6 +259,33 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
         await self.handle_connection_closed()
         self._reader_stopped.set()
         await self.stop()
+
+    def _may_receive_inline(self, qos: int) -> bool:
+        """QoS 0 always; QoS 1 unless its PUBACK could not be written at once (the client does
+        not read what it is sent: then the PUBLISH runs as a task, as amqtt ran them all, and
+        the inflow gate stops the reader, which keep-alive then does not take for silence);
+        QoS 2 never (it waits for the client's PUBREL)."""
+        if qos == QOS_0:
+            return True
+        writer = self.writer
+        return qos == QOS_1 and isinstance(writer, GuardedWriter) and not writer.backed_up()
+
+    async def _receive_publish(self, packet: Any) -> None:
+        """A QoS 0 or 1 PUBLISH, handled in the reader itself (`_may_receive_inline`): amqtt's
+        `handle_publish` (queue the message for the broker; for QoS 1 send the PUBACK) without
+        the task amqtt started for every packet, nor the log text it formatted for each."""
+        if packet.topic_name is None or packet.data is None:
+            return
+        header = packet.variable_header
+        message = IncomingApplicationMessage(
+            header.packet_id if header is not None else None,
+            packet.topic_name,
+            packet.qos,
+            packet.data,
+            packet.retain_flag,
+        )
+        message.publish_packet = packet
+        await self._handle_message_flow(message)
 
     async def mqtt_connack_refuse(self, return_code: int) -> None:
         """CONNACK with a refusal code of the caller's choice (amqtt's

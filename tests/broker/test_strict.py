@@ -2,7 +2,8 @@
 not CONNECT closes the connection at once [MQTT-3.1.0-1]; a topic that is not valid UTF-8 or
 holds U+0000 [MQTT-1.5.3-1, -2], a PUBLISH with QoS 3 [MQTT-3.3.1-4] or QoS 0 with DUP set
 [MQTT-3.3.1-2] and a SUBSCRIBE asking QoS 3 [MQTT-3.8.3-4] close it instead of being
-acknowledged; good packets are still answered; a QoS 2 PUBLISH sent again before its PUBREL is
+acknowledged, and so does a PUBLISH whose topic (and packet id) would run past the end of the
+packet; good packets are still answered; a QoS 2 PUBLISH sent again before its PUBREL is
 acknowledged again and delivered once [MQTT-4.3.3-2]."""
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ async def test_a_first_packet_that_is_not_connect_closes_at_once(platform: Platf
         packet(0x82, struct.pack("!H", 9)),  # no filter [MQTT-3.8.3-3]
         packet(0x82, struct.pack("!H", 9) + encode_string(b"") + b"\x01"),  # [MQTT-4.7.3-1]
         packet(0xA2, struct.pack("!H", 9)),  # no filter [MQTT-3.10.3-2]
+        packet(0x32, struct.pack("!H", 200) + TOPIC),  # topic length past the packet's end
+        packet(0x32, encode_string(TOPIC)),  # QoS 1 without room for its packet id
     ],
     ids=[
         "topic-not-utf8",
@@ -98,6 +101,8 @@ async def test_a_first_packet_that_is_not_connect_closes_at_once(platform: Platf
         "subscribe-without-filter",
         "subscribe-empty-filter",
         "unsubscribe-without-filter",
+        "publish-topic-past-the-end",
+        "publish-without-packet-id",
     ],
 )
 async def test_a_malformed_packet_closes_the_connection(
