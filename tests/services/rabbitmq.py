@@ -14,8 +14,11 @@ the node starts: its config is read once), so the test serves the registrar on `
 Ready means the MQTT and then the AMQP port accept connections (in 3.10 the plugins' listeners,
 MQTT and management, open first and the AMQP listener last: a node whose AMQP port is taken
 stops right after its MQTT port opened), and then an MQTT login succeeds. Ports are picked
-below the kernel's ephemeral range (`free_port`). The wait is bounded and a node that cannot
-start fails the test with its log, never skips it.
+below the kernel's ephemeral range (`free_port`), never the same one twice in a process; a
+port is only checked free, not held, until the node binds it, so a node (or a cluster) whose
+boot fails because a port was taken meanwhile (`eaddrinuse` in its log) is started again on
+new ports, up to PORT_ATTEMPTS times. The wait is bounded and a node that cannot start fails
+the test with its log, never skips it.
 
 A cluster (`rabbitmq_cluster`): nodes rabbit-1@localhost ... rabbit-N@localhost, each in its
 own sub-folder with its own AMQP, MQTT, management and distribution ports, all sharing one
@@ -43,11 +46,11 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 from tests.mqtt_wire import connect_packet
 
@@ -63,6 +66,9 @@ ADVANCED = "[{rabbitmq_mqtt, [{ignore_colons_in_username, true}]}].\n"
 PLUGINS = "[rabbitmq_mqtt,rabbitmq_auth_backend_http,rabbitmq_management]."
 EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 PORTS_FROM = 20000  # ports picked for the nodes: from here to the ephemeral range
+PORT_ATTEMPTS = 3  # boots on new ports after a port was taken between the choice and the bind
+_handed_out: set[int] = set()  # every port free_port returned in this process
+_Booted = TypeVar("_Booted")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,15 +98,19 @@ def free_port() -> int:
     """A loopback port that nobody holds, picked below the kernel's ephemeral range: the node
     binds it seconds later, and the platform binds `auth_port` anew for every test, and in
     the ephemeral range any process's outgoing connection may take it in between (bind to
-    port 0 picks there)."""
+    port 0 picks there). Never one it returned before: the ports a cluster's nodes get are
+    only bound as they boot, so a check alone could hand the same port to two of them."""
     for _ in range(200):
         port = random.randint(PORTS_FROM, _ephemeral_start() - 1)  # noqa: S311 (not crypto)
+        if port in _handed_out:
+            continue
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _handed_out.add(port)
+        return port
     raise AssertionError(f"no free port from {PORTS_FROM} below the ephemeral range")
 
 
@@ -280,10 +290,30 @@ def _stop(proc: subprocess.Popen[bytes], sig: signal.Signals = signal.SIGTERM) -
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-@contextmanager
-def rabbitmq_node(folder: Path, *, extra_config: Sequence[str] = ()) -> Iterator[RabbitNode]:
-    """Start a private node in `folder` (created), yield it once its MQTT port is open, stop it
-    (and its epmd) on the way out. `extra_config`: more rabbitmq.conf lines (a TLS listener)."""
+class _PortTaken(AssertionError):
+    """A boot failed because one of its ports was taken between the choice and the bind."""
+
+
+def _port_clash(log: str) -> bool:
+    return "eaddrinuse" in log or "address already in use" in log.lower()
+
+
+def _on_new_ports(boot: Callable[[], _Booted], folder: Path) -> _Booted:
+    """`boot()`, again in an emptied `folder` on new ports while it fails with `_PortTaken`."""
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        try:
+            return boot()
+        except _PortTaken:
+            if attempt == PORT_ATTEMPTS:
+                raise
+            shutil.rmtree(folder, ignore_errors=True)
+    raise AssertionError("unreachable")
+
+
+def _boot_node(
+    folder: Path, extra_config: Sequence[str]
+) -> tuple[RabbitNode, list[subprocess.Popen[bytes]]]:
+    """A private node in `folder` (created), ready; its processes (epmd, then the server)."""
     epmd_bin = _epmd_binary()
     folder.mkdir(parents=True, exist_ok=True)
     node = RabbitNode(
@@ -302,17 +332,32 @@ def rabbitmq_node(folder: Path, *, extra_config: Sequence[str] = ()) -> Iterator
     base_env = _base_env(home, epmd_port)
     env = _prepare(node, base_env, extra_config)
     procs: list[subprocess.Popen[bytes]] = []
-    with (folder / "stdout.log").open("wb") as out:
-        try:
+    try:
+        with (folder / "stdout.log").open("wb") as out:  # the children keep their own copy
             procs.append(_spawn([epmd_bin, "-port", str(epmd_port)], base_env, folder, out))
             procs.append(_spawn([str(SERVER)], env, folder, out))
-            _wait_port(node.mqtt_port, procs, node)
-            _wait_port(node.amqp_port, procs, node)
-            _wait_mqtt_login(node, procs, time.monotonic() + START_TIMEOUT_S)
-            yield node
-        finally:
-            for proc in reversed(procs):
-                _stop(proc)
+        _wait_port(node.mqtt_port, procs, node)
+        _wait_port(node.amqp_port, procs, node)
+        _wait_mqtt_login(node, procs, time.monotonic() + START_TIMEOUT_S)
+    except BaseException as exc:
+        for proc in reversed(procs):
+            _stop(proc)
+        if isinstance(exc, AssertionError) and _port_clash(node.log()):
+            raise _PortTaken(str(exc)) from exc
+        raise
+    return node, procs
+
+
+@contextmanager
+def rabbitmq_node(folder: Path, *, extra_config: Sequence[str] = ()) -> Iterator[RabbitNode]:
+    """Start a private node in `folder` (created), yield it once its MQTT port is open, stop it
+    (and its epmd) on the way out. `extra_config`: more rabbitmq.conf lines (a TLS listener)."""
+    node, procs = _on_new_ports(lambda: _boot_node(folder, extra_config), folder)
+    try:
+        yield node
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
 
 
 class RabbitCluster:
@@ -479,10 +524,8 @@ class RabbitCluster:
         _stop(self._epmd)
 
 
-@contextmanager
-def rabbitmq_cluster(folder: Path, nodes: int = 3) -> Iterator[RabbitCluster]:
-    """Start `nodes` private nodes in sub-folders of `folder` (created) as one cluster, yield
-    it once every node is up and in it, stop them all (and the epmd) on the way out."""
+def _boot_cluster(folder: Path, nodes: int) -> RabbitCluster:
+    """`nodes` private nodes in sub-folders of `folder` (created), started as one cluster."""
     epmd_bin = _epmd_binary()
     folder.mkdir(parents=True, exist_ok=True)
     home = folder / "home"
@@ -525,6 +568,21 @@ def rabbitmq_cluster(folder: Path, nodes: int = 3) -> Iterator[RabbitCluster]:
     cluster = RabbitCluster(members, envs, epmd)
     try:
         cluster.start_all()
+    except BaseException as exc:
+        cluster.close()
+        epmd_log = (folder / "epmd.log").read_text(errors="replace")
+        if isinstance(exc, AssertionError) and _port_clash(cluster.log() + epmd_log):
+            raise _PortTaken(str(exc)) from exc
+        raise
+    return cluster
+
+
+@contextmanager
+def rabbitmq_cluster(folder: Path, nodes: int = 3) -> Iterator[RabbitCluster]:
+    """Start `nodes` private nodes in sub-folders of `folder` (created) as one cluster, yield
+    it once every node is up and in it, stop them all (and the epmd) on the way out."""
+    cluster = _on_new_ports(lambda: _boot_cluster(folder, nodes), folder)
+    try:
         yield cluster
     finally:
         cluster.close()
