@@ -142,7 +142,7 @@ class MQTTSettings:
         max=1.0,
     )
     login_wait_s: float = setting(
-        10.0,
+        25.0,
         "longest wait of a login beyond that share for bcrypt, else CONNACK 3 (0: refuse at once)",
         min=0,
         max=60,

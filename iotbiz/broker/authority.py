@@ -13,7 +13,8 @@ pay bcrypt again. Checking an uncached login runs bcrypt on the hasher the regis
 logins may fill only `login_hash_share` (setting mqtt.login_hash_share) of its queue bound, so a
 flood of wrong passwords cannot starve enrollment. Beyond that share a login waits its turn, in
 arrival order, for as long as its expected wait (from the measured time per check) is within
-`login_wait_s` (setting mqtt.login_wait_s, 10 s: well inside the agent's 30 s CONNACK timeout);
+`login_wait_s` (setting mqtt.login_wait_s, 25 s: inside the agent's 30 s CONNACK timeout, and
+it is also the longest a login waits, whatever the estimate said);
 a login that would wait longer is refused at once as `Refusal.UNAVAILABLE` (CONNACK 3, "server
 unavailable": the credentials may be right; the agent backs off and retries), counted in
 `busy_refusals` and logged at most once per `BUSY_LOG_PERIOD_S`. A cold reconnect storm is so
@@ -66,7 +67,7 @@ _RETAINED_DROPPING_ACTIONS = frozenset({"device.revoke", "device.reset"})
 CHANGE_POLL_S = 0.25
 COMMANDS_QUEUED = "command.send"  # the audit action of a queued command
 LOGIN_HASH_SHARE = 0.5  # MQTT logins may fill this share of the bcrypt queue bound (default)
-LOGIN_WAIT_S = 10.0  # the longest a login waits for its turn at bcrypt (default)
+LOGIN_WAIT_S = 25.0  # the longest a login waits for its turn at bcrypt (default)
 BUSY_LOG_PERIOD_S = 10.0
 REFUSAL_LOG_PERIOD_S = 10.0
 
