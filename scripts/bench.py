@@ -997,6 +997,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--plot", type=Path, help="fleet-scale: draw cost per message and p99 to this PNG"
     )
     args = parser.parse_args(argv)
+    for name, path in (("--out", args.out), ("--plot", args.plot)):
+        if path is not None and not path.parent.is_dir():  # checked before a run of minutes
+            parser.error(f"{name}: no folder {path.parent}")
     started = time.perf_counter()
     step = run_fleet_scale if args.fleet_scale else run
     with tempfile.TemporaryDirectory(prefix="iotbiz-bench-") as tmp:
