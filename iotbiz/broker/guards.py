@@ -278,14 +278,9 @@ class GuardedWriter(WriterAdapter):
         paused and drain returns at once: it is called for every packet sent, so the timeout
         (a timer scheduled and cancelled) is only set up when the peer is behind.
         """
-        transport = self._transport
         if self._pending_size > FLUSH_AT_DRAIN:
             self._flush()  # much queued: let the transport (and its flow control) have it
-        if (
-            transport is not None
-            and not transport.is_closing()
-            and transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[0]
-        ):
+        if not self.backed_up():
             await self._inner.drain()
             return
         try:

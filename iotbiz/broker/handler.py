@@ -56,7 +56,7 @@ from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.pubcomp import PubcompPacket
 from amqtt.mqtt.pubrec import PubrecPacket
 from amqtt.mqtt.pubrel import PubrelPacket
-from amqtt.session import OUTGOING, IncomingApplicationMessage, Session
+from amqtt.session import OUTGOING, Session
 
 from iotbiz.broker.guards import GuardedReader, GuardedWriter, InflowGate
 from iotbiz.broker.sessions import LeanQueue, lean_init_from_connect
@@ -191,7 +191,7 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
         lookup instead of a chain of isinstance checks per packet, with each packet's body
         read from the connection in one go (`read_packet`) and decoded by amqtt from memory
         (amqtt read every field with a read of its own on the connection: six for a PUBLISH),
-        and with QoS 0 and 1 PUBLISHes handled inline (`_receive_publish`).
+        and with QoS 0 and 1 PUBLISHes handled inline (`_may_receive_inline`).
         """
         session = self._current_session()
         if not self._reader_ready:
@@ -238,7 +238,7 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
                     log.debug("%s sent a malformed packet (%s): closing", session.client_id, reason)
                     break
                 if kind == PUBLISH and self._may_receive_inline(packet.qos):
-                    await self._receive_publish(packet)
+                    await super().handle_publish(packet)  # amqtt's, in the reader: no task
                     continue
                 name = _PACKET_HANDLERS.get(kind)
                 if name is None:
@@ -264,28 +264,12 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
         """QoS 0 always; QoS 1 unless its PUBACK could not be written at once (the client does
         not read what it is sent: then the PUBLISH runs as a task, as amqtt ran them all, and
         the inflow gate stops the reader, which keep-alive then does not take for silence);
-        QoS 2 never (it waits for the client's PUBREL)."""
+        QoS 2 never (it waits for the client's PUBREL). Inline, a PUBLISH is not counted for
+        the inflow gate: the reader reads nothing else until it is done."""
         if qos == QOS_0:
             return True
         writer = self.writer
         return qos == QOS_1 and isinstance(writer, GuardedWriter) and not writer.backed_up()
-
-    async def _receive_publish(self, packet: Any) -> None:
-        """A QoS 0 or 1 PUBLISH, handled in the reader itself (`_may_receive_inline`): amqtt's
-        `handle_publish` (queue the message for the broker; for QoS 1 send the PUBACK) without
-        the task amqtt started for every packet, nor the log text it formatted for each."""
-        if packet.topic_name is None or packet.data is None:
-            return
-        header = packet.variable_header
-        message = IncomingApplicationMessage(
-            header.packet_id if header is not None else None,
-            packet.topic_name,
-            packet.qos,
-            packet.data,
-            packet.retain_flag,
-        )
-        message.publish_packet = packet
-        await self._handle_message_flow(message)
 
     async def mqtt_connack_refuse(self, return_code: int) -> None:
         """CONNACK with a refusal code of the caller's choice (amqtt's

@@ -300,14 +300,12 @@ def _port_clash(log: str) -> bool:
 
 def _on_new_ports(boot: Callable[[], _Booted], folder: Path) -> _Booted:
     """`boot()`, again in an emptied `folder` on new ports while it fails with `_PortTaken`."""
-    for attempt in range(1, PORT_ATTEMPTS + 1):
+    for _ in range(PORT_ATTEMPTS - 1):
         try:
             return boot()
         except _PortTaken:
-            if attempt == PORT_ATTEMPTS:
-                raise
             shutil.rmtree(folder, ignore_errors=True)
-    raise AssertionError("unreachable")
+    return boot()
 
 
 def _boot_node(
